@@ -1,0 +1,40 @@
+"""Adapter registry: names, validation, discovery. No HTTP and no vLLM in here."""
+
+from adapters_registry.base_model import BaseModelShapes
+from adapters_registry.catalog import DirectoryCatalog
+from adapters_registry.errors import (
+    AdapterError,
+    AdapterNotFound,
+    AdapterTooLarge,
+    IncompatibleAdapter,
+    InvalidAdapter,
+    InvalidAdapterName,
+    MalformedAdapter,
+    PathOutsideRoots,
+    RankTooLarge,
+    UnsafeFormat,
+    UnsupportedAdapter,
+)
+from adapters_registry.names import check_name
+from adapters_registry.spec import AdapterSpec
+from adapters_registry.validate import Limits, inspect_adapter
+
+__all__ = [
+    "AdapterError",
+    "AdapterNotFound",
+    "AdapterSpec",
+    "AdapterTooLarge",
+    "BaseModelShapes",
+    "DirectoryCatalog",
+    "IncompatibleAdapter",
+    "InvalidAdapter",
+    "InvalidAdapterName",
+    "Limits",
+    "MalformedAdapter",
+    "PathOutsideRoots",
+    "RankTooLarge",
+    "UnsafeFormat",
+    "UnsupportedAdapter",
+    "check_name",
+    "inspect_adapter",
+]

@@ -1,0 +1,85 @@
+"""Read and check a safetensors header without loading any tensor.
+
+The format is: 8 bytes little-endian header length N, N bytes of JSON, then the raw
+tensor bytes. Checking that the offsets tile the data region exactly catches truncated
+and padded files before anything reaches the engine.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+from adapters_registry.errors import MalformedAdapter
+
+_MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors library's own limit
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1, "U16": 2, "U32": 4, "U64": 8,
+}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    offset: int  # absolute byte offset of the data in the file
+
+
+def read_header(path: Path) -> dict[str, TensorInfo]:
+    """Return name -> TensorInfo for every tensor in `path`, or raise MalformedAdapter."""
+    name = path.name
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise MalformedAdapter(f"{name}: file too short to be safetensors")
+            (n,) = struct.unpack("<Q", prefix)
+            if n > _MAX_HEADER_BYTES or n > size - 8:
+                raise MalformedAdapter(f"{name}: header length {n} exceeds the file")
+            raw = f.read(n)
+    except OSError as exc:
+        raise MalformedAdapter(f"{name}: cannot read: {exc.strerror}") from exc
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedAdapter(f"{name}: header is not valid JSON") from exc
+    if not isinstance(header, dict):
+        raise MalformedAdapter(f"{name}: header is not a JSON object")
+
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        try:
+            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise MalformedAdapter(f"{name}: tensor {key!r} has a malformed entry") from exc
+        if dtype not in _DTYPE_BYTES or not all(isinstance(d, int) and d >= 0 for d in shape):
+            raise MalformedAdapter(f"{name}: tensor {key!r} has bad dtype or shape")
+        count = 1
+        for d in shape:
+            count *= d
+        if end - begin != count * _DTYPE_BYTES[dtype]:
+            raise MalformedAdapter(f"{name}: tensor {key!r} size disagrees with its shape")
+        spans.append((begin, end, key))
+        tensors[key] = TensorInfo(dtype=dtype, shape=tuple(shape), offset=8 + n + begin)
+
+    # The spans must tile [0, data_len) with no gap, overlap or overrun.
+    data_len = size - 8 - n
+    cursor = 0
+    for begin, end, key in sorted(spans):
+        if begin != cursor:
+            raise MalformedAdapter(f"{name}: tensor {key!r} overlaps or leaves a gap")
+        cursor = end
+    if cursor != data_len:
+        if cursor > data_len:
+            raise MalformedAdapter(
+                f"{name}: truncated: header describes {cursor} data bytes, file has {data_len}"
+            )
+        raise MalformedAdapter(f"{name}: {data_len - cursor} trailing bytes after the tensors")
+    return tensors

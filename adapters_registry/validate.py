@@ -1,0 +1,228 @@
+"""Check an adapter folder before anything loads it.
+
+Every check reads only metadata (adapter_config.json and the safetensors header), so a
+hostile or broken adapter is refused before a single weight reaches the engine, and the
+refusal names the exact problem.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from adapters_registry.base_model import BaseModelShapes
+from adapters_registry.errors import (
+    AdapterNotFound,
+    AdapterTooLarge,
+    IncompatibleAdapter,
+    MalformedAdapter,
+    RankTooLarge,
+    UnsafeFormat,
+    UnsupportedAdapter,
+)
+from adapters_registry.safetensors_header import TensorInfo, read_header
+from adapters_registry.spec import AdapterSpec
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+# Extensions that are (or usually wrap) Python pickles: never loaded, never accepted.
+PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
+# Modules a LoRA may not target here: vLLM serves LoRA on the linear layers only.
+_UNSERVED_MODULES = frozenset({"embed_tokens", "lm_head"})
+_FLOAT_DTYPES = frozenset({"F32", "F16", "BF16"})
+_KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_rank: int
+    max_bytes: int
+
+
+def inspect_adapter(
+    path: Path,
+    *,
+    name: str,
+    base: BaseModelShapes,
+    limits: Limits,
+    expected_sha256: str | None = None,
+) -> AdapterSpec:
+    """Validate the PEFT folder at `path` against `base` and `limits`; return its spec."""
+    if not path.is_dir():
+        raise AdapterNotFound(f"adapter {name!r} not found", adapter=name)
+    _refuse_pickles(path, name)
+    config = _read_config(path / CONFIG_FILE, name)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise MalformedAdapter(f"adapter {name!r}: missing {WEIGHTS_FILE}", adapter=name)
+    size = weights.stat().st_size
+    if size > limits.max_bytes:
+        raise AdapterTooLarge(
+            f"adapter {name!r}: {WEIGHTS_FILE} is {size} bytes, above the cap of "
+            f"{limits.max_bytes}",
+            adapter=name,
+        )
+    rank = config["r"]
+    if rank > limits.max_rank:
+        raise RankTooLarge(
+            f"adapter {name!r}: rank {rank} exceeds the engine's max_lora_rank {limits.max_rank}",
+            adapter=name,
+        )
+    try:
+        header = read_header(weights)
+    except MalformedAdapter as exc:
+        raise MalformedAdapter(f"adapter {name!r}: {exc.message}", adapter=name) from exc
+    modules = _check_tensors(header, config, base, name)
+    digest = _sha256(weights)
+    if expected_sha256 is not None and digest != expected_sha256.lower():
+        raise MalformedAdapter(
+            f"adapter {name!r}: sha256 mismatch: expected {expected_sha256}, got {digest}",
+            adapter=name,
+        )
+    return AdapterSpec(
+        name=name,
+        path=path,
+        base_model=base.name,
+        rank=rank,
+        alpha=float(config["lora_alpha"]),
+        target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in modules})),
+        sha256=digest,
+        size_bytes=size,
+    )
+
+
+def _refuse_pickles(path: Path, name: str) -> None:
+    pickles = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLE_SUFFIXES)
+    if pickles:
+        raise UnsafeFormat(
+            f"adapter {name!r}: {', '.join(pickles)} may contain a pickle; only safetensors "
+            "weights are accepted (re-save with safe_serialization=True)",
+            adapter=name,
+        )
+
+
+def _read_config(path: Path, name: str) -> dict[str, Any]:
+    try:
+        config = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise MalformedAdapter(f"adapter {name!r}: missing {CONFIG_FILE}", adapter=name) from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise MalformedAdapter(
+            f"adapter {name!r}: {CONFIG_FILE} is not valid JSON", adapter=name
+        ) from exc
+    if not isinstance(config, dict):
+        raise MalformedAdapter(f"adapter {name!r}: {CONFIG_FILE} is not an object", adapter=name)
+
+    def unsupported(what: str) -> UnsupportedAdapter:
+        return UnsupportedAdapter(f"adapter {name!r}: {what} is not supported", adapter=name)
+
+    if config.get("peft_type", "LORA") != "LORA":
+        raise unsupported(f"peft_type {config.get('peft_type')!r}")
+    rank = config.get("r")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise MalformedAdapter(f"adapter {name!r}: 'r' must be a positive integer", adapter=name)
+    alpha = config.get("lora_alpha", rank)
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
+        raise MalformedAdapter(
+            f"adapter {name!r}: 'lora_alpha' must be a positive number", adapter=name
+        )
+    config.setdefault("lora_alpha", alpha)
+    if config.get("use_dora"):
+        raise unsupported("DoRA (use_dora)")
+    if config.get("modules_to_save"):
+        raise unsupported("modules_to_save")
+    if config.get("bias", "none") != "none":
+        raise unsupported(f"bias={config.get('bias')!r}")
+    if config.get("rank_pattern") or config.get("alpha_pattern"):
+        raise unsupported("rank_pattern/alpha_pattern")
+    targets = config.get("target_modules")
+    if isinstance(targets, str) and targets:
+        # A regex over module paths: the tensor check against the base stands in for it.
+        config["target_modules"] = None
+        return config
+    if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+        raise MalformedAdapter(
+            f"adapter {name!r}: 'target_modules' must be a non-empty list of names", adapter=name
+        )
+    config["target_modules"] = targets
+    return config
+
+
+def _check_tensors(
+    header: dict[str, TensorInfo], config: dict[str, Any], base: BaseModelShapes, name: str
+) -> set[str]:
+    """Every tensor is a LoRA A/B of a linear layer of `base`, with the config's rank."""
+    rank: int = config["r"]
+    pairs: dict[str, dict[str, TensorInfo]] = {}
+    for key, info in header.items():
+        match = _KEY.fullmatch(key)
+        if match is None:
+            raise UnsupportedAdapter(
+                f"adapter {name!r}: unexpected tensor {key!r} (only LoRA A/B weights of "
+                "linear layers are served)",
+                adapter=name,
+            )
+        if info.dtype not in _FLOAT_DTYPES:
+            raise MalformedAdapter(
+                f"adapter {name!r}: tensor {key!r} has dtype {info.dtype}, expected a float",
+                adapter=name,
+            )
+        pairs.setdefault(match["module"], {})[match["ab"]] = info
+    if not pairs:
+        raise MalformedAdapter(f"adapter {name!r}: {WEIGHTS_FILE} holds no tensors", adapter=name)
+
+    for module, ab in sorted(pairs.items()):
+        kind = module.rsplit(".", 1)[-1]
+        if kind in _UNSERVED_MODULES:
+            raise UnsupportedAdapter(
+                f"adapter {name!r}: LoRA on {kind} is not supported", adapter=name
+            )
+        if set(ab) != {"A", "B"}:
+            raise MalformedAdapter(
+                f"adapter {name!r}: {module} has lora_{next(iter(ab))} without its pair",
+                adapter=name,
+            )
+        if module not in base.linear:
+            raise IncompatibleAdapter(
+                f"adapter {name!r}: module {module} does not exist in base model "
+                f"{base.name!r}; the adapter was made for a different base",
+                adapter=name,
+            )
+        out_f, in_f = base.linear[module]
+        want_a, want_b = (rank, in_f), (out_f, rank)
+        got_a, got_b = ab["A"].shape, ab["B"].shape
+        if got_a != want_a or got_b != want_b:
+            raise IncompatibleAdapter(
+                f"adapter {name!r}: {module} has lora_A {list(got_a)} / lora_B {list(got_b)}, "
+                f"base model {base.name!r} with r={rank} needs {list(want_a)} / {list(want_b)}",
+                adapter=name,
+            )
+    if config["target_modules"] is not None:
+        _check_targets(config["target_modules"], {m.rsplit(".", 1)[-1] for m in pairs}, name)
+    return set(pairs)
+
+
+def _check_targets(declared: Iterable[str], present: set[str], name: str) -> None:
+    # PEFT saves explicit names (it expands "all-linear"), so a declared list that
+    # misses a module the tensors cover means the config and the weights disagree.
+    declared_kinds = {t.rsplit(".", 1)[-1] for t in declared}
+    stray = present - declared_kinds
+    if stray:
+        raise MalformedAdapter(
+            f"adapter {name!r}: tensors for {sorted(stray)} but target_modules is "
+            f"{sorted(declared_kinds)}",
+            adapter=name,
+        )
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

@@ -1,0 +1,112 @@
+"""create_app(settings, engine=None) -> FastAPI: wiring, lifespan and error handlers."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from adapters_registry import AdapterError, BaseModelShapes, DirectoryCatalog, Limits
+from server.adapters import AdapterRouter
+from server.engine.base import Engine
+from server.errors import ErrorKind, InvalidRequest, ServerError, describe, error_body
+from server.routes import health, openai
+from server.serving import Serving
+from server.settings import Settings
+
+
+def build_catalog(settings: Settings) -> DirectoryCatalog | None:
+    if settings.adapters_dir is None or settings.model is None:
+        return None
+    base = BaseModelShapes.from_dir(settings.model, settings.served_model_name)
+    limits = Limits(max_rank=settings.engine.max_lora_rank, max_bytes=settings.max_adapter_bytes)
+    return DirectoryCatalog(settings.adapters_dir, base, limits)
+
+
+def start_engine(settings: Settings) -> Engine:
+    if settings.model is None:
+        raise ValueError("settings.model is required to start the engine")
+    from server.engine.vllm import VllmEngine
+
+    return VllmEngine.start(settings.model, settings.served_model_name, settings.engine)
+
+
+def create_app(
+    settings: Settings, engine: Engine | None = None, catalog: DirectoryCatalog | None = None
+) -> FastAPI:
+    """The ASGI app. Pass `engine` to reuse one (tests); otherwise vLLM starts in lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        own = engine is None
+        eng = start_engine(settings) if own else engine
+        assert eng is not None
+        cat = catalog if catalog is not None else build_catalog(settings)
+        router = AdapterRouter(settings.served_model_name, cat, eng)
+        app.state.engine = eng
+        app.state.router = router
+        app.state.serving = Serving(router, eng, settings.max_tokens_cap)
+        try:
+            yield
+        finally:
+            if own:
+                eng.shutdown()
+
+    app = FastAPI(
+        title="loraswap",
+        summary="OpenAI-compatible multi-LoRA inference server on vLLM",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.include_router(openai.router)
+    app.include_router(health.router)
+    _install_error_handlers(app)
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    async def known(_: Request, exc: Exception) -> JSONResponse:
+        kind, body = describe(exc)
+        return JSONResponse(body, status_code=kind.status)
+
+    async def invalid(_: Request, exc: Exception) -> JSONResponse:
+        assert isinstance(exc, RequestValidationError)
+        return _validation_response(exc)
+
+    app.add_exception_handler(ServerError, known)
+    app.add_exception_handler(AdapterError, known)
+    app.add_exception_handler(RequestValidationError, invalid)
+    app.add_exception_handler(Exception, known)
+
+
+def _validation_response(exc: RequestValidationError) -> JSONResponse:
+    """400 in OpenAI's shape, naming the first offending field as `param`."""
+    errors: list[dict[str, Any]] = list(exc.errors())
+    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
+    loc = [p for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        message, param = "request body is not valid JSON", None
+    else:
+        param = _dotted(loc) or None
+        message = f"{first.get('msg', 'invalid value')}" + (f" (param '{param}')" if param else "")
+    kind: ErrorKind = describe(InvalidRequest(message))[0]
+    return JSONResponse(error_body(message, kind, param), status_code=kind.status)
+
+
+def _dotted(loc: list[Any]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif not _is_type_tag(part):
+            out += f".{part}" if out else str(part)
+    return out
+
+
+def _is_type_tag(part: str) -> bool:
+    # pydantic puts union member tags in locations ('str', 'list[int]', 'function-after[...]')
+    return part in {"str", "int", "float", "bool"} or "[" in part

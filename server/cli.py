@@ -1,0 +1,116 @@
+"""The `loraswap` command: serve, and build the offline demo assets."""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+
+from server.settings import Settings
+
+app = typer.Typer(help="Multi-LoRA inference server on vLLM.", no_args_is_help=True)
+demo_app = typer.Typer(help="Offline demo assets (base model, adapters, quantized base).")
+app.add_typer(demo_app, name="demo")
+console = Console(stderr=True)
+
+HomeOpt = Annotated[
+    Path | None, typer.Option(help="Cache directory [env LORASWAP_HOME].", show_default=False)
+]
+
+
+def _settings(**top: Any) -> Settings:
+    """Build the one Settings object: environment first, then explicit CLI flags."""
+    engine_keys = {k for k in top if k.startswith("engine_")}
+    engine_update = {k.removeprefix("engine_"): top.pop(k) for k in engine_keys}
+    base = Settings()
+    engine = base.engine.model_copy(
+        update={k: v for k, v in engine_update.items() if v is not None}
+    )
+    update = {k: v for k, v in top.items() if v is not None}
+    return Settings.model_validate({**base.model_dump(), **update, "engine": engine.model_dump()})
+
+
+def _prepare_demo(home: Path, only: set[str] | None = None) -> Any:
+    from server.demo import prepare
+
+    start = time.perf_counter()
+
+    def progress(message: str) -> None:
+        console.print(f"[dim]{time.perf_counter() - start:6.1f}s[/dim] {message}")
+
+    assets = prepare(home, progress=progress, only=only)
+    console.print(f"demo assets ready in {time.perf_counter() - start:.1f}s under {home}/demo")
+    return assets
+
+
+@demo_app.command("prepare")
+def demo_prepare(home: HomeOpt = None) -> None:
+    """Build (or reuse) the demo base model, its quantized copy and the demo adapters."""
+    settings = _settings(home=home)
+    _prepare_demo(settings.home)
+
+
+@app.command()
+def serve(
+    demo: Annotated[bool, typer.Option(help="Serve the demo model and adapters.")] = False,
+    quantized: Annotated[bool, typer.Option(help="With --demo: the quantized base.")] = False,
+    model: Annotated[Path | None, typer.Option(help="Base model folder.")] = None,
+    adapters_dir: Annotated[Path | None, typer.Option(help="Folder of adapters.")] = None,
+    served_model_name: Annotated[str | None, typer.Option(help="Base name in the API.")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address [127.0.0.1].")] = None,
+    port: Annotated[int | None, typer.Option(help="Port [8000].")] = None,
+    dtype: Annotated[str | None, typer.Option(help="auto|bfloat16|float16|float32.")] = None,
+    max_lora_rank: Annotated[int | None, typer.Option(help="Largest adapter rank.")] = None,
+    max_loras: Annotated[int | None, typer.Option(help="Adapters per engine step.")] = None,
+    max_model_len: Annotated[int | None, typer.Option(help="Context length.")] = None,
+    home: HomeOpt = None,
+) -> None:
+    """Run the OpenAI-compatible server."""
+    import uvicorn
+
+    from server.app import create_app
+
+    settings = _settings(
+        home=home,
+        model=model,
+        adapters_dir=adapters_dir,
+        served_model_name=served_model_name,
+        host=host,
+        port=port,
+        engine_dtype=dtype,
+        engine_max_lora_rank=max_lora_rank,
+        engine_max_loras=max_loras,
+        engine_max_model_len=max_model_len,
+    )
+    if quantized and not demo:
+        raise typer.BadParameter("--quantized selects the demo's quantized base; use with --demo")
+    if demo:
+        assets = _prepare_demo(settings.home)
+        settings = settings.model_copy(
+            update={
+                "model": assets.quantized_dir if quantized else assets.base_dir,
+                "adapters_dir": settings.adapters_dir or assets.adapters_dir,
+            }
+        )
+    if settings.model is None:
+        raise typer.BadParameter("give --model (or --demo)")
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    console.print(
+        f"serving {settings.served_model_name} from {settings.model} on "
+        f"http://{settings.host}:{settings.port}"
+    )
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

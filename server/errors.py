@@ -1,0 +1,100 @@
+"""Every error the server answers with, and the ONE table that maps them to HTTP.
+
+    ServerError
+    ├── InvalidRequest           400  a parameter is wrong (names the param)
+    │   └── ContextLengthExceeded 400 prompt + max_tokens do not fit the context
+    ├── ModelNotFound            404  no base, adapter or alias by that name
+    ├── EngineUnavailable        503  the engine is starting, draining or dead
+    └── EngineFailure            500  the engine failed on a request (a bug)
+
+Registry errors (adapters_registry.errors) are mapped in the same table, so an
+adapter problem reaches the client with the status and message of its exact class.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adapters_registry import errors as reg
+
+
+class ServerError(Exception):
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+
+class InvalidRequest(ServerError):
+    pass
+
+
+class ContextLengthExceeded(InvalidRequest):
+    pass
+
+
+class ModelNotFound(ServerError):
+    pass
+
+
+class EngineUnavailable(ServerError):
+    pass
+
+
+class EngineFailure(ServerError):
+    pass
+
+
+@dataclass(frozen=True)
+class ErrorKind:
+    status: int
+    type: str
+    code: str | None
+
+
+_INVALID = "invalid_request_error"
+
+# Most specific class first: lookup walks the exception's MRO.
+ERROR_TABLE: dict[type[Exception], ErrorKind] = {
+    ContextLengthExceeded: ErrorKind(400, _INVALID, "context_length_exceeded"),
+    InvalidRequest: ErrorKind(400, _INVALID, None),
+    ModelNotFound: ErrorKind(404, _INVALID, "model_not_found"),
+    EngineUnavailable: ErrorKind(503, "service_unavailable_error", "engine_unavailable"),
+    EngineFailure: ErrorKind(500, "server_error", "engine_error"),
+    ServerError: ErrorKind(500, "server_error", None),
+    reg.AdapterNotFound: ErrorKind(404, _INVALID, "model_not_found"),
+    reg.InvalidAdapterName: ErrorKind(422, _INVALID, "invalid_adapter_name"),
+    reg.PathOutsideRoots: ErrorKind(403, "permission_error", "path_outside_roots"),
+    reg.UnsafeFormat: ErrorKind(422, _INVALID, "adapter_unsafe_format"),
+    reg.MalformedAdapter: ErrorKind(422, _INVALID, "adapter_malformed"),
+    reg.UnsupportedAdapter: ErrorKind(422, _INVALID, "adapter_unsupported"),
+    reg.RankTooLarge: ErrorKind(422, _INVALID, "adapter_rank_too_large"),
+    reg.IncompatibleAdapter: ErrorKind(422, _INVALID, "adapter_incompatible"),
+    reg.AdapterTooLarge: ErrorKind(413, _INVALID, "adapter_too_large"),
+    reg.InvalidAdapter: ErrorKind(422, _INVALID, "adapter_invalid"),
+    reg.AdapterError: ErrorKind(400, _INVALID, None),
+}
+
+
+def classify(exc: Exception) -> ErrorKind:
+    for cls in type(exc).__mro__:
+        kind = ERROR_TABLE.get(cls)
+        if kind is not None:
+            return kind
+    return ErrorKind(500, "server_error", None)
+
+
+def error_body(message: str, kind: ErrorKind, param: str | None = None) -> dict[str, object]:
+    """OpenAI's error shape."""
+    return {"error": {"message": message, "type": kind.type, "param": param, "code": kind.code}}
+
+
+def describe(exc: Exception) -> tuple[ErrorKind, dict[str, object]]:
+    """The status/type and the JSON body for any exception we may raise."""
+    kind = classify(exc)
+    if isinstance(exc, ServerError):
+        return kind, error_body(exc.message, kind, exc.param)
+    if isinstance(exc, reg.AdapterError):
+        return kind, error_body(exc.message, kind, "model")
+    # Unknown exceptions are bugs: never leak their text to clients.
+    return kind, error_body("internal server error", kind)

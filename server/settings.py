@@ -1,0 +1,70 @@
+"""One Settings object, built once at start-up (env + CLI) and passed down.
+
+Environment variables use the prefix ``LORASWAP_`` and ``__`` for nesting, e.g.
+``LORASWAP_ENGINE__MAX_LORA_RANK=32``. The CLI (server/cli.py) overrides the same fields.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, get_args
+
+from pydantic import BaseModel, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# vLLM accepts only these LoRA ranks for its preallocated slots.
+LoraRank = Literal[1, 8, 16, 32, 64, 128, 256, 320, 512]
+VLLM_LORA_RANKS = get_args(LoraRank)
+
+
+class EngineSettings(BaseModel):
+    """Knobs passed to vLLM. Defaults suit the 135M demo model on a 2-core CPU."""
+
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "bfloat16", description="Compute dtype. float32 makes outputs comparable bit-for-bit."
+    )
+    max_model_len: int = Field(2048, ge=16, description="Context length (prompt + output).")
+    max_num_seqs: int = Field(32, ge=1, description="Max sequences per engine step.")
+    max_loras: int = Field(4, ge=1, description="Distinct adapters in one engine step.")
+    max_cpu_loras: int = Field(
+        16, ge=1, description="Adapters kept loaded in engine memory (LRU beyond)."
+    )
+    max_lora_rank: LoraRank = Field(
+        16, description=f"Largest adapter rank: one of {VLLM_LORA_RANKS}."
+    )
+    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size in GiB (CPU backend).")
+    cpu_threads_bind: str = Field(
+        "auto",
+        description="CPU cores for vLLM's compute threads ('0-1', ...); 'auto' = all cores.",
+    )
+    lora_fix: bool = Field(
+        True, description="Apply our CPU multi-LoRA fix (vLLM plugin); off only for tests."
+    )
+    enforce_eager: bool = Field(False, description="Disable compilation / graphs.")
+
+
+class Settings(BaseSettings):
+    """Server configuration. Every field is documented in README's configuration table."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="LORASWAP_", env_nested_delimiter="__", extra="ignore"
+    )
+
+    home: Path = Field(
+        Path.home() / ".cache" / "loraswap",
+        description="Cache directory for demo assets and downloads.",
+    )
+    host: str = Field("127.0.0.1", description="Address to bind.")
+    port: int = Field(8000, ge=0, le=65535, description="Port to bind.")
+    model: Path | None = Field(None, description="Base model folder (safetensors, tokenizer).")
+    served_model_name: str = Field("smollm2", description="Name of the base in the API.")
+    adapters_dir: Path | None = Field(
+        None, description="Folder of PEFT adapter folders, one per adapter name."
+    )
+    max_adapter_bytes: int = Field(
+        512 * 1024 * 1024, ge=1, description="Size cap of one adapter's weights."
+    )
+    max_tokens_cap: int = Field(
+        4096, ge=1, description="Upper bound on max_tokens a request may ask for."
+    )
+    engine: EngineSettings = Field(default_factory=EngineSettings)

@@ -1,0 +1,320 @@
+"""The HTTP API against a fake engine: routing, wire format, errors. Fast, no vLLM."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from adapters_registry import BaseModelShapes, DirectoryCatalog, Limits
+from server.app import create_app
+from server.settings import Settings
+from tests.adapters import make_adapter, make_base
+from tests.fakes import FakeEngine
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine(max_model_len=200)
+
+
+@pytest.fixture
+def client(tmp_path: Path, engine: FakeEngine) -> Iterator[TestClient]:
+    base = BaseModelShapes.from_dir(make_base(tmp_path / "base"), "tiny")
+    root = tmp_path / "adapters"
+    make_adapter(root / "pirate")
+    make_adapter(root / "formal", targets=("q_proj", "k_proj", "v_proj", "o_proj"))
+    (make_adapter(root / "pickled") / "adapter_model.bin").write_bytes(b"\x80")
+    make_adapter(root / "huge", rank=64)
+    make_adapter(root / "alien", hidden_scale=2)
+    catalog = DirectoryCatalog(root, base, Limits(max_rank=16, max_bytes=10**7))
+    settings = Settings(served_model_name="tiny", max_tokens_cap=100)
+    with TestClient(create_app(settings, engine=engine, catalog=catalog)) as c:
+        yield c
+
+
+def chat(client: TestClient, model: str, **extra: object):
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
+    return client.post("/v1/chat/completions", json={**body, **extra})
+
+
+def error_of(response) -> dict[str, object]:
+    err = response.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    return err
+
+
+@pytest.mark.parametrize(
+    ("model", "served", "text"),
+    [("tiny", "tiny", "base: ok"), ("tiny:pirate", "tiny:pirate", "pirate: "),
+     ("pirate", "tiny:pirate", "pirate: ")],
+)
+def test_model_names_route(client: TestClient, model: str, served: str, text: str) -> None:
+    r = chat(client, model)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == served
+    assert body["object"] == "chat.completion"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": text}
+    assert body["choices"][0]["finish_reason"] == "length"
+    assert body["usage"] == {"prompt_tokens": len("<user>hi<assistant>"),
+                             "completion_tokens": 8, "total_tokens": 27}
+    if served != "tiny":
+        assert r.headers["x-adapter"] == "pirate"
+        assert len(r.headers["x-adapter-version"]) == 12
+    else:
+        assert "x-adapter" not in r.headers
+
+
+@pytest.mark.parametrize("model", ["nope", "tiny:nope", "other:pirate", "tiny:", "tiny:../base",
+                                   "tiny:Pirate", ":pirate"])
+def test_unknown_model_is_404(client: TestClient, model: str) -> None:
+    r = chat(client, model)
+    assert r.status_code == 404
+    err = error_of(r)
+    assert err["code"] == "model_not_found"
+    assert err["param"] == "model"
+    assert model in str(err["message"])
+
+
+@pytest.mark.parametrize(
+    ("model", "status", "code", "message"),
+    [("tiny:pickled", 422, "adapter_unsafe_format", "only safetensors"),
+     ("tiny:huge", 422, "adapter_rank_too_large", "rank 64 exceeds"),
+     ("tiny:alien", 422, "adapter_incompatible", "base model 'tiny'")],
+)
+def test_bad_adapter_is_clear_4xx_and_others_keep_working(
+    client: TestClient, engine: FakeEngine, model: str, status: int, code: str, message: str
+) -> None:
+    r = chat(client, model)
+    assert r.status_code == status
+    err = error_of(r)
+    assert err["code"] == code
+    assert message in str(err["message"])
+    assert engine.loaded == []  # never reached the engine
+    assert chat(client, "tiny:pirate").status_code == 200
+
+
+def test_adapter_loaded_once_with_unique_ids(client: TestClient, engine: FakeEngine) -> None:
+    for _ in range(3):
+        assert chat(client, "tiny:pirate").status_code == 200
+    assert chat(client, "formal").status_code == 200
+    assert [(h.name, h.lora_id) for h in engine.loaded] == [("pirate", 1), ("formal", 2)]
+
+
+def test_models_lists_base_and_adapters(client: TestClient) -> None:
+    data = client.get("/v1/models").json()["data"]
+    ids = {m["id"]: m["parent"] for m in data}
+    assert ids == {"tiny": None, "tiny:alien": "tiny", "tiny:formal": "tiny",
+                   "tiny:huge": "tiny", "tiny:pickled": "tiny", "tiny:pirate": "tiny"}
+
+
+def test_completions(client: TestClient) -> None:
+    r = client.post("/v1/completions", json={"model": "tiny:formal", "prompt": "abc",
+                                             "max_tokens": 5, "n": 2, "logprobs": 2})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["object"] == "text_completion"
+    assert [c["text"] for c in body["choices"]] == ["forma", "forma"]
+    lp = body["choices"][0]["logprobs"]
+    assert lp["tokens"] == list("forma")
+    assert lp["text_offset"] == [0, 1, 2, 3, 4]
+    assert body["usage"]["completion_tokens"] == 10
+
+
+def test_token_ids_extension(client: TestClient) -> None:
+    body = chat(client, "tiny", return_token_ids=True, max_tokens=3).json()
+    assert body["prompt_token_ids"] == [ord(c) for c in "<user>hi<assistant>"]
+    assert body["choices"][0]["token_ids"] == [ord(c) for c in "bas"]
+
+
+def test_stop_strings(client: TestClient) -> None:
+    body = chat(client, "tiny", stop=["e:"], max_tokens=50).json()
+    assert body["choices"][0]["finish_reason"] == "stop"
+
+
+def sse_events(response) -> list[object]:
+    events = []
+    for line in response.iter_lines():
+        if line.startswith("data: "):
+            data = line.removeprefix("data: ")
+            events.append(data if data == "[DONE]" else json.loads(data))
+    return events
+
+
+def test_chat_streaming_with_usage(client: TestClient) -> None:
+    body = {"model": "tiny:pirate", "messages": [{"role": "user", "content": "hi"}],
+            "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}
+    with client.stream("POST", "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert r.headers["x-adapter"] == "pirate"
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
+    assert text == "pira"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert chunks[-2]["choices"][0]["finish_reason"] == "length"
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 4
+    assert all(c["usage"] is None for c in chunks[:-1])
+
+
+def test_completion_streaming_without_usage(client: TestClient) -> None:
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 3, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "bas"
+    assert all("usage" not in e for e in events[:-1])
+
+
+@pytest.mark.parametrize(
+    ("extra", "param"),
+    [({"temperature": 3}, "temperature"), ({"n": 0}, "n"), ({"max_tokens": "many"}, "max_tokens"),
+     ({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]},
+                                      "messages[0].role"),
+     ({"top_p": 0}, "top_p"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop")],
+)
+def test_invalid_parameters_name_the_param(client: TestClient, extra: dict[str, object],
+                                           param: str) -> None:
+    r = chat(client, "tiny", **extra)
+    assert r.status_code == 400, r.text
+    err = error_of(r)
+    assert err["param"] == param
+    assert err["type"] == "invalid_request_error"
+
+
+def test_malformed_json(client: TestClient) -> None:
+    r = client.post("/v1/chat/completions", content=b"{nope",
+                    headers={"content-type": "application/json"})
+    assert r.status_code == 400
+    assert "not valid JSON" in str(error_of(r)["message"])
+
+
+def test_unknown_fields_are_ignored(client: TestClient) -> None:
+    assert chat(client, "tiny", frobnicate=True).status_code == 200
+
+
+def test_prompt_longer_than_context(client: TestClient) -> None:
+    r = chat(client, "tiny", messages=[{"role": "user", "content": "x" * 300}])
+    assert r.status_code == 400
+    err = error_of(r)
+    assert err["code"] == "context_length_exceeded"
+    assert "maximum context length is 200 tokens" in str(err["message"])
+
+
+def test_prompt_plus_max_tokens_over_context(client: TestClient) -> None:
+    r = chat(client, "tiny", messages=[{"role": "user", "content": "x" * 150}], max_tokens=50)
+    assert r.status_code == 400
+    assert error_of(r)["code"] == "context_length_exceeded"
+
+
+def test_max_tokens_cap(client: TestClient) -> None:
+    r = chat(client, "tiny", max_tokens=101)
+    assert r.status_code == 400
+    err = error_of(r)
+    assert err["param"] == "max_tokens"
+    assert "cap of 100" in str(err["message"])
+
+
+def test_request_id_echoed_or_generated(client: TestClient) -> None:
+    r = chat(client, "tiny", max_tokens=1)
+    assert len(r.headers["x-request-id"]) == 32
+    r = client.post("/v1/chat/completions", headers={"x-request-id": "abc-123"},
+                    json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
+                          "max_tokens": 1})
+    assert r.headers["x-request-id"] == "abc-123"
+    assert r.json()["id"] == "chatcmpl-abc-123"
+
+
+def test_health_and_dead_engine(client: TestClient, engine: FakeEngine) -> None:
+    assert client.get("/health").json() == {"status": "ok"}
+    engine.dead = True
+    r = client.get("/health")
+    assert r.status_code == 503
+    assert error_of(r)["code"] == "engine_unavailable"
+    assert chat(client, "tiny").status_code == 503
+
+
+def test_streaming_error_frame_then_done(client: TestClient, engine: FakeEngine) -> None:
+    engine.dead = True
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 3, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    assert events[0]["error"]["code"] == "engine_unavailable"
+
+
+def test_concurrent_first_requests_load_adapter_once(tmp_path: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    engine = FakeEngine()
+    engine.load_delay_s = 0.2
+    base = BaseModelShapes.from_dir(make_base(tmp_path / "base"), "tiny")
+    make_adapter(tmp_path / "adapters" / "pirate")
+    catalog = DirectoryCatalog(tmp_path / "adapters", base, Limits(max_rank=16, max_bytes=10**7))
+    app = create_app(Settings(served_model_name="tiny"), engine=engine, catalog=catalog)
+
+    async def run() -> list[int]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                body = {"model": "tiny:pirate", "prompt": "x", "max_tokens": 2}
+                rs = await asyncio.gather(*(c.post("/v1/completions", json=body)
+                                            for _ in range(10)))
+                return [r.status_code for r in rs]
+
+    assert asyncio.run(run()) == [200] * 10
+    assert len(engine.loaded) == 1
+
+
+def test_non_streaming_disconnect_aborts(tmp_path: Path) -> None:
+    import asyncio
+
+    engine = FakeEngine(token_delay_s=0.05)
+    app = create_app(Settings(served_model_name="tiny"), engine=engine)
+    body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 200}).encode()
+
+    async def run() -> float:
+        async with app.router.lifespan_context(app):
+            disconnect = asyncio.Event()
+            sent = False
+
+            async def receive() -> dict[str, object]:
+                nonlocal sent
+                if not sent:
+                    sent = True
+                    return {"type": "http.request", "body": body, "more_body": False}
+                await disconnect.wait()
+                return {"type": "http.disconnect"}
+
+            async def send(_: dict[str, object]) -> None:
+                pass
+
+            scope = {"type": "http", "method": "POST", "path": "/v1/completions",
+                     "headers": [(b"content-type", b"application/json")], "query_string": b"",
+                     "http_version": "1.1", "scheme": "http", "server": ("t", 80),
+                     "client": ("c", 1), "root_path": "", "app": app}
+            task = asyncio.create_task(app(scope, receive, send))
+            await asyncio.sleep(0.3)
+            assert len(engine.running) == 1
+            t0 = time.perf_counter()
+            disconnect.set()
+            while engine.running:
+                await asyncio.sleep(0.01)
+            elapsed = time.perf_counter() - t0
+            await asyncio.gather(task, return_exceptions=True)
+            return elapsed
+
+    elapsed = asyncio.run(run())
+    assert elapsed < 1.0
+    assert len(engine.aborted) == 1
