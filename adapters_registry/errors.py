@@ -4,9 +4,16 @@
     ├── AdapterNotFound          no adapter (or version) by that name
     ├── InvalidAdapterName       the name does not match the allowed pattern
     ├── PathOutsideRoots         a path resolves outside the configured roots
+    ├── Conflict                 the change contradicts the registry's state
+    │   ├── AlreadyExists        the name is taken (by an adapter or an alias)
+    │   ├── InUse                an alias (or the current pointer) still routes to it
+    │   └── SourceChanged        files on disk no longer match the registered sha256
+    ├── InvalidSource            a source we cannot fetch (bad URL, scheme, download error)
+    ├── InvalidAlias             weights or variants of an alias are not valid
     └── InvalidAdapter           the files exist but cannot be served as-is
         ├── UnsafeFormat         pickle / non-safetensors weights
         ├── MalformedAdapter     unreadable config, truncated or corrupt safetensors
+        │   └── ChecksumMismatch the weights' sha256 is not the one given
         ├── UnsupportedAdapter   valid PEFT, but a feature we cannot serve (DoRA, ...)
         ├── RankTooLarge         rank above the engine's maximum
         ├── IncompatibleAdapter  tensor shapes do not fit the base model
@@ -26,6 +33,8 @@ class AdapterError(Exception):
         super().__init__(message)
         self.message = message
         self.adapter = adapter
+        # The request field at fault, when the caller knows it (e.g. "model").
+        self.param: str | None = None
 
 
 class AdapterNotFound(AdapterError):
@@ -40,6 +49,30 @@ class PathOutsideRoots(AdapterError):
     pass
 
 
+class Conflict(AdapterError):
+    pass
+
+
+class AlreadyExists(Conflict):
+    pass
+
+
+class InUse(Conflict):
+    pass
+
+
+class SourceChanged(Conflict):
+    pass
+
+
+class InvalidSource(AdapterError):
+    pass
+
+
+class InvalidAlias(AdapterError):
+    pass
+
+
 class InvalidAdapter(AdapterError):
     pass
 
@@ -49,6 +82,10 @@ class UnsafeFormat(InvalidAdapter):
 
 
 class MalformedAdapter(InvalidAdapter):
+    pass
+
+
+class ChecksumMismatch(MalformedAdapter):
     pass
 
 

@@ -19,6 +19,7 @@ from adapters_registry.base_model import BaseModelShapes
 from adapters_registry.errors import (
     AdapterNotFound,
     AdapterTooLarge,
+    ChecksumMismatch,
     IncompatibleAdapter,
     MalformedAdapter,
     RankTooLarge,
@@ -80,7 +81,7 @@ def inspect_adapter(
     modules = _check_tensors(header, config, base, name)
     digest = _sha256(weights)
     if expected_sha256 is not None and digest != expected_sha256.lower():
-        raise MalformedAdapter(
+        raise ChecksumMismatch(
             f"adapter {name!r}: sha256 mismatch: expected {expected_sha256}, got {digest}",
             adapter=name,
         )

@@ -1,94 +1,224 @@
-"""Model name -> what serves it: the base alone, or one adapter version loaded in the engine.
+"""Model name -> what serves it, and the life of adapter versions inside the engine.
 
-Accepted names: `<base>` (no adapter), `<base>:<adapter>` (as SGLang and Ray Serve LLM
-spell it) and a bare `<adapter>` (as vLLM and the Kubernetes inference gateway send it).
+Accepted names: `<base>` (no adapter), `<base>:<name>` (as SGLang and Ray Serve LLM spell
+it) and a bare `<name>` (as vLLM and the Kubernetes inference gateway send it), where
+`<name>` is a registered adapter, an alias, or a folder of the adapters directory
+(registered on first use).
+
+Hot swap: a request resolves the adapter's *current* version once, up front, and holds a
+lease on it until its last token; a version that is no longer reachable (not current, not
+pinned by an alias) is removed from the engine when its last lease ends. Every version
+gets its own vLLM LoRA id, never reused, so the engine can never serve old weights under a
+new version's name.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 from adapters_registry import (
+    AdapterError,
     AdapterNotFound,
-    AdapterSpec,
+    AlreadyExists,
     DirectoryCatalog,
     InvalidAdapterName,
     PathOutsideRoots,
 )
+from adapters_registry.ab import choose
+from adapters_registry.records import AdapterRecord, VersionRecord
+from adapters_registry.registry import Registry
 from server.engine.base import Engine, LoraHandle
 from server.errors import ModelNotFound
 
 
 @dataclass(frozen=True)
 class Target:
-    model: str  # the canonical name: `<base>` or `<base>:<adapter>`
-    adapter: AdapterSpec | None
-    lora: LoraHandle | None
+    model: str  # canonical: `<base>` or `<base>:<adapter or alias>`
+    version: VersionRecord | None = None
+    lora: LoraHandle | None = None
+    alias: str | None = None
+    variant: str | None = None  # the alias arm, e.g. "pirate@3"
+
+
+@dataclass
+class _Loaded:
+    handle: LoraHandle
+    version: VersionRecord
+    leases: int = 0
 
 
 class AdapterRouter:
-    def __init__(self, base_name: str, catalog: DirectoryCatalog | None, engine: Engine) -> None:
+    def __init__(
+        self, base_name: str, registry: Registry, catalog: DirectoryCatalog | None, engine: Engine
+    ) -> None:
         self._base = base_name
+        self.registry = registry
         self._catalog = catalog
         self._engine = engine
-        # vLLM caches adapters by integer id: one id per distinct weights (sha256), never
-        # reused, so a changed adapter can never be served from a stale cache entry.
         self._ids = itertools.count(1)
-        self._loaded: dict[str, LoraHandle] = {}  # sha256 -> handle
+        self._loaded: dict[tuple[str, int], _Loaded] = {}
         self._locks: dict[str, asyncio.Lock] = {}
 
     @property
     def base_name(self) -> str:
         return self._base
 
-    def adapter_names(self) -> list[str]:
-        return self._catalog.names() if self._catalog is not None else []
+    def model_names(self) -> tuple[list[str], list[str]]:
+        """(adapter names, alias names) that /v1/models lists."""
+        adapters = {a.name for a in self.registry.adapters() if a.current_version is not None}
+        if self._catalog is not None:
+            adapters |= set(self._catalog.names()) - {a.name for a in self.registry.aliases()}
+        return sorted(adapters), [a.name for a in self.registry.aliases()]
 
-    def loaded(self) -> list[LoraHandle]:
-        return list(self._loaded.values())
+    def loaded(self) -> list[tuple[LoraHandle, int]]:
+        """(handle, running requests) of every version held in the engine."""
+        return [(entry.handle, entry.leases) for entry in self._loaded.values()]
+
+    def in_use_shas(self) -> set[str]:
+        return {entry.version.sha256 for entry in self._loaded.values()}
+
+    # -- resolution --------------------------------------------------------------------
 
     def split(self, model: str) -> str | None:
-        """The adapter part of `model` (None for the base); raises ModelNotFound."""
+        """The adapter/alias part of `model` (None for the base); raises ModelNotFound."""
         if model == self._base:
             return None
-        base, sep, adapter = model.partition(":")
+        base, sep, name = model.partition(":")
         if sep:
-            if base != self._base or not adapter:
+            if base != self._base or not name:
                 raise _not_found(model)
-            return adapter
+            return name
         return model
 
-    async def resolve(self, model: str) -> Target:
-        adapter_name = self.split(model)
-        if adapter_name is None:
-            return Target(model=self._base, adapter=None, lora=None)
+    async def resolve(self, model: str, user: str | None = None) -> Target:
+        name = self.split(model)
+        if name is None:
+            return Target(model=self._base)
+        alias = self.registry.alias(name)
+        if alias is not None:
+            variant = choose(alias.name, alias.variants, user)
+            version = await self._version(variant.adapter, variant.version, model)
+            lora = await self._ensure_loaded(version)
+            return Target(
+                model=f"{self._base}:{alias.name}",
+                version=version,
+                lora=lora,
+                alias=alias.name,
+                variant=variant.key,
+            )
+        version = await self._version(name, None, model)
+        lora = await self._ensure_loaded(version)
+        return Target(model=f"{self._base}:{name}", version=version, lora=lora)
+
+    async def _version(self, name: str, number: int | None, model: str) -> VersionRecord:
+        record = self.registry.adapter(name)
+        if record is None:
+            record = await self._discover(name, model)
+        version = record.current if number is None else record.version(number)
+        if version is None:
+            raise _not_found(model)
+        return version
+
+    async def _discover(self, name: str, model: str) -> AdapterRecord:
+        """Register an adapters-directory folder on its first use (validated first)."""
         if self._catalog is None:
             raise _not_found(model)
         try:
-            # Validation reads files and hashes weights: keep it off the event loop.
-            spec = await asyncio.to_thread(self._catalog.get, adapter_name)
+            spec = await asyncio.to_thread(self._catalog.get, name)
         except (AdapterNotFound, InvalidAdapterName, PathOutsideRoots):
-            # A name that cannot exist is simply not found: the client learns nothing of
-            # the filesystem behind it.
+            # A name that cannot exist is simply not found: nothing about the filesystem
+            # behind it reaches the client.
             raise _not_found(model) from None
-        lora = await self._ensure_loaded(spec)
-        return Target(model=f"{self._base}:{spec.name}", adapter=spec, lora=lora)
+        except AdapterError as exc:
+            exc.param = "model"
+            raise
+        async with self._lock(name):
+            record = self.registry.adapter(name)
+            if record is None:
+                # AlreadyExists: registered meanwhile (e.g. through the admin API).
+                with contextlib.suppress(AlreadyExists):
+                    await asyncio.to_thread(
+                        self.registry.register, name, str(spec.path), sha256=spec.sha256
+                    )
+                record = self.registry.adapter(name)
+            if record is None:
+                raise _not_found(model)
+            return record
 
-    async def _ensure_loaded(self, spec: AdapterSpec) -> LoraHandle:
-        handle = self._loaded.get(spec.sha256)
-        if handle is not None:
-            return handle
-        # One lock per adapter name: concurrent first requests load it once.
-        lock = self._locks.setdefault(spec.name, asyncio.Lock())
-        async with lock:
-            handle = self._loaded.get(spec.sha256)
-            if handle is None:
-                handle = LoraHandle(name=spec.name, lora_id=next(self._ids), path=str(spec.path))
+    # -- engine residency --------------------------------------------------------------
+
+    async def _ensure_loaded(self, version: VersionRecord) -> LoraHandle:
+        key = (version.adapter, version.version)
+        entry = self._loaded.get(key)
+        if entry is not None:
+            return entry.handle
+        # One lock per adapter: concurrent first requests load it once.
+        async with self._lock(version.adapter):
+            entry = self._loaded.get(key)
+            if entry is None:
+                path = await asyncio.to_thread(self.registry.local_files, version)
+                handle = LoraHandle(
+                    name=f"{version.adapter}@{version.version}",
+                    lora_id=next(self._ids),
+                    path=str(path),
+                )
                 await self._engine.add_lora(handle)
-                self._loaded[spec.sha256] = handle
+                entry = self._loaded[key] = _Loaded(handle=handle, version=version)
+        return entry.handle
+
+    async def warm(self, name: str) -> LoraHandle:
+        record = self.registry.adapter(name)
+        if record is None or record.current is None:
+            raise AdapterNotFound(f"adapter {name!r} not found", adapter=name)
+        handle = await self._ensure_loaded(record.current)
+        if record.pinned:
+            await self._engine.pin_lora(handle.lora_id)
         return handle
+
+    @asynccontextmanager
+    async def lease(self, target: Target) -> AsyncIterator[LoraHandle | None]:
+        """Hold `target`'s version in the engine for one request; yields the handle to use.
+
+        The version may have been released between resolve and here (a swap raced us):
+        then it is loaded again, under a new id, and the request still runs on exactly
+        the version it resolved to.
+        """
+        if target.version is None:
+            yield None
+            return
+        key = (target.version.adapter, target.version.version)
+        entry = self._loaded.get(key)
+        while entry is None:
+            await self._ensure_loaded(target.version)
+            entry = self._loaded.get(key)
+        entry.leases += 1
+        try:
+            yield entry.handle
+        finally:
+            entry.leases -= 1
+            if entry.leases == 0:
+                await self.release_unreachable()
+
+    async def release_unreachable(self) -> list[str]:
+        """Remove idle versions that no new request can reach (called after swaps too)."""
+        reachable = self.registry.referenced_versions()
+        released = []
+        for key, entry in list(self._loaded.items()):
+            record = self.registry.adapter(key[0])
+            pinned = record is not None and record.pinned and key in reachable
+            if entry.leases == 0 and key not in reachable and not pinned:
+                del self._loaded[key]
+                await self._engine.remove_lora(entry.handle.lora_id)
+                released.append(entry.handle.name)
+        return released
+
+    def _lock(self, name: str) -> asyncio.Lock:
+        return self._locks.setdefault(name, asyncio.Lock())
 
 
 def _not_found(model: str) -> ModelNotFound:

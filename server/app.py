@@ -11,20 +11,37 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from adapters_registry import AdapterError, BaseModelShapes, DirectoryCatalog, Limits
+from adapters_registry.registry import Registry, RegistryConfig
 from server.adapters import AdapterRouter
 from server.engine.base import Engine
 from server.errors import ErrorKind, InvalidRequest, ServerError, describe, error_body
-from server.routes import health, openai
+from server.routes import admin, health, openai
 from server.serving import Serving
 from server.settings import Settings
 
 
-def build_catalog(settings: Settings) -> DirectoryCatalog | None:
-    if settings.adapters_dir is None or settings.model is None:
-        return None
+def build_router(settings: Settings, engine: Engine) -> AdapterRouter:
+    """The registry (SQLite), the adapters-directory catalog, and the router over both."""
+    if settings.model is None:
+        raise ValueError("settings.model is required")
     base = BaseModelShapes.from_dir(settings.model, settings.served_model_name)
     limits = Limits(max_rank=settings.engine.max_lora_rank, max_bytes=settings.max_adapter_bytes)
-    return DirectoryCatalog(settings.adapters_dir, base, limits)
+    catalog = None
+    if settings.adapters_dir is not None:
+        catalog = DirectoryCatalog(settings.adapters_dir, base, limits)
+    config = RegistryConfig(
+        db_path=settings.registry_db_path,
+        storage_dir=settings.storage_path,
+        allowed_roots=settings.adapter_roots,
+        cache_max_bytes=settings.download_cache_bytes,
+        limits=limits,
+    )
+    # The router tells the disk cache which downloads the engine may still read.
+    holder: list[AdapterRouter] = []
+    registry = Registry(config, base, in_use=lambda: holder[0].in_use_shas() if holder else set())
+    router = AdapterRouter(settings.served_model_name, registry, catalog, engine)
+    holder.append(router)
+    return router
 
 
 def start_engine(settings: Settings) -> Engine:
@@ -35,9 +52,7 @@ def start_engine(settings: Settings) -> Engine:
     return VllmEngine.start(settings.model, settings.served_model_name, settings.engine)
 
 
-def create_app(
-    settings: Settings, engine: Engine | None = None, catalog: DirectoryCatalog | None = None
-) -> FastAPI:
+def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """The ASGI app. Pass `engine` to reuse one (tests); otherwise vLLM starts in lifespan."""
 
     @asynccontextmanager
@@ -45,14 +60,20 @@ def create_app(
         own = engine is None
         eng = start_engine(settings) if own else engine
         assert eng is not None
-        cat = catalog if catalog is not None else build_catalog(settings)
-        router = AdapterRouter(settings.served_model_name, cat, eng)
+        router = build_router(settings, eng)
         app.state.engine = eng
         app.state.router = router
         app.state.serving = Serving(router, eng, settings.max_tokens_cap)
+        app.state.admin_key = (
+            settings.admin_key.get_secret_value() if settings.admin_key is not None else None
+        )
+        for record in router.registry.adapters():
+            if record.pinned:
+                await router.warm(record.name)
         try:
             yield
         finally:
+            router.registry.close()
             if own:
                 eng.shutdown()
 
@@ -63,6 +84,7 @@ def create_app(
         lifespan=lifespan,
     )
     app.include_router(openai.router)
+    app.include_router(admin.router)
     app.include_router(health.router)
     _install_error_handlers(app)
     return app

@@ -3,6 +3,8 @@
     ServerError
     ├── InvalidRequest           400  a parameter is wrong (names the param)
     │   └── ContextLengthExceeded 400 prompt + max_tokens do not fit the context
+    ├── Unauthorized             401  no credentials where they are required
+    ├── Forbidden                403  credentials given but not good for this
     ├── ModelNotFound            404  no base, adapter or alias by that name
     ├── EngineUnavailable        503  the engine is starting, draining or dead
     └── EngineFailure            500  the engine failed on a request (a bug)
@@ -33,6 +35,14 @@ class ContextLengthExceeded(InvalidRequest):
     pass
 
 
+class Unauthorized(ServerError):
+    pass
+
+
+class Forbidden(ServerError):
+    pass
+
+
 class ModelNotFound(ServerError):
     pass
 
@@ -58,11 +68,20 @@ _INVALID = "invalid_request_error"
 ERROR_TABLE: dict[type[Exception], ErrorKind] = {
     ContextLengthExceeded: ErrorKind(400, _INVALID, "context_length_exceeded"),
     InvalidRequest: ErrorKind(400, _INVALID, None),
+    Unauthorized: ErrorKind(401, "authentication_error", "missing_api_key"),
+    Forbidden: ErrorKind(403, "permission_error", "invalid_api_key"),
     ModelNotFound: ErrorKind(404, _INVALID, "model_not_found"),
     EngineUnavailable: ErrorKind(503, "service_unavailable_error", "engine_unavailable"),
     EngineFailure: ErrorKind(500, "server_error", "engine_error"),
     ServerError: ErrorKind(500, "server_error", None),
     reg.AdapterNotFound: ErrorKind(404, _INVALID, "model_not_found"),
+    reg.AlreadyExists: ErrorKind(409, _INVALID, "already_exists"),
+    reg.InUse: ErrorKind(409, _INVALID, "in_use"),
+    reg.SourceChanged: ErrorKind(409, _INVALID, "source_changed"),
+    reg.Conflict: ErrorKind(409, _INVALID, "conflict"),
+    reg.InvalidSource: ErrorKind(400, _INVALID, "invalid_source"),
+    reg.InvalidAlias: ErrorKind(422, _INVALID, "invalid_alias"),
+    reg.ChecksumMismatch: ErrorKind(422, _INVALID, "checksum_mismatch"),
     reg.InvalidAdapterName: ErrorKind(422, _INVALID, "invalid_adapter_name"),
     reg.PathOutsideRoots: ErrorKind(403, "permission_error", "path_outside_roots"),
     reg.UnsafeFormat: ErrorKind(422, _INVALID, "adapter_unsafe_format"),
@@ -95,6 +114,6 @@ def describe(exc: Exception) -> tuple[ErrorKind, dict[str, object]]:
     if isinstance(exc, ServerError):
         return kind, error_body(exc.message, kind, exc.param)
     if isinstance(exc, reg.AdapterError):
-        return kind, error_body(exc.message, kind, "model")
+        return kind, error_body(exc.message, kind, exc.param)
     # Unknown exceptions are bugs: never leak their text to clients.
     return kind, error_body("internal server error", kind)

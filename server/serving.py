@@ -51,8 +51,10 @@ class Serving:
 
     # -- preparation -------------------------------------------------------------------
 
-    async def prepare_chat(self, req: ChatCompletionRequest, request_id: str) -> Prepared:
-        target = await self._router.resolve(req.model)
+    async def prepare_chat(
+        self, req: ChatCompletionRequest, request_id: str, user: str | None = None
+    ) -> Prepared:
+        target = await self._router.resolve(req.model, user)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         prompt_ids = self._engine.tokenizer.encode(self._engine.tokenizer.render_chat(messages))
         top = (req.top_logprobs or 0) if req.logprobs else None
@@ -72,12 +74,14 @@ class Serving:
             return_token_ids=req.return_token_ids,
         )
 
-    async def prepare_completion(self, req: CompletionRequest, request_id: str) -> Prepared:
+    async def prepare_completion(
+        self, req: CompletionRequest, request_id: str, user: str | None = None
+    ) -> Prepared:
         if req.echo:
             raise InvalidRequest("echo is not supported", param="echo")
         if req.suffix:
             raise InvalidRequest("suffix is not supported", param="suffix")
-        target = await self._router.resolve(req.model)
+        target = await self._router.resolve(req.model, user)
         if isinstance(req.prompt, str):
             prompt_ids = self._engine.tokenizer.encode(req.prompt)
         elif all(isinstance(p, str) for p in req.prompt):
@@ -136,11 +140,10 @@ class Serving:
         """Run to the end and return the whole response body."""
         choices = {i: _Choice(index=i) for i in range(p.sampling.n)}
         prompt_tokens = len(p.prompt_ids)
-        async for chunk in self._engine.generate(
-            p.request_id, p.prompt_ids, p.sampling, p.target.lora
-        ):
-            for delta in chunk.choices:
-                _accumulate(choices[delta.index], delta)
+        async with self._router.lease(p.target) as lora:
+            async for chunk in self._engine.generate(p.request_id, p.prompt_ids, p.sampling, lora):
+                for delta in chunk.choices:
+                    _accumulate(choices[delta.index], delta)
         completion_tokens = sum(len(c.token_ids) for c in choices.values())
         body: dict[str, Any] = self._envelope(p, final=True)
         body["choices"] = [self._choice(p, c, final=True) for c in choices.values()]
@@ -171,16 +174,17 @@ class Serving:
                             }
                         ],
                     )
-            async for chunk in self._engine.generate(
-                p.request_id, p.prompt_ids, p.sampling, p.target.lora
-            ):
-                out = []
-                for delta in chunk.choices:
-                    completion_tokens += len(delta.token_ids)
-                    if delta.text or delta.finish_reason or delta.token_ids:
-                        out.append(self._choice(p, _from_delta(delta), final=False))
-                if out:
-                    yield self._frame(p, out)
+            async with self._router.lease(p.target) as lora:
+                async for chunk in self._engine.generate(
+                    p.request_id, p.prompt_ids, p.sampling, lora
+                ):
+                    out = []
+                    for delta in chunk.choices:
+                        completion_tokens += len(delta.token_ids)
+                        if delta.text or delta.finish_reason or delta.token_ids:
+                            out.append(self._choice(p, _from_delta(delta), final=False))
+                    if out:
+                        yield self._frame(p, out)
             if p.include_usage:
                 frame = self._envelope(p, final=False)
                 frame["choices"] = []

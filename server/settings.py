@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # vLLM accepts only these LoRA ranks for its preallocated slots.
@@ -67,4 +67,35 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(
         4096, ge=1, description="Upper bound on max_tokens a request may ask for."
     )
+    admin_key: SecretStr | None = Field(
+        None, description="Bearer key of the /admin API; unset = admin API refused (403)."
+    )
+    registry_db: Path | None = Field(
+        None, description="SQLite file of the adapter registry [<home>/registry.db]."
+    )
+    storage_dir: Path | None = Field(
+        None, description="Uploaded adapters and the download cache [<home>/registry]."
+    )
+    allowed_roots: list[Path] = Field(
+        default_factory=list,
+        description="Folders adapters may be registered from by path (adapters_dir is one).",
+    )
+    download_cache_bytes: int = Field(
+        2 * 1024**3, ge=1, description="Cap of the on-disk cache of downloaded adapters."
+    )
     engine: EngineSettings = Field(default_factory=EngineSettings)
+
+    @property
+    def registry_db_path(self) -> Path:
+        return self.registry_db or self.home / "registry.db"
+
+    @property
+    def storage_path(self) -> Path:
+        return self.storage_dir or self.home / "registry"
+
+    @property
+    def adapter_roots(self) -> tuple[Path, ...]:
+        roots = list(self.allowed_roots)
+        if self.adapters_dir is not None:
+            roots.append(self.adapters_dir)
+        return tuple(roots)

@@ -14,12 +14,23 @@ from safetensors.numpy import save_file
 
 HIDDEN, INTER, LAYERS, KV = 16, 32, 2, 8
 MODULES = {  # kind -> (out, in)
-    "q_proj": (HIDDEN, HIDDEN), "k_proj": (KV, HIDDEN), "v_proj": (KV, HIDDEN),
-    "o_proj": (HIDDEN, HIDDEN), "gate_proj": (INTER, HIDDEN), "up_proj": (INTER, HIDDEN),
+    "q_proj": (HIDDEN, HIDDEN),
+    "k_proj": (KV, HIDDEN),
+    "v_proj": (KV, HIDDEN),
+    "o_proj": (HIDDEN, HIDDEN),
+    "gate_proj": (INTER, HIDDEN),
+    "up_proj": (INTER, HIDDEN),
     "down_proj": (HIDDEN, INTER),
 }
-_PARENT = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
-           "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
+_PARENT = {
+    "q_proj": "self_attn",
+    "k_proj": "self_attn",
+    "v_proj": "self_attn",
+    "o_proj": "self_attn",
+    "gate_proj": "mlp",
+    "up_proj": "mlp",
+    "down_proj": "mlp",
+}
 
 
 def module_path(layer: int, kind: str) -> str:
@@ -46,9 +57,10 @@ def make_adapter(
     layers: int = LAYERS,
     hidden_scale: int = 1,
     config_overrides: dict[str, object] | None = None,
+    seed: int = 0,
 ) -> Path:
     path.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     tensors = {}
     for layer in range(layers):
         for kind in targets:
@@ -58,8 +70,12 @@ def make_adapter(
             tensors[f"{prefix}.lora_B.weight"] = rng.standard_normal((out_f, rank), np.float32)
     save_file(tensors, str(path / "adapter_model.safetensors"))
     config: dict[str, object] = {
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(targets),
-        "base_model_name_or_path": "tiny", "bias": "none",
+        "peft_type": "LORA",
+        "r": rank,
+        "lora_alpha": 2 * rank,
+        "target_modules": list(targets),
+        "base_model_name_or_path": "tiny",
+        "bias": "none",
     }
     config.update(config_overrides or {})
     (path / "adapter_config.json").write_text(json.dumps(config))

@@ -32,6 +32,8 @@ class FakeEngine:
         self.running: set[str] = set()
         self.aborted: list[str] = []
         self.dead = False
+        self.removed: list[int] = []
+        self.pinned: list[int] = []
 
     @property
     def tokenizer(self) -> CharTokenizer:
@@ -42,7 +44,10 @@ class FakeEngine:
         return self._max_model_len
 
     async def generate(
-        self, request_id: str, prompt_token_ids: list[int], sampling: SamplingSpec,
+        self,
+        request_id: str,
+        prompt_token_ids: list[int],
+        sampling: SamplingSpec,
         lora: LoraHandle | None,
     ) -> AsyncIterator[EngineChunk]:
         if self.dead:
@@ -59,12 +64,21 @@ class FakeEngine:
                     ch = reply[i % len(reply)]
                     lp = None
                     if sampling.logprobs is not None:
-                        lp = [TokenLogprob(ch, -0.5, tuple((ch, -0.5) for _ in
-                                                          range(sampling.logprobs)))]
+                        lp = [
+                            TokenLogprob(
+                                ch, -0.5, tuple((ch, -0.5) for _ in range(sampling.logprobs))
+                            )
+                        ]
                     stop_hit = any(reply[: i + 1].endswith(s) for s in sampling.stop)
-                    choices.append(ChoiceDelta(
-                        index=n, text="" if stop_hit else ch, token_ids=[ord(ch)], logprobs=lp,
-                        finish_reason="stop" if stop_hit else ("length" if last else None)))
+                    choices.append(
+                        ChoiceDelta(
+                            index=n,
+                            text="" if stop_hit else ch,
+                            token_ids=[ord(ch)],
+                            logprobs=lp,
+                            finish_reason="stop" if stop_hit else ("length" if last else None),
+                        )
+                    )
                 yield EngineChunk(choices=choices, prompt_tokens=len(prompt_token_ids))
                 if any(c.finish_reason for c in choices):
                     return
@@ -78,6 +92,12 @@ class FakeEngine:
         if self.load_delay_s:
             await asyncio.sleep(self.load_delay_s)
         self.loaded.append(lora)
+
+    async def remove_lora(self, lora_id: int) -> None:
+        self.removed.append(lora_id)
+
+    async def pin_lora(self, lora_id: int) -> None:
+        self.pinned.append(lora_id)
 
     async def check_health(self) -> None:
         if self.dead:

@@ -84,6 +84,14 @@ class Engine(Protocol):
         """Load adapter weights into the engine (idempotent per lora_id)."""
         ...
 
+    async def remove_lora(self, lora_id: int) -> None:
+        """Drop an adapter from the engine (after its last request)."""
+        ...
+
+    async def pin_lora(self, lora_id: int) -> None:
+        """Keep an adapter resident in the engine's cache."""
+        ...
+
     async def check_health(self) -> None:
         """Raise EngineUnavailable if the engine cannot serve."""
         ...

@@ -146,6 +146,12 @@ class VllmEngine:
         if not ok:
             raise EngineFailure(f"the engine could not load adapter {lora.name!r}")
 
+    async def remove_lora(self, lora_id: int) -> None:
+        await self._llm.remove_lora(lora_id)
+
+    async def pin_lora(self, lora_id: int) -> None:
+        await self._llm.pin_lora(lora_id)
+
     async def check_health(self) -> None:
         if self._llm.errored:
             raise EngineUnavailable("the inference engine is not running")

@@ -21,7 +21,7 @@ _DISCONNECT_POLL_S = 0.2
 async def chat_completions(
     body: ChatCompletionRequest, request: Request, serving: ServingDep, request_id: RequestIdDep
 ) -> Any:
-    prepared = await serving.prepare_chat(body, request_id)
+    prepared = await serving.prepare_chat(body, request_id, _user(body.user, request))
     return await _respond(serving, prepared, request, stream=body.stream)
 
 
@@ -29,42 +29,47 @@ async def chat_completions(
 async def completions(
     body: CompletionRequest, request: Request, serving: ServingDep, request_id: RequestIdDep
 ) -> Any:
-    prepared = await serving.prepare_completion(body, request_id)
+    prepared = await serving.prepare_completion(body, request_id, _user(body.user, request))
     return await _respond(serving, prepared, request, stream=body.stream)
 
 
-@router.get("/models", summary="The base model and every adapter")
+@router.get("/models", summary="The base model, every adapter and every alias")
 async def list_models(router_: RouterDep) -> dict[str, Any]:
     base = router_.base_name
-    data: list[dict[str, Any]] = [
-        {
-            "id": base,
-            "object": "model",
-            "created": 0,
-            "owned_by": "loraswap",
-            "root": base,
-            "parent": None,
-        }
-    ]
-    for name in router_.adapter_names():
-        data.append(
-            {
-                "id": f"{base}:{name}",
-                "object": "model",
-                "created": 0,
-                "owned_by": "loraswap",
-                "root": base,
-                "parent": base,
-            }
-        )
+    data: list[dict[str, Any]] = [_model(base, None)]
+    adapters, aliases = router_.model_names()
+    data += [_model(f"{base}:{name}", base) for name in adapters]
+    data += [{**_model(f"{base}:{name}", base), "kind": "alias"} for name in aliases]
     return {"object": "list", "data": data}
 
 
+def _model(model_id: str, parent: str | None) -> dict[str, Any]:
+    # `root` is the base name, never a filesystem path (vLLM exposes the path there).
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 0,
+        "owned_by": "loraswap",
+        "root": parent or model_id,
+        "parent": parent,
+    }
+
+
+def _user(body_user: str | None, request: Request) -> str | None:
+    """Who the request is for, for sticky A/B assignment: `user`, else `x-user-id`."""
+    return body_user or request.headers.get("x-user-id") or None
+
+
 def _headers(p: Prepared) -> dict[str, str]:
+    """Every response says what served it."""
     headers = {"x-request-id": p.request_id}
-    if p.target.adapter is not None:
-        headers["x-adapter"] = p.target.adapter.name
-        headers["x-adapter-version"] = p.target.adapter.sha256[:12]
+    version = p.target.version
+    if version is not None:
+        headers["x-adapter"] = version.adapter
+        headers["x-adapter-version"] = str(version.version)
+    if p.target.alias is not None and p.target.variant is not None:
+        headers["x-alias"] = p.target.alias
+        headers["x-alias-variant"] = p.target.variant
     return headers
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from adapters_registry import BaseModelShapes, DirectoryCatalog, Limits
 from server.app import create_app
 from server.settings import Settings
 from tests.adapters import make_adapter, make_base
@@ -24,17 +23,27 @@ def engine() -> FakeEngine:
 
 @pytest.fixture
 def client(tmp_path: Path, engine: FakeEngine) -> Iterator[TestClient]:
-    base = BaseModelShapes.from_dir(make_base(tmp_path / "base"), "tiny")
     root = tmp_path / "adapters"
     make_adapter(root / "pirate")
     make_adapter(root / "formal", targets=("q_proj", "k_proj", "v_proj", "o_proj"))
     (make_adapter(root / "pickled") / "adapter_model.bin").write_bytes(b"\x80")
     make_adapter(root / "huge", rank=64)
     make_adapter(root / "alien", hidden_scale=2)
-    catalog = DirectoryCatalog(root, base, Limits(max_rank=16, max_bytes=10**7))
-    settings = Settings(served_model_name="tiny", max_tokens_cap=100)
-    with TestClient(create_app(settings, engine=engine, catalog=catalog)) as c:
+    with TestClient(create_app(tiny_settings(tmp_path, max_tokens_cap=100), engine=engine)) as c:
         yield c
+
+
+def tiny_settings(tmp_path: Path, **extra: object) -> Settings:
+    """A tiny synthetic base and the adapters folder under tmp_path, registry in tmp_path."""
+    if not (tmp_path / "base").exists():
+        make_base(tmp_path / "base")
+    return Settings(
+        served_model_name="tiny",
+        model=tmp_path / "base",
+        adapters_dir=tmp_path / "adapters",
+        home=tmp_path / "home",
+        **extra,
+    )  # type: ignore[arg-type]
 
 
 def chat(client: TestClient, model: str, **extra: object):
@@ -50,8 +59,11 @@ def error_of(response) -> dict[str, object]:
 
 @pytest.mark.parametrize(
     ("model", "served", "text"),
-    [("tiny", "tiny", "base: ok"), ("tiny:pirate", "tiny:pirate", "pirate: "),
-     ("pirate", "tiny:pirate", "pirate: ")],
+    [
+        ("tiny", "tiny", "base: ok"),
+        ("tiny:pirate", "tiny:pirate", "pirate@1"),
+        ("pirate", "tiny:pirate", "pirate@1"),
+    ],
 )
 def test_model_names_route(client: TestClient, model: str, served: str, text: str) -> None:
     r = chat(client, model)
@@ -61,17 +73,22 @@ def test_model_names_route(client: TestClient, model: str, served: str, text: st
     assert body["object"] == "chat.completion"
     assert body["choices"][0]["message"] == {"role": "assistant", "content": text}
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {"prompt_tokens": len("<user>hi<assistant>"),
-                             "completion_tokens": 8, "total_tokens": 27}
+    assert body["usage"] == {
+        "prompt_tokens": len("<user>hi<assistant>"),
+        "completion_tokens": 8,
+        "total_tokens": 27,
+    }
     if served != "tiny":
         assert r.headers["x-adapter"] == "pirate"
-        assert len(r.headers["x-adapter-version"]) == 12
+        assert r.headers["x-adapter-version"] == "1"
     else:
         assert "x-adapter" not in r.headers
 
 
-@pytest.mark.parametrize("model", ["nope", "tiny:nope", "other:pirate", "tiny:", "tiny:../base",
-                                   "tiny:Pirate", ":pirate"])
+@pytest.mark.parametrize(
+    "model",
+    ["nope", "tiny:nope", "other:pirate", "tiny:", "tiny:../base", "tiny:Pirate", ":pirate"],
+)
 def test_unknown_model_is_404(client: TestClient, model: str) -> None:
     r = chat(client, model)
     assert r.status_code == 404
@@ -83,9 +100,11 @@ def test_unknown_model_is_404(client: TestClient, model: str) -> None:
 
 @pytest.mark.parametrize(
     ("model", "status", "code", "message"),
-    [("tiny:pickled", 422, "adapter_unsafe_format", "only safetensors"),
-     ("tiny:huge", 422, "adapter_rank_too_large", "rank 64 exceeds"),
-     ("tiny:alien", 422, "adapter_incompatible", "base model 'tiny'")],
+    [
+        ("tiny:pickled", 422, "adapter_unsafe_format", "only safetensors"),
+        ("tiny:huge", 422, "adapter_rank_too_large", "rank 64 exceeds"),
+        ("tiny:alien", 422, "adapter_incompatible", "base model 'tiny'"),
+    ],
 )
 def test_bad_adapter_is_clear_4xx_and_others_keep_working(
     client: TestClient, engine: FakeEngine, model: str, status: int, code: str, message: str
@@ -96,6 +115,7 @@ def test_bad_adapter_is_clear_4xx_and_others_keep_working(
     assert err["code"] == code
     assert message in str(err["message"])
     assert engine.loaded == []  # never reached the engine
+    assert r.json()["error"]["param"] == "model"
     assert chat(client, "tiny:pirate").status_code == 200
 
 
@@ -103,19 +123,27 @@ def test_adapter_loaded_once_with_unique_ids(client: TestClient, engine: FakeEng
     for _ in range(3):
         assert chat(client, "tiny:pirate").status_code == 200
     assert chat(client, "formal").status_code == 200
-    assert [(h.name, h.lora_id) for h in engine.loaded] == [("pirate", 1), ("formal", 2)]
+    assert [(h.name, h.lora_id) for h in engine.loaded] == [("pirate@1", 1), ("formal@1", 2)]
 
 
 def test_models_lists_base_and_adapters(client: TestClient) -> None:
     data = client.get("/v1/models").json()["data"]
     ids = {m["id"]: m["parent"] for m in data}
-    assert ids == {"tiny": None, "tiny:alien": "tiny", "tiny:formal": "tiny",
-                   "tiny:huge": "tiny", "tiny:pickled": "tiny", "tiny:pirate": "tiny"}
+    assert ids == {
+        "tiny": None,
+        "tiny:alien": "tiny",
+        "tiny:formal": "tiny",
+        "tiny:huge": "tiny",
+        "tiny:pickled": "tiny",
+        "tiny:pirate": "tiny",
+    }
 
 
 def test_completions(client: TestClient) -> None:
-    r = client.post("/v1/completions", json={"model": "tiny:formal", "prompt": "abc",
-                                             "max_tokens": 5, "n": 2, "logprobs": 2})
+    r = client.post(
+        "/v1/completions",
+        json={"model": "tiny:formal", "prompt": "abc", "max_tokens": 5, "n": 2, "logprobs": 2},
+    )
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion"
@@ -147,8 +175,13 @@ def sse_events(response) -> list[object]:
 
 
 def test_chat_streaming_with_usage(client: TestClient) -> None:
-    body = {"model": "tiny:pirate", "messages": [{"role": "user", "content": "hi"}],
-            "max_tokens": 4, "stream": True, "stream_options": {"include_usage": True}}
+    body = {
+        "model": "tiny:pirate",
+        "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 4,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     with client.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -177,13 +210,19 @@ def test_completion_streaming_without_usage(client: TestClient) -> None:
 
 @pytest.mark.parametrize(
     ("extra", "param"),
-    [({"temperature": 3}, "temperature"), ({"n": 0}, "n"), ({"max_tokens": "many"}, "max_tokens"),
-     ({"messages": []}, "messages"), ({"messages": [{"role": "robot", "content": "x"}]},
-                                      "messages[0].role"),
-     ({"top_p": 0}, "top_p"), ({"stop": ["a", "b", "c", "d", "e"]}, "stop")],
+    [
+        ({"temperature": 3}, "temperature"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": "many"}, "max_tokens"),
+        ({"messages": []}, "messages"),
+        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
+        ({"top_p": 0}, "top_p"),
+        ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+    ],
 )
-def test_invalid_parameters_name_the_param(client: TestClient, extra: dict[str, object],
-                                           param: str) -> None:
+def test_invalid_parameters_name_the_param(
+    client: TestClient, extra: dict[str, object], param: str
+) -> None:
     r = chat(client, "tiny", **extra)
     assert r.status_code == 400, r.text
     err = error_of(r)
@@ -192,8 +231,9 @@ def test_invalid_parameters_name_the_param(client: TestClient, extra: dict[str, 
 
 
 def test_malformed_json(client: TestClient) -> None:
-    r = client.post("/v1/chat/completions", content=b"{nope",
-                    headers={"content-type": "application/json"})
+    r = client.post(
+        "/v1/chat/completions", content=b"{nope", headers={"content-type": "application/json"}
+    )
     assert r.status_code == 400
     assert "not valid JSON" in str(error_of(r)["message"])
 
@@ -227,9 +267,11 @@ def test_max_tokens_cap(client: TestClient) -> None:
 def test_request_id_echoed_or_generated(client: TestClient) -> None:
     r = chat(client, "tiny", max_tokens=1)
     assert len(r.headers["x-request-id"]) == 32
-    r = client.post("/v1/chat/completions", headers={"x-request-id": "abc-123"},
-                    json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}],
-                          "max_tokens": 1})
+    r = client.post(
+        "/v1/chat/completions",
+        headers={"x-request-id": "abc-123"},
+        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 1},
+    )
     assert r.headers["x-request-id"] == "abc-123"
     assert r.json()["id"] == "chatcmpl-abc-123"
 
@@ -259,18 +301,17 @@ def test_concurrent_first_requests_load_adapter_once(tmp_path: Path) -> None:
 
     engine = FakeEngine()
     engine.load_delay_s = 0.2
-    base = BaseModelShapes.from_dir(make_base(tmp_path / "base"), "tiny")
     make_adapter(tmp_path / "adapters" / "pirate")
-    catalog = DirectoryCatalog(tmp_path / "adapters", base, Limits(max_rank=16, max_bytes=10**7))
-    app = create_app(Settings(served_model_name="tiny"), engine=engine, catalog=catalog)
+    app = create_app(tiny_settings(tmp_path), engine=engine)
 
     async def run() -> list[int]:
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
                 body = {"model": "tiny:pirate", "prompt": "x", "max_tokens": 2}
-                rs = await asyncio.gather(*(c.post("/v1/completions", json=body)
-                                            for _ in range(10)))
+                rs = await asyncio.gather(
+                    *(c.post("/v1/completions", json=body) for _ in range(10))
+                )
                 return [r.status_code for r in rs]
 
     assert asyncio.run(run()) == [200] * 10
@@ -281,7 +322,7 @@ def test_non_streaming_disconnect_aborts(tmp_path: Path) -> None:
     import asyncio
 
     engine = FakeEngine(token_delay_s=0.05)
-    app = create_app(Settings(served_model_name="tiny"), engine=engine)
+    app = create_app(tiny_settings(tmp_path), engine=engine)
     body = json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 200}).encode()
 
     async def run() -> float:
@@ -300,10 +341,19 @@ def test_non_streaming_disconnect_aborts(tmp_path: Path) -> None:
             async def send(_: dict[str, object]) -> None:
                 pass
 
-            scope = {"type": "http", "method": "POST", "path": "/v1/completions",
-                     "headers": [(b"content-type", b"application/json")], "query_string": b"",
-                     "http_version": "1.1", "scheme": "http", "server": ("t", 80),
-                     "client": ("c", 1), "root_path": "", "app": app}
+            scope = {
+                "type": "http",
+                "method": "POST",
+                "path": "/v1/completions",
+                "headers": [(b"content-type", b"application/json")],
+                "query_string": b"",
+                "http_version": "1.1",
+                "scheme": "http",
+                "server": ("t", 80),
+                "client": ("c", 1),
+                "root_path": "",
+                "app": app,
+            }
             task = asyncio.create_task(app(scope, receive, send))
             await asyncio.sleep(0.3)
             assert len(engine.running) == 1

@@ -75,11 +75,15 @@ def test_truncated_safetensors(tmp_path: Path, base: BaseModelShapes) -> None:
 
 @pytest.mark.parametrize(
     ("payload", "message"),
-    [(b"", "too short"), (b"\xff" * 8 + b"{}", "exceeds the file"),
-     (b"\x04\x00\x00\x00\x00\x00\x00\x00nope", "not valid JSON")],
+    [
+        (b"", "too short"),
+        (b"\xff" * 8 + b"{}", "exceeds the file"),
+        (b"\x04\x00\x00\x00\x00\x00\x00\x00nope", "not valid JSON"),
+    ],
 )
-def test_garbage_safetensors(tmp_path: Path, base: BaseModelShapes, payload: bytes,
-                             message: str) -> None:
+def test_garbage_safetensors(
+    tmp_path: Path, base: BaseModelShapes, payload: bytes, message: str
+) -> None:
     path = make_adapter(tmp_path / "a")
     (path / "adapter_model.safetensors").write_bytes(payload)
     with pytest.raises(MalformedAdapter, match=message):
@@ -117,11 +121,16 @@ def test_targets_disagree_with_tensors(tmp_path: Path, base: BaseModelShapes) ->
 
 @pytest.mark.parametrize(
     ("override", "message"),
-    [({"use_dora": True}, "DoRA"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-     ({"peft_type": "IA3"}, "peft_type"), ({"bias": "all"}, "bias")],
+    [
+        ({"use_dora": True}, "DoRA"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"peft_type": "IA3"}, "peft_type"),
+        ({"bias": "all"}, "bias"),
+    ],
 )
-def test_unsupported_features(tmp_path: Path, base: BaseModelShapes, override: dict[str, object],
-                              message: str) -> None:
+def test_unsupported_features(
+    tmp_path: Path, base: BaseModelShapes, override: dict[str, object], message: str
+) -> None:
     with pytest.raises(UnsupportedAdapter, match=message):
         check(make_adapter(tmp_path / "a", config_overrides=override), base)
 
@@ -187,8 +196,7 @@ def test_catalog_missing_and_revalidation(tmp_path: Path, base: BaseModelShapes)
     assert first.sha256 != second.sha256
 
 
-def test_catalog_bad_adapter_does_not_affect_others(tmp_path: Path,
-                                                    base: BaseModelShapes) -> None:
+def test_catalog_bad_adapter_does_not_affect_others(tmp_path: Path, base: BaseModelShapes) -> None:
     root = tmp_path / "adapters"
     make_adapter(root / "good")
     bad = make_adapter(root / "bad")

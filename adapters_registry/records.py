@@ -1,0 +1,57 @@
+"""What the registry persists: adapters, their immutable versions, and aliases."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    adapter: str
+    version: int
+    sha256: str
+    size_bytes: int
+    rank: int
+    alpha: float
+    target_modules: tuple[str, ...]
+    base_model: str
+    source: str  # where it came from: a path, a URL, or "upload"
+    path: str  # where its files are on this machine
+    created_at: float
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    name: str
+    current_version: int | None
+    pinned: bool
+    created_at: float
+    versions: tuple[VersionRecord, ...] = field(default=())
+
+    def version(self, number: int) -> VersionRecord | None:
+        return next((v for v in self.versions if v.version == number), None)
+
+    @property
+    def current(self) -> VersionRecord | None:
+        return None if self.current_version is None else self.version(self.current_version)
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One arm of an alias: an adapter, optionally pinned to a version, and its weight."""
+
+    adapter: str
+    version: int | None
+    weight: int
+
+    @property
+    def key(self) -> str:
+        return self.adapter if self.version is None else f"{self.adapter}@{self.version}"
+
+
+@dataclass(frozen=True)
+class AliasRecord:
+    name: str
+    variants: tuple[Variant, ...]
+    created_at: float
+    updated_at: float

@@ -1,0 +1,271 @@
+"""The registry service: validated registration from any source, kept in SQLite, read from
+an in-memory snapshot (requests never touch the database).
+
+Writes go to the database first and then refresh the snapshot, so what a request sees
+is always something that has been durably acknowledged.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from adapters_registry.base_model import BaseModelShapes
+from adapters_registry.errors import (
+    AdapterError,
+    AdapterNotFound,
+    AlreadyExists,
+    MalformedAdapter,
+    SourceChanged,
+)
+from adapters_registry.names import check_name
+from adapters_registry.paths import confine
+from adapters_registry.records import AdapterRecord, AliasRecord, Variant, VersionRecord
+from adapters_registry.sources import DiskCache, download, is_url, save_upload, staging
+from adapters_registry.spec import AdapterSpec
+from adapters_registry.store import Store
+from adapters_registry.validate import Limits, inspect_adapter
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    db_path: Path
+    storage_dir: Path  # uploads live here, and the download cache
+    allowed_roots: tuple[Path, ...]
+    cache_max_bytes: int
+    limits: Limits
+
+
+class Registry:
+    def __init__(
+        self, config: RegistryConfig, base: BaseModelShapes, in_use: Callable[[], set[str]] = set
+    ) -> None:
+        self.config = config
+        self.base = base
+        self._store = Store(config.db_path)
+        self._uploads = config.storage_dir / "uploads"
+        self._uploads.mkdir(parents=True, exist_ok=True)
+        self.cache = DiskCache(config.storage_dir / "cache", config.cache_max_bytes, in_use)
+        self._lock = threading.Lock()
+        self._adapters: dict[str, AdapterRecord] = {}
+        self._aliases: dict[str, AliasRecord] = {}
+        self._reload()
+
+    def close(self) -> None:
+        self._store.close()
+
+    # -- reads: the in-memory snapshot -------------------------------------------------
+
+    def adapter(self, name: str) -> AdapterRecord | None:
+        return self._adapters.get(name)
+
+    def alias(self, name: str) -> AliasRecord | None:
+        return self._aliases.get(name)
+
+    def adapters(self) -> list[AdapterRecord]:
+        return sorted(self._adapters.values(), key=lambda a: a.name)
+
+    def aliases(self) -> list[AliasRecord]:
+        return sorted(self._aliases.values(), key=lambda a: a.name)
+
+    def referenced_versions(self) -> set[tuple[str, int]]:
+        """Every (adapter, version) that new requests can reach: current ones and pins."""
+        out = {
+            (a.name, a.current_version)
+            for a in self._adapters.values()
+            if a.current_version is not None
+        }
+        for alias in self._aliases.values():
+            out |= {(v.adapter, v.version) for v in alias.variants if v.version is not None}
+        return out
+
+    # -- registration ------------------------------------------------------------------
+
+    def register(
+        self,
+        name: str,
+        source: str,
+        *,
+        sha256: str | None = None,
+        create: bool = True,
+        make_current: bool = True,
+    ) -> VersionRecord:
+        """Validate the adapter at `source` and record it as a new version of `name`."""
+        check_name(name)
+        self._precheck(name, create)
+        if is_url(source):
+            return self._register_download(name, source, sha256, create, make_current)
+        path = confine(Path(source), self.config.allowed_roots)
+        spec = self._inspect(path, name, sha256)
+        return self._record(
+            spec, source=str(source), path=path, create=create, make_current=make_current
+        )
+
+    def register_upload(
+        self,
+        name: str,
+        files: dict[str, BinaryIO],
+        *,
+        sha256: str | None = None,
+        create: bool = True,
+        make_current: bool = True,
+    ) -> VersionRecord:
+        check_name(name)
+        self._precheck(name, create)
+        with staging(self._uploads) as tmp:
+            save_upload(files, tmp, max_bytes=self.config.limits.max_bytes)
+            spec = self._inspect(tmp, name, sha256)
+            target = self._uploads / spec.sha256
+            created = not target.exists()
+            if created:
+                tmp.rename(target)
+        try:
+            return self._record(
+                spec, source="upload", path=target, create=create, make_current=make_current
+            )
+        except AdapterError:
+            if created and not self._sha_referenced(spec.sha256):
+                shutil.rmtree(target, ignore_errors=True)
+            raise
+
+    def _register_download(
+        self, name: str, url: str, sha256: str | None, create: bool, make_current: bool
+    ) -> VersionRecord:
+        cached = self.cache.get(sha256.lower()) if sha256 else None
+        if cached is not None:
+            spec = self._inspect(cached, name, sha256)
+            created = False
+        else:
+            with staging(self.cache.root) as tmp:
+                download(url, tmp, max_bytes=self.config.limits.max_bytes)
+                spec = self._inspect(tmp, name, sha256)
+                created = self.cache.get(spec.sha256) is None
+                cached = self.cache.put(tmp, spec.sha256)
+        try:
+            return self._record(
+                spec, source=url, path=cached, create=create, make_current=make_current
+            )
+        except AdapterError:
+            if created and not self._sha_referenced(spec.sha256):
+                self.cache.remove(spec.sha256)
+            raise
+
+    def _precheck(self, name: str, create: bool) -> None:
+        # Refuse before any download: a doomed registration must not fetch anything.
+        if create and (name in self._adapters or name in self._aliases):
+            raise AlreadyExists(f"{name!r} already exists", adapter=name)
+        if not create and name not in self._adapters:
+            raise AdapterNotFound(f"adapter {name!r} not found", adapter=name)
+
+    def _inspect(self, path: Path, name: str, sha256: str | None) -> AdapterSpec:
+        return inspect_adapter(
+            path, name=name, base=self.base, limits=self.config.limits, expected_sha256=sha256
+        )
+
+    def _record(
+        self, spec: AdapterSpec, *, source: str, path: Path, create: bool, make_current: bool
+    ) -> VersionRecord:
+        with self._lock:
+            record = self._store.add_version(
+                spec, source=source, path=str(path), create=create, make_current=make_current
+            )
+            self._refresh_adapter(spec.name)
+        return record
+
+    def _sha_referenced(self, sha256: str) -> bool:
+        return any(v.sha256 == sha256 for a in self._adapters.values() for v in a.versions)
+
+    # -- making a version servable -----------------------------------------------------
+
+    def local_files(self, version: VersionRecord) -> Path:
+        """A folder holding exactly the registered weights of `version`, re-verified.
+
+        Downloads evicted from the cache are fetched again; a local source whose files
+        changed since registration is refused rather than served as the old version.
+        """
+        if is_url(version.source):
+            path = self.cache.get(version.sha256)
+            if path is None:
+                with staging(self.cache.root) as tmp:
+                    download(version.source, tmp, max_bytes=self.config.limits.max_bytes)
+                    self._verify(tmp, version)
+                    path = self.cache.put(tmp, version.sha256)
+                return path
+        path = Path(version.path)
+        self._verify(path, version)
+        return path
+
+    def _verify(self, path: Path, version: VersionRecord) -> None:
+        try:
+            self._inspect(path, version.adapter, version.sha256)
+        except (MalformedAdapter, AdapterNotFound) as exc:
+            # It was valid when registered: any such failure now means the files changed
+            # (ChecksumMismatch is a MalformedAdapter).
+            raise SourceChanged(
+                f"{version.adapter}@{version.version}: its files at {version.source} "
+                "changed or vanished since registration; register a new version",
+                adapter=version.adapter,
+            ) from exc
+
+    # -- other writes ------------------------------------------------------------------
+
+    def set_current(self, name: str, version: int) -> AdapterRecord:
+        return self._write(name, lambda: self._store.set_current(name, version))
+
+    def set_pinned(self, name: str, pinned: bool) -> AdapterRecord:
+        return self._write(name, lambda: self._store.set_pinned(name, pinned))
+
+    def delete_version(self, name: str, version: int) -> VersionRecord:
+        with self._lock:
+            record = self._store.delete_version(name, version)
+            self._refresh_adapter(name)
+        self._forget_files(record)
+        return record
+
+    def delete_adapter(self, name: str) -> AdapterRecord:
+        with self._lock:
+            record = self._store.delete_adapter(name)
+            self._adapters.pop(name, None)
+        for version in record.versions:
+            self._forget_files(version)
+        return record
+
+    def put_alias(self, name: str, variants: tuple[Variant, ...]) -> AliasRecord:
+        check_name(name)
+        with self._lock:
+            record = self._store.put_alias(name, variants)
+            self._aliases[name] = record
+        return record
+
+    def delete_alias(self, name: str) -> AliasRecord:
+        with self._lock:
+            record = self._store.delete_alias(name)
+            self._aliases.pop(name, None)
+        return record
+
+    def _write(self, name: str, op: Callable[[], AdapterRecord]) -> AdapterRecord:
+        with self._lock:
+            record = op()
+            self._adapters[name] = record
+        return record
+
+    def _forget_files(self, version: VersionRecord) -> None:
+        # Files we own (uploads, downloads) go once no version references them;
+        # a local source belongs to its owner and is never touched.
+        if self._sha_referenced(version.sha256):
+            return
+        if version.source == "upload":
+            shutil.rmtree(self._uploads / version.sha256, ignore_errors=True)
+        elif is_url(version.source):
+            self.cache.remove(version.sha256)
+
+    def _refresh_adapter(self, name: str) -> None:
+        self._adapters[name] = self._store.get(name)
+
+    def _reload(self) -> None:
+        self._adapters = {a.name: a for a in self._store.list_adapters()}
+        self._aliases = {a.name: a for a in self._store.list_aliases()}

@@ -1,0 +1,176 @@
+"""Where adapter files come from, turned into a verified local folder.
+
+- a path inside the configured roots (used in place; its sha256 is checked at each load)
+- an http(s) URL of a folder holding adapter_config.json + adapter_model.safetensors,
+  downloaded into a size-capped LRU disk cache keyed by the weights' sha256
+- uploaded files, kept in the registry's own storage (they have no other home)
+
+Downloads and uploads are written to a private staging folder first and only moved into
+place after validation, so a failure leaves no stray files behind.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+from adapters_registry.errors import AdapterTooLarge, InvalidSource, MalformedAdapter
+from adapters_registry.validate import CONFIG_FILE, WEIGHTS_FILE
+
+ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
+_CONFIG_MAX_BYTES = 1024 * 1024
+_CHUNK = 1 << 20
+_USED_MARK = ".last-used"
+
+
+def is_url(source: str) -> bool:
+    return source.startswith(("http://", "https://"))
+
+
+@contextmanager
+def staging(root: Path) -> Iterator[Path]:
+    """A fresh private folder under `root`, removed on exit whatever happens."""
+    path = root / f".staging-{uuid.uuid4().hex}"
+    path.mkdir(parents=True)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def copy_capped(src: BinaryIO, dest: Path, cap: int, what: str) -> int:
+    """Copy a stream to `dest`, refusing it as soon as it passes `cap` bytes."""
+    total = 0
+    with dest.open("wb") as out:
+        while chunk := src.read(_CHUNK):
+            total += len(chunk)
+            if total > cap:
+                raise AdapterTooLarge(f"{what} is larger than the cap of {cap} bytes")
+            out.write(chunk)
+    return total
+
+
+def download(url: str, dest: Path, *, max_bytes: int, timeout_s: float = 60.0) -> None:
+    """Fetch the two adapter files of the folder at `url` into `dest`."""
+    parsed = urllib.parse.urlsplit(url)
+    if parsed.scheme not in ("http", "https") or not parsed.netloc:
+        raise InvalidSource(f"unsupported source URL {url!r}: use http(s)://host/path")
+    base = url if url.endswith("/") else url + "/"
+    for name, cap in ((CONFIG_FILE, _CONFIG_MAX_BYTES), (WEIGHTS_FILE, max_bytes)):
+        file_url = urllib.parse.urljoin(base, name)
+        try:
+            # urlopen also follows redirects; only http(s) handlers are installed by default.
+            with urllib.request.urlopen(file_url, timeout=timeout_s) as response:
+                length = response.headers.get("content-length")
+                if length is not None and length.isdigit() and int(length) > cap:
+                    raise AdapterTooLarge(f"{file_url} is {length} bytes, above the cap of {cap}")
+                copy_capped(response, dest / name, cap, file_url)
+        except urllib.error.HTTPError as exc:
+            raise InvalidSource(f"downloading {file_url} failed: HTTP {exc.code}") from exc
+        except (urllib.error.URLError, TimeoutError, OSError) as exc:
+            reason = getattr(exc, "reason", exc)
+            raise InvalidSource(f"downloading {file_url} failed: {reason}") from exc
+
+
+def save_upload(files: dict[str, BinaryIO], dest: Path, *, max_bytes: int) -> None:
+    """Write uploaded adapter files into `dest`; exactly the two adapter files."""
+    names = set(files)
+    if names != set(ADAPTER_FILES):
+        raise MalformedAdapter(
+            f"upload must contain exactly {list(ADAPTER_FILES)}, got {sorted(names)}"
+        )
+    for name, stream in files.items():
+        cap = _CONFIG_MAX_BYTES if name == CONFIG_FILE else max_bytes
+        copy_capped(stream, dest / name, cap, f"uploaded {name}")
+
+
+class DiskCache:
+    """Downloaded adapters by sha256, total size capped, least recently used evicted.
+
+    `in_use` names entries that must survive eviction (adapters the engine may reload
+    from disk); an entry that alone exceeds the cap is refused before it is stored.
+    """
+
+    def __init__(self, root: Path, max_bytes: int, in_use: Callable[[], set[str]]) -> None:
+        self.root = root
+        self.max_bytes = max_bytes
+        self._in_use = in_use
+        root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256
+
+    def get(self, sha256: str) -> Path | None:
+        path = self.path(sha256)
+        if not (path / WEIGHTS_FILE).is_file():
+            return None
+        _touch(path)
+        return path
+
+    def put(self, staged: Path, sha256: str) -> Path:
+        size = _size(staged)
+        if size > self.max_bytes:
+            raise AdapterTooLarge(
+                f"adapter is {size} bytes, above the download cache cap of {self.max_bytes}"
+            )
+        self.evict(need=size, keep={sha256})
+        if self.usage() + size > self.max_bytes and self.get(sha256) is None:
+            raise AdapterTooLarge(
+                f"the download cache ({self.max_bytes} bytes) is full of adapters in use"
+            )
+        target = self.path(sha256)
+        if target.exists():
+            shutil.rmtree(staged, ignore_errors=True)
+        else:
+            os.replace(staged, target)
+        _touch(target)
+        return target
+
+    def remove(self, sha256: str) -> None:
+        shutil.rmtree(self.path(sha256), ignore_errors=True)
+
+    def usage(self) -> int:
+        return sum(_size(p) for p in self._entries())
+
+    def evict(self, *, need: int = 0, keep: set[str] | None = None) -> list[str]:
+        """Remove least recently used entries until `need` more bytes fit under the cap."""
+        protected = (keep or set()) | self._in_use()
+        entries = sorted(self._entries(), key=_last_used)
+        total = sum(_size(p) for p in entries)
+        evicted = []
+        for entry in entries:
+            if total + need <= self.max_bytes:
+                break
+            if entry.name in protected:
+                continue
+            total -= _size(entry)
+            shutil.rmtree(entry, ignore_errors=True)
+            evicted.append(entry.name)
+        return evicted
+
+    def _entries(self) -> list[Path]:
+        return [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+
+
+def _touch(path: Path) -> None:
+    (path / _USED_MARK).write_text(str(time.time()))
+
+
+def _last_used(path: Path) -> float:
+    try:
+        return (path / _USED_MARK).stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name != _USED_MARK)

@@ -1,0 +1,336 @@
+"""Persistence of the registry in SQLite (stdlib sqlite3).
+
+Every write is one transaction, committed with `synchronous=FULL` in WAL mode before the
+call returns: once the API has acknowledged a change, neither a restart nor a kill -9
+loses it. Version numbers are per adapter, increasing, and never reused, even after a
+delete, so `pirate@3` always names the same weights.
+
+Why not SQLAlchemy: five small tables and a dozen statements; one dependency less, and
+the schema version table below is the migration hook if PostgreSQL is ever needed.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from adapters_registry.errors import AdapterNotFound, AlreadyExists, InUse, InvalidAlias
+from adapters_registry.records import AdapterRecord, AliasRecord, Variant, VersionRecord
+from adapters_registry.spec import AdapterSpec
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS adapters (
+    name TEXT PRIMARY KEY,
+    current_version INTEGER,
+    next_version INTEGER NOT NULL DEFAULT 1,
+    pinned INTEGER NOT NULL DEFAULT 0,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS versions (
+    adapter TEXT NOT NULL REFERENCES adapters(name) ON DELETE CASCADE,
+    version INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    size_bytes INTEGER NOT NULL,
+    rank INTEGER NOT NULL,
+    alpha REAL NOT NULL,
+    target_modules TEXT NOT NULL,
+    base_model TEXT NOT NULL,
+    source TEXT NOT NULL,
+    path TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (adapter, version)
+);
+CREATE TABLE IF NOT EXISTS aliases (
+    name TEXT PRIMARY KEY,
+    variants TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+"""
+
+
+class Store:
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
+            )
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # -- adapters and versions ---------------------------------------------------------
+
+    def add_version(
+        self, spec: AdapterSpec, *, source: str, path: str, create: bool, make_current: bool
+    ) -> VersionRecord:
+        """Record a validated version; `create` registers the adapter itself too."""
+        now = time.time()
+        with self._tx() as db:
+            exists = db.execute(
+                "SELECT next_version FROM adapters WHERE name=?", (spec.name,)
+            ).fetchone()
+            if create:
+                if exists is not None:
+                    raise AlreadyExists(
+                        f"adapter {spec.name!r} already exists; add a version to it instead",
+                        adapter=spec.name,
+                    )
+                if _alias_row(db, spec.name) is not None:
+                    raise AlreadyExists(f"{spec.name!r} is already an alias", adapter=spec.name)
+                db.execute(
+                    "INSERT INTO adapters (name, created_at) VALUES (?, ?)", (spec.name, now)
+                )
+                number = 1
+            else:
+                if exists is None:
+                    raise AdapterNotFound(f"adapter {spec.name!r} not found", adapter=spec.name)
+                number = int(exists[0])
+            db.execute(
+                "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    spec.name,
+                    number,
+                    spec.sha256,
+                    spec.size_bytes,
+                    spec.rank,
+                    spec.alpha,
+                    json.dumps(spec.target_modules),
+                    spec.base_model,
+                    source,
+                    path,
+                    now,
+                ),
+            )
+            db.execute("UPDATE adapters SET next_version=? WHERE name=?", (number + 1, spec.name))
+            if make_current or create:
+                db.execute(
+                    "UPDATE adapters SET current_version=? WHERE name=?", (number, spec.name)
+                )
+        record = self.get(spec.name).version(number)
+        assert record is not None
+        return record
+
+    def get(self, name: str) -> AdapterRecord:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT name, current_version, pinned, created_at FROM adapters WHERE name=?",
+                (name,),
+            ).fetchone()
+            if row is None:
+                raise AdapterNotFound(f"adapter {name!r} not found", adapter=name)
+            versions = self._db.execute(
+                "SELECT * FROM versions WHERE adapter=? ORDER BY version", (name,)
+            ).fetchall()
+        return _adapter(row, versions)
+
+    def list_adapters(self) -> list[AdapterRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT name, current_version, pinned, created_at FROM adapters ORDER BY name"
+            ).fetchall()
+            versions = self._db.execute(
+                "SELECT * FROM versions ORDER BY adapter, version"
+            ).fetchall()
+        by_name: dict[str, list[tuple[object, ...]]] = {}
+        for v in versions:
+            by_name.setdefault(str(v[0]), []).append(v)
+        return [_adapter(r, by_name.get(str(r[0]), [])) for r in rows]
+
+    def set_current(self, name: str, version: int) -> AdapterRecord:
+        with self._tx() as db:
+            _require_version(db, name, version)
+            db.execute("UPDATE adapters SET current_version=? WHERE name=?", (version, name))
+        return self.get(name)
+
+    def set_pinned(self, name: str, pinned: bool) -> AdapterRecord:
+        with self._tx() as db:
+            _require_adapter(db, name)
+            db.execute("UPDATE adapters SET pinned=? WHERE name=?", (int(pinned), name))
+        return self.get(name)
+
+    def delete_version(self, name: str, version: int) -> VersionRecord:
+        record = self.get(name).version(version)
+        with self._tx() as db:
+            current = _require_version(db, name, version)
+            if current == version:
+                raise InUse(
+                    f"{name}@{version} is the current version; make another version current first",
+                    adapter=name,
+                )
+            for alias in _aliases(db):
+                if any(v.adapter == name and v.version == version for v in alias.variants):
+                    raise InUse(f"alias {alias.name!r} routes to {name}@{version}", adapter=name)
+            db.execute("DELETE FROM versions WHERE adapter=? AND version=?", (name, version))
+        assert record is not None
+        return record
+
+    def delete_adapter(self, name: str) -> AdapterRecord:
+        record = self.get(name)
+        with self._tx() as db:
+            _require_adapter(db, name)
+            for alias in _aliases(db):
+                if any(v.adapter == name for v in alias.variants):
+                    raise InUse(f"alias {alias.name!r} routes to adapter {name!r}", adapter=name)
+            db.execute("DELETE FROM versions WHERE adapter=?", (name,))
+            db.execute("DELETE FROM adapters WHERE name=?", (name,))
+        return record
+
+    # -- aliases -----------------------------------------------------------------------
+
+    def put_alias(self, name: str, variants: tuple[Variant, ...]) -> AliasRecord:
+        """Create or replace alias `name`; every variant must name an existing version."""
+        now = time.time()
+        if (
+            not variants
+            or any(v.weight < 0 for v in variants)
+            or sum(v.weight for v in variants) <= 0
+        ):
+            raise InvalidAlias(
+                f"alias {name!r}: weights must be >= 0 with a positive sum", adapter=name
+            )
+        if len({v.key for v in variants}) != len(variants):
+            raise InvalidAlias(f"alias {name!r}: a variant is listed twice", adapter=name)
+        with self._tx() as db:
+            if db.execute("SELECT 1 FROM adapters WHERE name=?", (name,)).fetchone():
+                raise AlreadyExists(f"{name!r} is already an adapter", adapter=name)
+            for v in variants:
+                if v.version is None:
+                    if _require_adapter(db, v.adapter) is None:
+                        raise InvalidAlias(
+                            f"alias {name!r}: adapter {v.adapter!r} has no current version",
+                            adapter=name,
+                        )
+                else:
+                    _require_version(db, v.adapter, v.version)
+            row = _alias_row(db, name)
+            created = float(str(row[2])) if row is not None else now
+            db.execute(
+                "INSERT OR REPLACE INTO aliases VALUES (?,?,?,?)",
+                (name, _dump_variants(variants), created, now),
+            )
+        return AliasRecord(name=name, variants=variants, created_at=created, updated_at=now)
+
+    def get_alias(self, name: str) -> AliasRecord:
+        with self._lock:
+            row = _alias_row(self._db, name)
+        if row is None:
+            raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
+        return _alias(row)
+
+    def list_aliases(self) -> list[AliasRecord]:
+        with self._lock:
+            return _aliases(self._db)
+
+    def delete_alias(self, name: str) -> AliasRecord:
+        with self._tx() as db:
+            row = _alias_row(db, name)
+            if row is None:
+                raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
+            db.execute("DELETE FROM aliases WHERE name=?", (name,))
+        return _alias(row)
+
+
+def _require_adapter(db: sqlite3.Connection, name: str) -> int | None:
+    row = db.execute("SELECT current_version FROM adapters WHERE name=?", (name,)).fetchone()
+    if row is None:
+        raise AdapterNotFound(f"adapter {name!r} not found", adapter=name)
+    return None if row[0] is None else int(row[0])
+
+
+def _require_version(db: sqlite3.Connection, name: str, version: int) -> int | None:
+    current = _require_adapter(db, name)
+    if (
+        db.execute(
+            "SELECT 1 FROM versions WHERE adapter=? AND version=?", (name, version)
+        ).fetchone()
+        is None
+    ):
+        raise AdapterNotFound(f"adapter {name!r} has no version {version}", adapter=name)
+    return current
+
+
+def _adapter(row: tuple[object, ...], versions: list[tuple[object, ...]]) -> AdapterRecord:
+    name, current, pinned, created = row
+    return AdapterRecord(
+        name=str(name),
+        current_version=None if current is None else int(str(current)),
+        pinned=bool(pinned),
+        created_at=float(str(created)),
+        versions=tuple(_version(v) for v in versions),
+    )
+
+
+def _version(v: tuple[object, ...]) -> VersionRecord:
+    return VersionRecord(
+        adapter=str(v[0]),
+        version=int(str(v[1])),
+        sha256=str(v[2]),
+        size_bytes=int(str(v[3])),
+        rank=int(str(v[4])),
+        alpha=float(str(v[5])),
+        target_modules=tuple(json.loads(str(v[6]))),
+        base_model=str(v[7]),
+        source=str(v[8]),
+        path=str(v[9]),
+        created_at=float(str(v[10])),
+    )
+
+
+def _alias_row(db: sqlite3.Connection, name: str) -> tuple[object, ...] | None:
+    row: tuple[object, ...] | None = db.execute(
+        "SELECT name, variants, created_at, updated_at FROM aliases WHERE name=?", (name,)
+    ).fetchone()
+    return row
+
+
+def _aliases(db: sqlite3.Connection) -> list[AliasRecord]:
+    rows = db.execute(
+        "SELECT name, variants, created_at, updated_at FROM aliases ORDER BY name"
+    ).fetchall()
+    return [_alias(r) for r in rows]
+
+
+def _alias(row: tuple[object, ...]) -> AliasRecord:
+    variants = tuple(
+        Variant(adapter=v["adapter"], version=v["version"], weight=v["weight"])
+        for v in json.loads(str(row[1]))
+    )
+    return AliasRecord(
+        name=str(row[0]),
+        variants=variants,
+        created_at=float(str(row[2])),
+        updated_at=float(str(row[3])),
+    )
+
+
+def _dump_variants(variants: tuple[Variant, ...]) -> str:
+    return json.dumps(
+        [{"adapter": v.adapter, "version": v.version, "weight": v.weight} for v in variants]
+    )

@@ -1,0 +1,253 @@
+"""Admin API: register adapters and versions, swap and roll back, pin and warm, aliases.
+
+Registry writes do file and database I/O (fsync), so they run in a worker thread; the
+event loop keeps serving inference meanwhile.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Any, BinaryIO
+
+from fastapi import APIRouter, Depends, File, Form, UploadFile
+from pydantic import BaseModel, ConfigDict, Field
+
+from adapters_registry.errors import AdapterNotFound, InvalidAlias
+from adapters_registry.records import AdapterRecord, AliasRecord, Variant, VersionRecord
+from server.adapters import AdapterRouter
+from server.auth import require_admin
+from server.deps import RouterDep
+
+router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RegisterAdapter(_Body):
+    name: str = Field(description="Adapter name: [a-z0-9][a-z0-9._-]{0,63}.")
+    source: str = Field(
+        description="A path inside the allowed roots, or an http(s) URL "
+        "of a folder with adapter_config.json and "
+        "adapter_model.safetensors."
+    )
+    sha256: str | None = Field(None, description="Expected sha256 of the weights file.")
+
+
+class NewVersion(_Body):
+    source: str
+    sha256: str | None = None
+    make_current: bool = Field(True, description="Route new requests to it at once.")
+
+
+class SetCurrent(_Body):
+    version: int = Field(ge=1)
+
+
+class SetPinned(_Body):
+    pinned: bool
+
+
+class AliasBody(_Body):
+    variants: dict[str, Annotated[int, Field(ge=0)]] = Field(
+        description='Variant -> weight, e.g. {"pirate@3": 90, "formal": 10}; '
+        "`name` follows the adapter's current version, `name@N` pins version N.",
+        examples=[{"pirate@3": 90, "formal": 10}],
+    )
+
+
+def _version(v: VersionRecord) -> dict[str, Any]:
+    return {
+        "adapter": v.adapter,
+        "version": v.version,
+        "sha256": v.sha256,
+        "size_bytes": v.size_bytes,
+        "rank": v.rank,
+        "alpha": v.alpha,
+        "target_modules": list(v.target_modules),
+        "base_model": v.base_model,
+        "source": v.source,
+        "created_at": v.created_at,
+    }
+
+
+def _adapter(a: AdapterRecord, router_: AdapterRouter) -> dict[str, Any]:
+    loaded = {h.name: leases for h, leases in router_.loaded()}
+    return {
+        "name": a.name,
+        "current_version": a.current_version,
+        "pinned": a.pinned,
+        "created_at": a.created_at,
+        "versions": [
+            {
+                **_version(v),
+                "loaded": f"{a.name}@{v.version}" in loaded,
+                "running": loaded.get(f"{a.name}@{v.version}", 0),
+            }
+            for v in a.versions
+        ],
+    }
+
+
+def _alias(a: AliasRecord) -> dict[str, Any]:
+    return {
+        "name": a.name,
+        "variants": {v.key: v.weight for v in a.variants},
+        "created_at": a.created_at,
+        "updated_at": a.updated_at,
+    }
+
+
+def _parse_variants(name: str, raw: dict[str, int]) -> tuple[Variant, ...]:
+    out = []
+    for key, weight in raw.items():
+        adapter, sep, version = key.partition("@")
+        if sep and not version.isdigit():
+            raise InvalidAlias(f"alias {name!r}: variant {key!r} must be 'name' or 'name@N'")
+        out.append(Variant(adapter=adapter, version=int(version) if sep else None, weight=weight))
+    return tuple(out)
+
+
+@router.post("/adapters", status_code=201, summary="Register an adapter (version 1)")
+async def register(body: RegisterAdapter, router_: RouterDep) -> dict[str, Any]:
+    await asyncio.to_thread(router_.registry.register, body.name, body.source, sha256=body.sha256)
+    return _adapter(_get(router_, body.name), router_)
+
+
+@router.post("/adapters/upload", status_code=201, summary="Register an adapter from files")
+async def register_upload(
+    router_: RouterDep,
+    name: Annotated[str, Form()],
+    adapter_config: Annotated[UploadFile, File(description="adapter_config.json")],
+    adapter_model: Annotated[UploadFile, File(description="adapter_model.safetensors")],
+    sha256: Annotated[str | None, Form()] = None,
+) -> dict[str, Any]:
+    files = _files(adapter_config, adapter_model)
+    await asyncio.to_thread(router_.registry.register_upload, name, files, sha256=sha256)
+    return _adapter(_get(router_, name), router_)
+
+
+@router.post("/adapters/{name}/versions", status_code=201, summary="Add a version")
+async def add_version(name: str, body: NewVersion, router_: RouterDep) -> dict[str, Any]:
+    record = await asyncio.to_thread(
+        router_.registry.register,
+        name,
+        body.source,
+        sha256=body.sha256,
+        create=False,
+        make_current=body.make_current,
+    )
+    await router_.release_unreachable()
+    return _version(record)
+
+
+@router.post(
+    "/adapters/{name}/versions/upload", status_code=201, summary="Add a version from files"
+)
+async def add_version_upload(
+    name: str,
+    router_: RouterDep,
+    adapter_config: Annotated[UploadFile, File()],
+    adapter_model: Annotated[UploadFile, File()],
+    sha256: Annotated[str | None, Form()] = None,
+    make_current: Annotated[bool, Form()] = True,
+) -> dict[str, Any]:
+    files = _files(adapter_config, adapter_model)
+    record = await asyncio.to_thread(
+        router_.registry.register_upload,
+        name,
+        files,
+        sha256=sha256,
+        create=False,
+        make_current=make_current,
+    )
+    await router_.release_unreachable()
+    return _version(record)
+
+
+@router.get("/adapters", summary="Every adapter with its versions and engine residency")
+async def list_adapters(router_: RouterDep) -> dict[str, Any]:
+    return {"data": [_adapter(a, router_) for a in router_.registry.adapters()]}
+
+
+@router.get("/adapters/{name}", summary="One adapter")
+async def get_adapter(name: str, router_: RouterDep) -> dict[str, Any]:
+    return _adapter(_get(router_, name), router_)
+
+
+@router.put("/adapters/{name}/current", summary="Set the current version (also: rollback)")
+async def set_current(name: str, body: SetCurrent, router_: RouterDep) -> dict[str, Any]:
+    record = await asyncio.to_thread(router_.registry.set_current, name, body.version)
+    # The old version leaves the engine once its running requests finish.
+    await router_.release_unreachable()
+    return _adapter(record, router_)
+
+
+@router.delete("/adapters/{name}/versions/{version}", summary="Delete a version (409 if routed)")
+async def delete_version(name: str, version: int, router_: RouterDep) -> dict[str, Any]:
+    record = await asyncio.to_thread(router_.registry.delete_version, name, version)
+    await router_.release_unreachable()
+    return _version(record)
+
+
+@router.delete("/adapters/{name}", summary="Delete an adapter (409 while an alias routes to it)")
+async def delete_adapter(name: str, router_: RouterDep) -> dict[str, Any]:
+    await asyncio.to_thread(router_.registry.delete_adapter, name)
+    await router_.release_unreachable()
+    return {"name": name, "deleted": True}
+
+
+@router.put("/adapters/{name}/pin", summary="Pin (keep resident) or unpin an adapter")
+async def pin(name: str, body: SetPinned, router_: RouterDep) -> dict[str, Any]:
+    record = await asyncio.to_thread(router_.registry.set_pinned, name, body.pinned)
+    if body.pinned:
+        await router_.warm(name)
+    else:
+        await router_.release_unreachable()
+    return _adapter(record, router_)
+
+
+@router.post("/adapters/{name}/warm", summary="Load the current version into the engine now")
+async def warm(name: str, router_: RouterDep) -> dict[str, Any]:
+    handle = await router_.warm(name)
+    return {"name": name, "loaded": handle.name}
+
+
+@router.get("/aliases", summary="Every alias")
+async def list_aliases(router_: RouterDep) -> dict[str, Any]:
+    return {"data": [_alias(a) for a in router_.registry.aliases()]}
+
+
+@router.get("/aliases/{name}", summary="One alias")
+async def get_alias(name: str, router_: RouterDep) -> dict[str, Any]:
+    alias = router_.registry.alias(name)
+    if alias is None:
+        raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
+    return _alias(alias)
+
+
+@router.put("/aliases/{name}", summary="Create or update an alias (weights change at once)")
+async def put_alias(name: str, body: AliasBody, router_: RouterDep) -> dict[str, Any]:
+    variants = _parse_variants(name, body.variants)
+    record = await asyncio.to_thread(router_.registry.put_alias, name, variants)
+    await router_.release_unreachable()
+    return _alias(record)
+
+
+@router.delete("/aliases/{name}", summary="Delete an alias")
+async def delete_alias(name: str, router_: RouterDep) -> dict[str, Any]:
+    record = await asyncio.to_thread(router_.registry.delete_alias, name)
+    await router_.release_unreachable()
+    return _alias(record)
+
+
+def _get(router_: AdapterRouter, name: str) -> AdapterRecord:
+    record = router_.registry.adapter(name)
+    if record is None:
+        raise AdapterNotFound(f"adapter {name!r} not found", adapter=name)
+    return record
+
+
+def _files(config: UploadFile, model: UploadFile) -> dict[str, BinaryIO]:
+    return {"adapter_config.json": config.file, "adapter_model.safetensors": model.file}

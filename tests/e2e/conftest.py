@@ -1,0 +1,76 @@
+"""Fixtures for end-to-end tests: the real demo model and adapters, real server processes."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from server.demo import DemoAssets, demo_assets, prepare
+from server.settings import Settings
+from tests.adapters import make_adapter
+from tests.e2e.reference import PeftReference
+from tests.e2e.server_proc import ServerProc, running_server
+
+BASE = "smollm2"
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "/e2e/" in str(item.path):
+            item.add_marker(pytest.mark.e2e)
+
+
+@pytest.fixture(scope="session")
+def demo() -> DemoAssets:
+    home = Settings().home
+    # Idempotent: a no-op when the test command already prepared the assets.
+    assets = prepare(home, progress=print) if not _ready(demo_assets(home)) else demo_assets(home)
+    return assets
+
+
+def _ready(assets: DemoAssets) -> bool:
+    return (
+        assets.base_dir.is_dir()
+        and all(
+            (assets.adapters_dir / n / "adapter_model.safetensors").is_file()
+            for n in assets.adapter_names
+        )
+        and assets.quantized_dir.is_dir()
+    )
+
+
+@pytest.fixture(scope="session")
+def adapters_dir(demo: DemoAssets, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo adapters plus broken ones, in a folder of their own."""
+    root = tmp_path_factory.mktemp("adapters")
+    for name in demo.adapter_names:
+        shutil.copytree(demo.adapters_dir / name, root / name)
+    pickled = shutil.copytree(demo.adapters_dir / "pirate", root / "pickled")
+    (pickled / "adapter_model.safetensors").rename(pickled / "adapter_model.bin")
+    # rank 64 with the engine's max_lora_rank at 16
+    make_adapter(root / "toobig", rank=64)
+    # shapes of a different (tiny) base model
+    make_adapter(root / "alien", rank=8)
+    truncated = shutil.copytree(demo.adapters_dir / "shout", root / "truncated")
+    weights = truncated / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4096])
+    return root
+
+
+@pytest.fixture(scope="session")
+def server(
+    demo: DemoAssets, adapters_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[ServerProc]:
+    """The real server, float32 so that greedy outputs are comparable with PEFT exactly."""
+    log = tmp_path_factory.mktemp("logs") / "server.log"
+    with running_server(demo.base_dir, adapters_dir, log) as proc:
+        print(f"server healthy after {proc.start_seconds:.1f}s")
+        yield proc
+
+
+@pytest.fixture(scope="session")
+def reference(demo: DemoAssets) -> PeftReference:
+    return PeftReference(demo.base_dir, {n: demo.adapters_dir / n for n in demo.adapter_names})
