@@ -1,0 +1,85 @@
+"""Python clients of the loraswap server: `Client` (blocking) and `AsyncClient` (asyncio).
+
+    from clients import Client
+
+    with Client("http://127.0.0.1:8000", admin_key="...") as client:
+        client.register_adapter("support", "/srv/adapters/support-v1")
+        reply = client.chat("smollm2:support", [{"role": "user", "content": "hi"}])
+        print(reply.text, reply.served_by.adapter_version)
+
+Only httpx and the standard library: the server's code is never imported.
+"""
+
+from clients._api import DEFAULT_TIMEOUT, DEFAULT_URL, Endpoints
+from clients._retry import RetryPolicy, parse_retry_after
+from clients._streams import AsyncStream, Stream
+from clients._wire import AdapterFiles
+from clients.async_client import AsyncClient
+from clients.client import Client
+from clients.errors import (
+    APIConnectionError,
+    APIStatusError,
+    APITimeoutError,
+    AuthenticationError,
+    BadRequestError,
+    ConflictError,
+    InternalServerError,
+    LoraswapError,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    RateLimitError,
+    ServiceUnavailableError,
+    UnprocessableEntityError,
+)
+from clients.types import (
+    JSON,
+    AdapterInfo,
+    AliasInfo,
+    Completion,
+    DeletedAdapter,
+    ModelInfo,
+    ProgressCallback,
+    ServedBy,
+    VersionInfo,
+    VersionState,
+    WarmedAdapter,
+)
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "DEFAULT_URL",
+    "JSON",
+    "APIConnectionError",
+    "APIStatusError",
+    "APITimeoutError",
+    "AdapterFiles",
+    "AdapterInfo",
+    "AliasInfo",
+    "AsyncClient",
+    "AsyncStream",
+    "AuthenticationError",
+    "BadRequestError",
+    "Client",
+    "Completion",
+    "ConflictError",
+    "DeletedAdapter",
+    "Endpoints",
+    "InternalServerError",
+    "LoraswapError",
+    "ModelInfo",
+    "NotFoundError",
+    "PayloadTooLargeError",
+    "PermissionDeniedError",
+    "ProgressCallback",
+    "RateLimitError",
+    "RetryPolicy",
+    "ServedBy",
+    "ServiceUnavailableError",
+    "Stream",
+    "UnprocessableEntityError",
+    "VersionInfo",
+    "VersionState",
+    "WarmedAdapter",
+    "parse_retry_after",
+]

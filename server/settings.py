@@ -32,7 +32,7 @@ class EngineSettings(BaseModel):
     max_lora_rank: LoraRank = Field(
         16, description=f"Largest adapter rank: one of {VLLM_LORA_RANKS}."
     )
-    kv_cache_gib: float = Field(1.0, gt=0, description="KV cache size in GiB (CPU backend).")
+    kv_cache_gib: int = Field(1, ge=1, description="KV cache size in whole GiB (CPU backend).")
     cpu_threads_bind: str = Field(
         "auto",
         description="CPU cores for vLLM's compute threads ('0-1', ...); 'auto' = all cores.",

@@ -7,10 +7,12 @@ because vLLM's own generator aborts on CancelledError/GeneratorExit.
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from server.engine.base import (
@@ -25,14 +27,97 @@ from server.settings import EngineSettings
 
 log = logging.getLogger("loraswap.engine")
 
+# -- the vLLM plugin: our CPU multi-LoRA fix (ops in server/engine/lora_ops.py) ----
+#
+# vLLM calls `register_plugin` (entry point `vllm.general_plugins`) in every one of its
+# processes, possibly several times, so it is idempotent and cheap after the first call.
+# On the CPU platform, unless LORASWAP_LORA_FIX is 0/false/off/no, it swaps vLLM's CPU
+# punica LoRA ops for ours while a probe says the installed vLLM still has the -1 bug,
+# and wraps `_get_lora_device` so LoRA works on int8 W8A8 layers whose `weight` is None.
+
 LORA_FIX_ENV = "LORASWAP_LORA_FIX"
+_DISABLED_VALUES = frozenset({"0", "false", "off", "no"})
+
+# Every module that holds `_get_lora_device` by name in vLLM 0.32.0: the defining one
+# and its two `from .utils import _get_lora_device` importers.
+_DEVICE_FIX_MODULES = (
+    "vllm.lora.layers.utils",
+    "vllm.lora.layers.base_linear",
+    "vllm.lora.layers.fused_moe",
+)
+
+lora_fix_log = logging.getLogger("loraswap.lora_fix")
+
+_lora_fix_done = False
 
 
 def register_plugin() -> None:
-    """Entry point of `vllm.general_plugins`; vLLM calls it in each of its processes."""
-    from server.engine._plugin_glue_draft import register_plugin as _register
+    """Entry point of `vllm.general_plugins`: install the CPU LoRA fix where it applies."""
+    global _lora_fix_done
+    if _lora_fix_done:
+        return
+    # Decided once per process: neither the env nor the platform changes afterwards.
+    _lora_fix_done = True
+    if os.environ.get(LORA_FIX_ENV, "auto").strip().lower() in _DISABLED_VALUES:
+        return
 
-    _register()
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu():  # CUDA/ROCm/XPU use kernels that skip -1
+        return
+
+    import vllm.lora.ops.torch_ops as torch_ops
+    import vllm.lora.ops.torch_ops.lora_ops as torch_lora_ops
+    import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
+
+    from server.engine import lora_ops
+
+    device_modules: list[ModuleType] = []
+    for name in _DEVICE_FIX_MODULES:
+        try:
+            device_modules.append(importlib.import_module(name))
+        except ImportError:  # a later vLLM moved it; the others still get the fix
+            lora_fix_log.debug("LoRA device fix: %s not importable", name)
+
+    fix_ops = False
+    if lora_ops.is_ours(vars(punica_cpu).get("bgmv_shrink")):
+        # Already installed in this process (e.g. by a re-imported copy of this module).
+        fix_ops = True
+    else:
+        try:
+            fix_ops = lora_ops.upstream_bug_present(torch_lora_ops.bgmv_shrink)
+        except Exception:
+            # The op no longer takes 0.32.0-style arguments: ours would be mis-called too.
+            lora_fix_log.warning(
+                "CPU LoRA ops: probe of vLLM's bgmv_shrink failed; leaving the ops as they are",
+                exc_info=True,
+            )
+
+    patched = lora_ops.install(
+        punica_cpu if fix_ops else None,
+        device_modules,
+        extra_op_modules=[torch_ops, torch_lora_ops],
+    )
+    if patched:
+        lora_fix_log.info(
+            "CPU LoRA fix (pid %d%s): patched %s",
+            os.getpid(),
+            "" if fix_ops else ", upstream ops already correct",
+            _summary(patched),
+        )
+
+
+def _summary(patched: list[str]) -> str:
+    """Group "module.name" entries per module (module.{x,y}) for one readable log line."""
+    by_module: dict[str, list[str]] = {}
+    for entry in patched:
+        target, _, note = entry.partition(" ")
+        module, _, name = target.rpartition(".")
+        by_module.setdefault(module, []).append(f"{name} {note}" if note else name)
+    return "; ".join(
+        f"{module}.{names[0]}" if len(names) == 1 else f"{module}.{{{','.join(names)}}}"
+        for module, names in by_module.items()
+    )
 
 
 class HFTokenizer:
