@@ -9,15 +9,19 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_registry import AdapterError, BaseModelShapes, DirectoryCatalog, Limits
 from adapters_registry.registry import Registry, RegistryConfig
 from server.adapters import AdapterRouter
 from server.engine.base import Engine
 from server.errors import ErrorKind, InvalidRequest, ServerError, describe, error_body
+from server.lifecycle import AdmissionMiddleware, Lifecycle
 from server.routes import admin, health, openai
 from server.serving import Serving
 from server.settings import Settings
+
+_INVALID = "invalid_request_error"
 
 
 def build_router(settings: Settings, engine: Engine) -> AdapterRouter:
@@ -83,6 +87,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
+    app.state.lifecycle = Lifecycle()
+    app.add_middleware(
+        AdmissionMiddleware,
+        lifecycle=app.state.lifecycle,
+        max_body_bytes=settings.max_body_bytes,
+        # multipart overhead on top of the weights and the config
+        max_upload_bytes=settings.max_adapter_bytes + 2 * 1024 * 1024,
+    )
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(health.router)
@@ -99,6 +111,17 @@ def _install_error_handlers(app: FastAPI) -> None:
         assert isinstance(exc, RequestValidationError)
         return _validation_response(exc)
 
+    async def http_error(_: Request, exc: Exception) -> JSONResponse:
+        # 404 for unknown routes, 405 for wrong methods: OpenAI's shape too.
+        assert isinstance(exc, StarletteHTTPException)
+        kind = ErrorKind(
+            exc.status_code, _INVALID if exc.status_code < 500 else "server_error", None
+        )
+        return JSONResponse(
+            error_body(str(exc.detail), kind), status_code=exc.status_code, headers=exc.headers
+        )
+
+    app.add_exception_handler(StarletteHTTPException, http_error)
     app.add_exception_handler(ServerError, known)
     app.add_exception_handler(AdapterError, known)
     app.add_exception_handler(RequestValidationError, invalid)

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import signal
 import time
 from pathlib import Path
+from types import FrameType
 from typing import Annotated, Any
 
 import typer
+import uvicorn
 from rich.console import Console
 
+from server.lifecycle import Lifecycle
 from server.settings import Settings
 
 app = typer.Typer(help="Multi-LoRA inference server on vLLM.", no_args_is_help=True)
@@ -70,8 +75,6 @@ def serve(
     home: HomeOpt = None,
 ) -> None:
     """Run the OpenAI-compatible server."""
-    import uvicorn
-
     from server.app import create_app
 
     settings = _settings(
@@ -105,7 +108,44 @@ def serve(
         f"serving {settings.served_model_name} from {settings.model} on "
         f"http://{settings.host}:{settings.port}"
     )
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+    app_ = create_app(settings)
+    config = uvicorn.Config(app_, host=settings.host, port=settings.port, log_level="info")
+    DrainingServer(config, app_.state.lifecycle, settings.drain_timeout_s).run()
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn, but SIGTERM drains: new requests get 503, running ones finish (bounded by
+    `drain_timeout_s`), then the process shuts down and exits 0.
+
+    uvicorn's own SIGTERM handling stops at once and re-raises the signal afterwards
+    (exit status -15); orchestrators that send SIGTERM expect a drain and a clean exit.
+    A second SIGTERM, or SIGINT, falls back to uvicorn's behaviour.
+    """
+
+    def __init__(self, config: uvicorn.Config, lifecycle: Lifecycle, drain_timeout_s: float):
+        super().__init__(config)
+        self._lifecycle = lifecycle
+        self._drain_timeout_s = drain_timeout_s
+        self._draining = False
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if sig != signal.SIGTERM or self._draining:
+            super().handle_exit(sig, frame)
+            return
+        self._draining = True
+        # Signal handlers run in the main thread, which is the event loop's.
+        loop = asyncio.get_event_loop()
+        loop.call_soon_threadsafe(lambda: loop.create_task(self._drain()))
+
+    async def _drain(self) -> None:
+        start = time.perf_counter()
+        console.print("SIGTERM: draining (new requests get 503)")
+        finished = await self._lifecycle.drain(self._drain_timeout_s)
+        console.print(
+            f"drain {'complete' if finished else 'timed out'} after "
+            f"{time.perf_counter() - start:.2f}s; shutting down"
+        )
+        self.should_exit = True
 
 
 def main() -> None:

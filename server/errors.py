@@ -6,6 +6,7 @@
     ├── Unauthorized             401  no credentials where they are required
     ├── Forbidden                403  credentials given but not good for this
     ├── ModelNotFound            404  no base, adapter or alias by that name
+    ├── RequestTooLarge          413  the request body is above the limit
     ├── EngineUnavailable        503  the engine is starting, draining or dead
     └── EngineFailure            500  the engine failed on a request (a bug)
 
@@ -47,6 +48,10 @@ class ModelNotFound(ServerError):
     pass
 
 
+class RequestTooLarge(ServerError):
+    pass
+
+
 class EngineUnavailable(ServerError):
     pass
 
@@ -71,6 +76,7 @@ ERROR_TABLE: dict[type[Exception], ErrorKind] = {
     Unauthorized: ErrorKind(401, "authentication_error", "missing_api_key"),
     Forbidden: ErrorKind(403, "permission_error", "invalid_api_key"),
     ModelNotFound: ErrorKind(404, _INVALID, "model_not_found"),
+    RequestTooLarge: ErrorKind(413, _INVALID, "request_too_large"),
     EngineUnavailable: ErrorKind(503, "service_unavailable_error", "engine_unavailable"),
     EngineFailure: ErrorKind(500, "server_error", "engine_error"),
     ServerError: ErrorKind(500, "server_error", None),

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(
         4096, ge=1, description="Upper bound on max_tokens a request may ask for."
     )
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest request body (uploads: max_adapter_bytes)."
+    )
+    drain_timeout_s: float = Field(
+        30.0, ge=0, description="On SIGTERM, how long running requests may take to finish."
+    )
     admin_key: SecretStr | None = Field(
         None, description="Bearer key of the /admin API; unset = admin API refused (403)."
     )

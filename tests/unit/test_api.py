@@ -368,3 +368,64 @@ def test_non_streaming_disconnect_aborts(tmp_path: Path) -> None:
     elapsed = asyncio.run(run())
     assert elapsed < 1.0
     assert len(engine.aborted) == 1
+
+
+def test_body_too_large_is_413(tmp_path: Path) -> None:
+    app = create_app(tiny_settings(tmp_path, max_body_bytes=2048), engine=FakeEngine())
+    big = {"model": "tiny", "prompt": "x" * 4000, "max_tokens": 1}
+    with TestClient(app) as c:
+        r = c.post("/v1/completions", json=big)
+        assert r.status_code == 413
+        assert error_of(r)["code"] == "request_too_large"
+
+        def chunks() -> Iterator[bytes]:  # no content-length: counted as it arrives
+            payload = json.dumps(big).encode()
+            for i in range(0, len(payload), 500):
+                yield payload[i : i + 500]
+
+        r = c.post(
+            "/v1/completions", content=chunks(), headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 413
+        small = c.post(
+            "/v1/completions",
+            content=iter([json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 1}).encode()]),
+            headers={"content-type": "application/json"},
+        )
+        assert small.status_code == 200
+
+
+def test_unknown_route_in_openai_shape(client: TestClient) -> None:
+    r = client.get("/v1/nothing")
+    assert r.status_code == 404
+    assert error_of(r)["type"] == "invalid_request_error"
+    assert client.get("/v1/chat/completions").status_code == 405
+
+
+def test_draining_refuses_new_requests_but_finishes_running_ones(tmp_path: Path) -> None:
+    import asyncio
+
+    import httpx
+
+    engine = FakeEngine(token_delay_s=0.02)
+    app = create_app(tiny_settings(tmp_path), engine=engine)
+
+    async def run() -> tuple[int, int, bool, int]:
+        async with app.router.lifespan_context(app):
+            transport = httpx.ASGITransport(app=app)
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as c:
+                body = {"model": "tiny", "prompt": "x", "max_tokens": 20}
+                running = asyncio.create_task(c.post("/v1/completions", json=body))
+                await asyncio.sleep(0.1)
+                drained = asyncio.create_task(app.state.lifecycle.drain(5))
+                await asyncio.sleep(0)
+                refused = await c.post("/v1/completions", json=body)
+                health = await c.get("/health")
+                return (
+                    (await running).status_code,
+                    refused.status_code,
+                    await drained,
+                    health.status_code,
+                )
+
+    assert asyncio.run(run()) == (200, 503, True, 200)

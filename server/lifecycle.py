@@ -1,0 +1,155 @@
+"""Request admission at the ASGI level: body size limits, in-flight counting, draining.
+
+A pure ASGI middleware rather than FastAPI's decorator style, so that it sees streaming
+responses through to their last byte (an in-flight request is one whose response has
+not finished, not one whose handler has returned).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Awaitable, Callable, MutableMapping
+from typing import Any
+
+from server.errors import EngineUnavailable, RequestTooLarge, describe
+
+Scope = MutableMapping[str, Any]
+Message = MutableMapping[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+# Paths that stay open while draining, so orchestrators can watch the drain.
+_ALWAYS_OPEN = ("/health", "/metrics")
+
+
+class Lifecycle:
+    """Shared state of admission: how many requests are in flight, whether we drain."""
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.draining = False
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def enter(self) -> None:
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Refuse new requests, wait for running ones; True if all finished in time."""
+        self.draining = True
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+
+class AdmissionMiddleware:
+    def __init__(
+        self, app: ASGIApp, lifecycle: Lifecycle, *, max_body_bytes: int, max_upload_bytes: int
+    ) -> None:
+        self.app = app
+        self.lifecycle = lifecycle
+        self.max_body_bytes = max_body_bytes
+        self.max_upload_bytes = max_upload_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path: str = scope.get("path", "")
+        if self.lifecycle.draining and not path.startswith(_ALWAYS_OPEN):
+            await _reply(
+                send,
+                EngineUnavailable("the server is shutting down; retry elsewhere"),
+                headers=[(b"retry-after", b"1"), (b"connection", b"close")],
+            )
+            return
+        limit = self.max_upload_bytes if path.endswith("/upload") else self.max_body_bytes
+        declared = _content_length(scope)
+        if declared is not None and declared > limit:
+            await _reply(send, _too_large(limit, declared))
+            return
+        if declared is None and scope.get("method") in ("POST", "PUT", "PATCH"):
+            # No length announced (chunked): read the body here, bounded, and replay it.
+            buffered = await _read_bounded(receive, limit)
+            if buffered is None:
+                await _reply(send, _too_large(limit, None))
+                return
+            receive = _replay(buffered, receive)
+        self.lifecycle.enter()
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.lifecycle.leave()
+
+
+def _too_large(limit: int, size: int | None) -> RequestTooLarge:
+    what = f"request body of {size} bytes" if size is not None else "request body"
+    return RequestTooLarge(f"{what} is above the limit of {limit} bytes")
+
+
+async def _read_bounded(receive: Receive, limit: int) -> bytes | None:
+    chunks, total = [], 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            break
+        chunk = message.get("body", b"")
+        total += len(chunk)
+        if total > limit:
+            return None
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            break
+    return b"".join(chunks)
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        return await receive()  # later: http.disconnect when the client leaves
+
+    return replay
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", []):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
+
+
+async def _reply(
+    send: Send, exc: Exception, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
+    kind, body = describe(exc)
+    payload = json.dumps(body).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": kind.status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+                *(headers or []),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})
