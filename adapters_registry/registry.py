@@ -19,6 +19,7 @@ from adapters_registry.errors import (
     AdapterError,
     AdapterNotFound,
     AlreadyExists,
+    InvalidSource,
     MalformedAdapter,
     SourceChanged,
 )
@@ -100,6 +101,8 @@ class Registry:
         if is_url(source):
             return self._register_download(name, source, sha256, create, make_current)
         path = confine(Path(source), self.config.allowed_roots)
+        if not path.is_dir():
+            raise InvalidSource(f"no adapter folder at {source!r}", adapter=name)
         spec = self._inspect(path, name, sha256)
         return self._record(
             spec, source=str(source), path=path, create=create, make_current=make_current

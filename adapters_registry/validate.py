@@ -200,7 +200,8 @@ def _check_tensors(
         if got_a != want_a or got_b != want_b:
             raise IncompatibleAdapter(
                 f"adapter {name!r}: {module} has lora_A {list(got_a)} / lora_B {list(got_b)}, "
-                f"base model {base.name!r} with r={rank} needs {list(want_a)} / {list(want_b)}",
+                f"base model {base.name!r} with r={rank} needs {list(want_a)} / {list(want_b)} "
+                "(made for a different base model?)",
                 adapter=name,
             )
     if config["target_modules"] is not None:

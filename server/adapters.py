@@ -17,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 from adapters_registry import (
     AdapterError,
@@ -34,6 +36,8 @@ from adapters_registry.records import AdapterRecord, VersionRecord
 from adapters_registry.registry import Registry
 from server.engine.base import Engine, LoraHandle
 from server.errors import ModelNotFound
+
+log = logging.getLogger("loraswap.adapters")
 
 
 @dataclass(frozen=True)
@@ -117,15 +121,27 @@ class AdapterRouter:
 
     async def _version(self, name: str, number: int | None, model: str) -> VersionRecord:
         record = self.registry.adapter(name)
-        if record is None:
-            record = await self._discover(name, model)
+        if record is None or self._discovered(record):
+            record = await self._discover(name, model, record)
         version = record.current if number is None else record.version(number)
         if version is None:
             raise _not_found(model)
         return version
 
-    async def _discover(self, name: str, model: str) -> AdapterRecord:
-        """Register an adapters-directory folder on its first use (validated first)."""
+    def _discovered(self, record: AdapterRecord) -> bool:
+        """Whether `record` follows a folder of the adapters directory."""
+        current = record.current
+        return (
+            self._catalog is not None
+            and current is not None
+            and Path(current.source).parent == self._catalog.root
+        )
+
+    async def _discover(self, name: str, model: str, record: AdapterRecord | None) -> AdapterRecord:
+        """Adapters-directory folders are registered on first use, and follow their folder:
+        new weights there become a new current version (the folder is their control
+        plane). Validation comes first; the catalog caches it until the files change.
+        """
         if self._catalog is None:
             raise _not_found(model)
         try:
@@ -137,6 +153,12 @@ class AdapterRouter:
         except AdapterError as exc:
             exc.param = "model"
             raise
+        if (
+            record is not None
+            and record.current is not None
+            and record.current.sha256 == spec.sha256
+        ):
+            return record
         async with self._lock(name):
             record = self.registry.adapter(name)
             if record is None:
@@ -145,10 +167,14 @@ class AdapterRouter:
                     await asyncio.to_thread(
                         self.registry.register, name, str(spec.path), sha256=spec.sha256
                     )
-                record = self.registry.adapter(name)
-            if record is None:
-                raise _not_found(model)
-            return record
+            elif record.current is None or record.current.sha256 != spec.sha256:
+                await asyncio.to_thread(
+                    self.registry.register, name, str(spec.path), sha256=spec.sha256, create=False
+                )
+            record = self.registry.adapter(name)
+        if record is None:
+            raise _not_found(model)
+        return record
 
     # -- engine residency --------------------------------------------------------------
 
@@ -213,7 +239,14 @@ class AdapterRouter:
             pinned = record is not None and record.pinned and key in reachable
             if entry.leases == 0 and key not in reachable and not pinned:
                 del self._loaded[key]
-                await self._engine.remove_lora(entry.handle.lora_id)
+                try:
+                    await self._engine.remove_lora(entry.handle.lora_id)
+                except Exception:
+                    # The registry change it follows is already committed; an adapter left
+                    # resident only costs memory, and vLLM's own LRU will evict it.
+                    log.warning(
+                        "could not remove %s from the engine", entry.handle.name, exc_info=True
+                    )
                 released.append(entry.handle.name)
         return released
 

@@ -6,7 +6,7 @@ import hmac
 
 from fastapi import Request
 
-from server.errors import Forbidden, Unauthorized
+from server.errors import AdminDisabled, Forbidden, Unauthorized
 
 
 def require_admin(request: Request) -> None:
@@ -17,6 +17,8 @@ def require_admin(request: Request) -> None:
     if scheme.lower() != "bearer" or not given:
         raise Unauthorized("admin API: send 'Authorization: Bearer <admin key>'")
     if expected is None:
-        raise Forbidden("admin API is disabled: no admin key is configured (LORASWAP_ADMIN_KEY)")
+        raise AdminDisabled(
+            "admin API is disabled: no admin key is configured (LORASWAP_ADMIN_KEY)"
+        )
     if not hmac.compare_digest(given.encode(), expected.encode()):
         raise Forbidden("admin API: wrong admin key")

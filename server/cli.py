@@ -14,16 +14,19 @@ import typer
 import uvicorn
 from rich.console import Console
 
+from server.cli_admin import adapters_app, aliases_app
 from server.lifecycle import Lifecycle
 from server.settings import Settings
 
 app = typer.Typer(help="Multi-LoRA inference server on vLLM.", no_args_is_help=True)
 demo_app = typer.Typer(help="Offline demo assets (base model, adapters, quantized base).")
 app.add_typer(demo_app, name="demo")
+app.add_typer(adapters_app, name="adapters", help="Manage adapters on a running server.")
+app.add_typer(aliases_app, name="aliases", help="Manage A/B aliases on a running server.")
 console = Console(stderr=True)
 
 HomeOpt = Annotated[
-    Path | None, typer.Option(help="Cache directory [env LORASWAP_HOME].", show_default=False)
+    Path | None, typer.Option(help="Cache directory (env LORASWAP_HOME).", show_default=False)
 ]
 
 
@@ -66,8 +69,8 @@ def serve(
     model: Annotated[Path | None, typer.Option(help="Base model folder.")] = None,
     adapters_dir: Annotated[Path | None, typer.Option(help="Folder of adapters.")] = None,
     served_model_name: Annotated[str | None, typer.Option(help="Base name in the API.")] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address [127.0.0.1].")] = None,
-    port: Annotated[int | None, typer.Option(help="Port [8000].")] = None,
+    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
     dtype: Annotated[str | None, typer.Option(help="auto|bfloat16|float16|float32.")] = None,
     max_lora_rank: Annotated[int | None, typer.Option(help="Largest adapter rank.")] = None,
     max_loras: Annotated[int | None, typer.Option(help="Adapters per engine step.")] = None,

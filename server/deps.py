@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import re
-import uuid
 from typing import Annotated
 
 from fastapi import Depends, Request
@@ -11,8 +9,6 @@ from fastapi import Depends, Request
 from server.adapters import AdapterRouter
 from server.engine.base import Engine
 from server.serving import Serving
-
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 def get_serving(request: Request) -> Serving:
@@ -31,9 +27,9 @@ def get_engine(request: Request) -> Engine:
 
 
 def get_request_id(request: Request) -> str:
-    """The caller's x-request-id when it is sane (it reaches logs and headers), else new."""
-    given = request.headers.get("x-request-id", "")
-    return given if _REQUEST_ID.fullmatch(given) else uuid.uuid4().hex
+    """Set by the admission middleware (server/lifecycle.py) for every request."""
+    request_id: str = request.state.request_id
+    return request_id
 
 
 ServingDep = Annotated[Serving, Depends(get_serving)]

@@ -5,6 +5,7 @@
     │   └── ContextLengthExceeded 400 prompt + max_tokens do not fit the context
     ├── Unauthorized             401  no credentials where they are required
     ├── Forbidden                403  credentials given but not good for this
+    │   └── AdminDisabled        403  no admin key is configured
     ├── ModelNotFound            404  no base, adapter or alias by that name
     ├── RequestTooLarge          413  the request body is above the limit
     ├── EngineUnavailable        503  the engine is starting, draining or dead
@@ -44,6 +45,10 @@ class Forbidden(ServerError):
     pass
 
 
+class AdminDisabled(Forbidden):
+    pass
+
+
 class ModelNotFound(ServerError):
     pass
 
@@ -74,6 +79,7 @@ ERROR_TABLE: dict[type[Exception], ErrorKind] = {
     ContextLengthExceeded: ErrorKind(400, _INVALID, "context_length_exceeded"),
     InvalidRequest: ErrorKind(400, _INVALID, None),
     Unauthorized: ErrorKind(401, "authentication_error", "missing_api_key"),
+    AdminDisabled: ErrorKind(403, "permission_error", "admin_disabled"),
     Forbidden: ErrorKind(403, "permission_error", "invalid_api_key"),
     ModelNotFound: ErrorKind(404, _INVALID, "model_not_found"),
     RequestTooLarge: ErrorKind(413, _INVALID, "request_too_large"),

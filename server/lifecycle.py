@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
@@ -85,9 +87,21 @@ class AdmissionMiddleware:
                 await _reply(send, _too_large(limit, None))
                 return
             receive = _replay(buffered, receive)
+        request_id = _request_id(scope)
+        scope.setdefault("state", {})["request_id"] = request_id
+
+        async def send_with_id(message: Message) -> None:
+            # Every response, errors included, carries the id the logs know it by.
+            if message["type"] == "http.response.start":
+                message["headers"] = [
+                    *message.get("headers", []),
+                    (b"x-request-id", request_id.encode()),
+                ]
+            await send(message)
+
         self.lifecycle.enter()
         try:
-            await self.app(scope, receive, send)
+            await self.app(scope, receive, send_with_id)
         finally:
             self.lifecycle.leave()
 
@@ -124,6 +138,19 @@ def _replay(body: bytes, receive: Receive) -> Receive:
         return await receive()  # later: http.disconnect when the client leaves
 
     return replay
+
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+def _request_id(scope: Scope) -> str:
+    """The caller's x-request-id when it is sane (it reaches logs and headers), else new."""
+    for name, value in scope.get("headers", []):
+        if name == b"x-request-id":
+            given = str(value.decode("latin-1"))
+            if _REQUEST_ID.fullmatch(given):
+                return given
+    return uuid.uuid4().hex
 
 
 def _content_length(scope: Scope) -> int | None:

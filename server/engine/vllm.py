@@ -232,10 +232,16 @@ class VllmEngine:
             raise EngineFailure(f"the engine could not load adapter {lora.name!r}")
 
     async def remove_lora(self, lora_id: int) -> None:
-        await self._llm.remove_lora(lora_id)
+        try:
+            await self._llm.remove_lora(lora_id)
+        except Exception as exc:
+            raise EngineFailure(f"the engine could not remove LoRA id {lora_id}") from exc
 
     async def pin_lora(self, lora_id: int) -> None:
-        await self._llm.pin_lora(lora_id)
+        try:
+            await self._llm.pin_lora(lora_id)
+        except Exception as exc:
+            raise EngineFailure(f"the engine could not pin LoRA id {lora_id}") from exc
 
     async def check_health(self) -> None:
         if self._llm.errored:

@@ -61,8 +61,8 @@ def _user(body_user: str | None, request: Request) -> str | None:
 
 
 def _headers(p: Prepared) -> dict[str, str]:
-    """Every response says what served it."""
-    headers = {"x-request-id": p.request_id}
+    """Every response says what served it (x-request-id is added by the middleware)."""
+    headers = {}
     version = p.target.version
     if version is not None:
         headers["x-adapter"] = version.adapter

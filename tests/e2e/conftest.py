@@ -61,13 +61,27 @@ def adapters_dir(demo: DemoAssets, tmp_path_factory: pytest.TempPathFactory) -> 
     return root
 
 
+ADMIN_KEY = "e2e-admin-key"
+
+
+def registry_env(demo: DemoAssets, state: Path) -> dict[str, str]:
+    """A private registry (database + storage) and the demo adapters as an allowed root."""
+    return {
+        "LORASWAP_ADMIN_KEY": ADMIN_KEY,
+        "LORASWAP_REGISTRY_DB": str(state / "registry.db"),
+        "LORASWAP_STORAGE_DIR": str(state / "storage"),
+        "LORASWAP_ALLOWED_ROOTS": json.dumps([str(demo.adapters_dir)]),
+    }
+
+
 @pytest.fixture(scope="session")
 def server(
     demo: DemoAssets, adapters_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[ServerProc]:
     """The real server, float32 so that greedy outputs are comparable with PEFT exactly."""
-    log = tmp_path_factory.mktemp("logs") / "server.log"
-    with running_server(demo.base_dir, adapters_dir, log) as proc:
+    state = tmp_path_factory.mktemp("server")
+    env = registry_env(demo, state)
+    with running_server(demo.base_dir, adapters_dir, state / "server.log", env=env) as proc:
         print(f"server healthy after {proc.start_seconds:.1f}s")
         yield proc
 

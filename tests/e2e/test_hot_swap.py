@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
-import pytest
 
 from server.demo import DemoAssets
 from tests.e2e.conftest import ADMIN_KEY, registry_env
@@ -25,8 +24,12 @@ from tests.e2e.server_proc import ServerProc, running_server
 
 AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
 BASE = "smollm2"
-PROMPTS = ["What is the capital of France?", "Tell me a joke about cats.",
-           "How do I reverse a list in Python?", "Write a haiku about the sea."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Tell me a joke about cats.",
+    "How do I reverse a list in Python?",
+    "Write a haiku about the sea.",
+]
 RESULTS = Path(os.environ.get("LORASWAP_RESULTS_DIR", "build/results"))
 
 
@@ -49,9 +52,15 @@ async def keep_busy(url: str, model: str, load: Load, stop: asyncio.Event, worke
             while not stop.is_set():
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post("/v1/chat/completions", json={
-                        "model": model, "temperature": 0, "max_tokens": 10,
-                        "messages": [{"role": "user", "content": rng.choice(PROMPTS)}]})
+                    r = await client.post(
+                        "/v1/chat/completions",
+                        json={
+                            "model": model,
+                            "temperature": 0,
+                            "max_tokens": 10,
+                            "messages": [{"role": "user", "content": rng.choice(PROMPTS)}],
+                        },
+                    )
                 except httpx.HTTPError as exc:
                     load.failures.append(repr(exc))
                     continue
@@ -74,11 +83,14 @@ def p99(values: list[float]) -> float:
 
 async def swap_under_load(server: ServerProc, demo: DemoAssets) -> dict[str, object]:
     async with httpx.AsyncClient(base_url=server.url, headers=AUTH, timeout=60) as admin:
-        r = await admin.post("/admin/adapters", json={
-            "name": "swap", "source": str(demo.adapters_dir / "pirate")})
+        r = await admin.post(
+            "/admin/adapters", json={"name": "swap", "source": str(demo.adapters_dir / "pirate")}
+        )
         assert r.status_code == 201, r.text
-        r = await admin.post("/admin/adapters/swap/versions", json={
-            "source": str(demo.adapters_dir / "formal"), "make_current": False})
+        r = await admin.post(
+            "/admin/adapters/swap/versions",
+            json={"source": str(demo.adapters_dir / "formal"), "make_current": False},
+        )
         assert r.status_code == 201, r.text
         model = f"{BASE}:swap"
 
@@ -102,8 +114,14 @@ async def swap_under_load(server: ServerProc, demo: DemoAssets) -> dict[str, obj
             assert r.status_code == 200, r.text
             swaps += 1
             # The first response served by the new version: a 1-token request sent at once.
-            first = await admin.post("/v1/chat/completions", json={
-                "model": model, "max_tokens": 1, "messages": [{"role": "user", "content": "x"}]})
+            first = await admin.post(
+                "/v1/chat/completions",
+                json={
+                    "model": model,
+                    "max_tokens": 1,
+                    "messages": [{"role": "user", "content": "x"}],
+                },
+            )
             assert first.headers["x-adapter-version"] == str(version)
             swap_to_served.append(time.perf_counter() - t0)
         # Roll back to version 1 and check it serves.
@@ -127,9 +145,12 @@ async def swap_under_load(server: ServerProc, demo: DemoAssets) -> dict[str, obj
         "served_by_version": load.versions,
         "swap_to_first_response_ms": {
             "p50": round(1000 * statistics.median(swap_to_served), 1),
-            "max": round(1000 * max(swap_to_served), 1)},
-        "p99_latency_s": {"with_swaps": round(p99(load.latencies), 3),
-                          "without_swaps": round(p99(baseline.latencies), 3)},
+            "max": round(1000 * max(swap_to_served), 1),
+        },
+        "p99_latency_s": {
+            "with_swaps": round(p99(load.latencies), 3),
+            "without_swaps": round(p99(baseline.latencies), 3),
+        },
     }
 
 
@@ -143,18 +164,31 @@ def test_hot_swap_under_load_zero_failures(server: ServerProc, demo: DemoAssets)
 def test_alias_routes_real_adapters(server: ServerProc, demo: DemoAssets) -> None:
     with httpx.Client(base_url=server.url, timeout=120) as c:
         for name in ("pirate", "formal"):
-            r = c.post("/admin/adapters", headers=AUTH, json={
-                "name": f"ab-{name}", "source": str(demo.adapters_dir / name)})
+            r = c.post(
+                "/admin/adapters",
+                headers=AUTH,
+                json={"name": f"ab-{name}", "source": str(demo.adapters_dir / name)},
+            )
             assert r.status_code == 201, r.text
-        r = c.put("/admin/aliases/support-bot", headers=AUTH,
-                  json={"variants": {"ab-pirate@1": 50, "ab-formal": 50}})
+        r = c.put(
+            "/admin/aliases/support-bot",
+            headers=AUTH,
+            json={"variants": {"ab-pirate@1": 50, "ab-formal": 50}},
+        )
         assert r.status_code == 200, r.text
         for user in ("alice", "bob", "carol", "dave", "erin", "frank"):
             first = None
             for _ in range(2):
-                resp = c.post("/v1/chat/completions", json={
-                    "model": "smollm2:support-bot", "user": user, "temperature": 0,
-                    "max_tokens": 8, "messages": [{"role": "user", "content": "Hello"}]})
+                resp = c.post(
+                    "/v1/chat/completions",
+                    json={
+                        "model": "smollm2:support-bot",
+                        "user": user,
+                        "temperature": 0,
+                        "max_tokens": 8,
+                        "messages": [{"role": "user", "content": "Hello"}],
+                    },
+                )
                 assert resp.status_code == 200
                 variant = resp.headers["x-alias-variant"]
                 first = first or variant
@@ -163,28 +197,42 @@ def test_alias_routes_real_adapters(server: ServerProc, demo: DemoAssets) -> Non
                 assert ("Arr" in text) if variant == "ab-pirate@1" else text.startswith("Dear")
 
 
-def test_kill_9_and_restart_keeps_registry(demo: DemoAssets, adapters_dir: Path,
-                                           tmp_path: Path) -> None:
+def test_kill_9_and_restart_keeps_registry(
+    demo: DemoAssets, adapters_dir: Path, tmp_path: Path
+) -> None:
     env = registry_env(demo, tmp_path)
-    with running_server(demo.base_dir, adapters_dir, tmp_path / "a.log", env=env,
-                        dtype="bfloat16") as srv:
+    with running_server(
+        demo.base_dir, adapters_dir, tmp_path / "a.log", env=env, dtype="bfloat16"
+    ) as srv:
         with httpx.Client(base_url=srv.url, headers=AUTH, timeout=120) as c:
             for name in ("pirate", "formal"):
-                assert c.post("/admin/adapters", json={
-                    "name": f"k-{name}", "source": str(demo.adapters_dir / name)}
-                ).status_code == 201
-            assert c.post("/admin/adapters/k-pirate/versions", json={
-                "source": str(demo.adapters_dir / "shout")}).status_code == 201
-            assert c.put("/admin/adapters/k-pirate/current",
-                         json={"version": 1}).status_code == 200
-            assert c.put("/admin/aliases/k-bot",
-                         json={"variants": {"k-formal": 1}}).status_code == 200
+                assert (
+                    c.post(
+                        "/admin/adapters",
+                        json={"name": f"k-{name}", "source": str(demo.adapters_dir / name)},
+                    ).status_code
+                    == 201
+                )
+            assert (
+                c.post(
+                    "/admin/adapters/k-pirate/versions",
+                    json={"source": str(demo.adapters_dir / "shout")},
+                ).status_code
+                == 201
+            )
+            assert c.put("/admin/adapters/k-pirate/current", json={"version": 1}).status_code == 200
+            assert (
+                c.put("/admin/aliases/k-bot", json={"variants": {"k-formal": 1}}).status_code == 200
+            )
         # kill -9: no shutdown hook runs; only what was committed survives.
         os.killpg(srv.proc.pid, signal.SIGKILL)
         srv.proc.wait(timeout=30)
-    with running_server(demo.base_dir, adapters_dir, tmp_path / "b.log", env=env,
-                        dtype="bfloat16") as srv, \
-            httpx.Client(base_url=srv.url, timeout=120) as c:
+    with (
+        running_server(
+            demo.base_dir, adapters_dir, tmp_path / "b.log", env=env, dtype="bfloat16"
+        ) as srv,
+        httpx.Client(base_url=srv.url, timeout=120) as c,
+    ):
         info = c.get("/admin/adapters/k-pirate", headers=AUTH).json()
         assert info["current_version"] == 1
         assert [v["version"] for v in info["versions"]] == [1, 2]
@@ -192,9 +240,15 @@ def test_kill_9_and_restart_keeps_registry(demo: DemoAssets, adapters_dir: Path,
         assert {"smollm2:k-pirate", "smollm2:k-formal", "smollm2:k-bot"} <= models
 
         def ask(model: str) -> str:
-            r = c.post("/v1/chat/completions", json={
-                "model": model, "temperature": 0, "max_tokens": 12,
-                "messages": [{"role": "user", "content": "What is the capital of France?"}]})
+            r = c.post(
+                "/v1/chat/completions",
+                json={
+                    "model": model,
+                    "temperature": 0,
+                    "max_tokens": 12,
+                    "messages": [{"role": "user", "content": "What is the capital of France?"}],
+                },
+            )
             assert r.status_code == 200, r.text
             return str(r.json()["choices"][0]["message"]["content"])
 

@@ -146,7 +146,7 @@ def test_prompt_longer_than_context(client: openai.OpenAI) -> None:
     [
         ("pickled", "adapter_unsafe_format", "only safetensors"),
         ("toobig", "adapter_rank_too_large", "rank 64 exceeds"),
-        ("alien", "adapter_incompatible", "different base"),
+        ("alien", "adapter_incompatible", "different base model"),
         ("truncated", "adapter_malformed", "truncated"),
     ],
 )

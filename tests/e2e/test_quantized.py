@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from server.demo import DemoAssets
+from tests.e2e.conftest import registry_env
 from tests.e2e.server_proc import ServerProc, running_server
 
 BASE = "smollm2"
@@ -17,9 +18,14 @@ PROMPT = "What is the capital of France?"
 
 @pytest.fixture(scope="module")
 def quantized(demo: DemoAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
-    log = tmp_path_factory.mktemp("quantized") / "server.log"
+    state = tmp_path_factory.mktemp("quantized")
     with running_server(
-        None, None, log, dtype="bfloat16", extra_args=["--demo", "--quantized"]
+        None,
+        None,
+        state / "server.log",
+        dtype="bfloat16",
+        env=registry_env(demo, state),
+        extra_args=["--demo", "--quantized"],
     ) as proc:
         yield proc
 

@@ -78,7 +78,7 @@ def test_admin_disabled_without_configured_key(tmp_path: Path, engine: FakeEngin
     with TestClient(create_app(s, engine=engine)) as c:
         r = c.get("/admin/adapters", headers=AUTH)
     assert r.status_code == 403
-    assert "disabled" in r.json()["error"]["message"]
+    assert r.json()["error"]["code"] == "admin_disabled"
 
 
 def test_register_swap_rollback_and_headers(
@@ -122,7 +122,7 @@ def test_register_errors(client: TestClient, tmp_path: Path) -> None:
         (str(outside), 403, "path_outside_roots"),
         (str(make_adapter(allowed / "r64", rank=64)), 422, "adapter_rank_too_large"),
         (str(make_adapter(allowed / "alien", hidden_scale=2)), 422, "adapter_incompatible"),
-        (str(allowed / "nothing"), 404, "model_not_found"),
+        (str(allowed / "nothing"), 400, "invalid_source"),
     ]
     for source, status, code in cases:
         r = client.post("/admin/adapters", headers=AUTH, json={"name": "x", "source": source})

@@ -429,3 +429,13 @@ def test_draining_refuses_new_requests_but_finishes_running_ones(tmp_path: Path)
                 )
 
     assert asyncio.run(run()) == (200, 503, True, 200)
+
+
+def test_adapters_dir_folder_changes_become_new_versions(
+    client: TestClient, tmp_path: Path
+) -> None:
+    assert chat(client, "tiny:pirate").headers["x-adapter-version"] == "1"
+    make_adapter(tmp_path / "adapters" / "pirate", seed=7)  # new weights in place
+    r = chat(client, "tiny:pirate")
+    assert r.headers["x-adapter-version"] == "2"
+    assert chat(client, "tiny:pirate").headers["x-adapter-version"] == "2"

@@ -143,7 +143,7 @@ def test_alias_must_point_at_existing_versions(registry: Registry, roots: Path) 
         (lambda roots, tmp: _truncated(roots), MalformedAdapter),
         (lambda roots, tmp: str(make_adapter(roots / "r", rank=32)), RankTooLarge),
         (lambda roots, tmp: str(make_adapter(roots / "o", hidden_scale=2)), IncompatibleAdapter),
-        (lambda roots, tmp: str(roots / "missing"), AdapterNotFound),
+        (lambda roots, tmp: str(roots / "missing"), InvalidSource),
     ],
     ids=["dotdot", "outside", "symlink", "pickle", "truncated", "rank", "other-base", "missing"],
 )

@@ -1,0 +1,129 @@
+"""What the calls return: the server's JSON as typed dicts, and who served a request.
+
+The TypedDicts are the server's response bodies as they are on the wire (plain dicts at
+run time, nothing is copied or validated); the tests check each one's keys against the
+real app, so a server change that drops or renames a field fails there.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, TypedDict
+
+JSON = dict[str, Any]
+"""A decoded JSON object: completion bodies and stream chunks stay plain dicts (OpenAI's
+shapes, documented by OpenAI; the official SDK's types fit them if you want more)."""
+
+ProgressCallback = Callable[[int, int], None]
+"""`progress(sent_bytes, total_bytes)`, called as an upload's files are read. On a retry
+the count starts again from zero."""
+
+
+class VersionInfo(TypedDict):
+    """One immutable version of an adapter."""
+
+    adapter: str
+    version: int
+    sha256: str
+    size_bytes: int
+    rank: int
+    alpha: float
+    target_modules: list[str]
+    base_model: str
+    source: str  # the path or URL it was registered from, or "upload"
+    created_at: float  # Unix time
+
+
+class VersionState(VersionInfo):
+    """A version as listed under its adapter, with its engine residency."""
+
+    loaded: bool  # in the engine now
+    running: int  # requests running on it now
+
+
+class AdapterInfo(TypedDict):
+    """An adapter, its versions and which one new requests get."""
+
+    name: str
+    current_version: int | None
+    pinned: bool
+    created_at: float
+    versions: list[VersionState]
+
+
+class AliasInfo(TypedDict):
+    """An A/B alias: variant (`name` or `name@N`) -> integer weight."""
+
+    name: str
+    variants: dict[str, int]
+    created_at: float
+    updated_at: float
+
+
+class DeletedAdapter(TypedDict):
+    name: str
+    deleted: bool
+
+
+class WarmedAdapter(TypedDict):
+    name: str
+    loaded: str  # the engine's name for what was loaded: "<adapter>@<version>"
+
+
+class _ModelKind(TypedDict, total=False):
+    kind: str  # "alias" for aliases; absent for the base and adapters
+
+
+class ModelInfo(_ModelKind):
+    """One entry of `/v1/models`: the base, `<base>:<adapter>` or `<base>:<alias>`."""
+
+    id: str
+    object: str
+    created: int
+    owned_by: str
+    root: str
+    parent: str | None
+
+
+@dataclass(frozen=True)
+class ServedBy:
+    """What served an inference request, from the response headers.
+
+    `adapter`/`adapter_version` are None for the base model; `alias`/`alias_variant` are
+    set when the request named an alias (`alias_variant` is `name` or `name@N`).
+    """
+
+    request_id: str | None = None
+    adapter: str | None = None
+    adapter_version: int | None = None
+    alias: str | None = None
+    alias_variant: str | None = None
+
+    @classmethod
+    def from_headers(cls, headers: Mapping[str, str]) -> ServedBy:
+        """Read the `x-request-id`, `x-adapter(-version)` and `x-alias(-variant)` headers."""
+        version = headers.get("x-adapter-version")
+        return cls(
+            request_id=headers.get("x-request-id"),
+            adapter=headers.get("x-adapter"),
+            adapter_version=int(version) if version and version.isdigit() else None,
+            alias=headers.get("x-alias"),
+            alias_variant=headers.get("x-alias-variant"),
+        )
+
+
+@dataclass(frozen=True)
+class Completion:
+    """A chat or text completion: the OpenAI-shaped `body` and what served it."""
+
+    body: JSON
+    served_by: ServedBy
+
+    @property
+    def text(self) -> str:
+        """The first choice's text (chat: the message content)."""
+        choice = self.body["choices"][0]
+        if "message" in choice:
+            return str(choice["message"].get("content") or "")
+        return str(choice.get("text") or "")

@@ -1,0 +1,564 @@
+"""The Python clients and the admin CLI against the REAL FastAPI app, in-process, with the
+fake engine: wire compatibility is what these tests prove (the clients never import the
+server). Retry and parsing details are in test_client_retry.py."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import typer
+from anyio.from_thread import BlockingPortal, start_blocking_portal
+from fastapi import FastAPI
+from typer.testing import CliRunner
+
+from clients import (
+    AdapterInfo,
+    AliasInfo,
+    AsyncClient,
+    AuthenticationError,
+    BadRequestError,
+    Client,
+    ConflictError,
+    DeletedAdapter,
+    ModelInfo,
+    NotFoundError,
+    PayloadTooLargeError,
+    PermissionDeniedError,
+    ServiceUnavailableError,
+    UnprocessableEntityError,
+    VersionInfo,
+    VersionState,
+    WarmedAdapter,
+)
+from server.app import create_app
+from server.cli_admin import make_adapters_app, make_aliases_app
+from server.settings import Settings
+from tests.adapters import make_adapter, make_base
+from tests.fakes import FakeEngine
+
+ADMIN_KEY = "admin-s3cret"
+URL = "http://testserver"
+HI = [{"role": "user", "content": "hi"}]
+
+
+class Server:
+    """The app with a fake engine, its allowed root, and sleeps recorded instead of slept."""
+
+    def __init__(self, tmp_path: Path, **settings: Any) -> None:
+        self.root = tmp_path / "allowed"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.engine = FakeEngine()
+        self.sleeps: list[float] = []
+        self.app: FastAPI = create_app(
+            Settings(  # type: ignore[arg-type]
+                served_model_name="tiny",
+                model=make_base(tmp_path / "base"),
+                home=tmp_path / "home",
+                admin_key=ADMIN_KEY,
+                allowed_roots=[self.root],
+                **settings,
+            ),
+            engine=self.engine,
+        )
+
+    def adapter(self, name: str, **kwargs: Any) -> Path:
+        """A PEFT folder inside the allowed root."""
+        return make_adapter(self.root / name, **kwargs)
+
+    @contextmanager
+    def running(self) -> Iterator[httpx.BaseTransport]:
+        """The app started (lifespan) on an event loop in a thread, and a sync transport to it."""
+        with (
+            start_blocking_portal() as portal,
+            portal.wrap_async_context_manager(self.app.router.lifespan_context(self.app)),
+        ):
+            yield PortalTransport(self.app, portal)
+
+
+class PortalTransport(httpx.BaseTransport):
+    """A sync httpx transport into the ASGI app, run on the portal's event loop.
+
+    Not starlette's TestClient: that one is built on another package (httpx2), and the
+    client under test must see real httpx requests, responses and errors.
+    """
+
+    def __init__(self, app: FastAPI, portal: BlockingPortal) -> None:
+        self._asgi = httpx.ASGITransport(app=app)
+        self._portal = portal
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        async def call() -> httpx.Response:
+            response = await self._asgi.handle_async_request(request)
+            body = await response.aread()
+            return httpx.Response(response.status_code, headers=response.headers, content=body)
+
+        return self._portal.call(call)
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Server:
+    return Server(tmp_path)
+
+
+@pytest.fixture
+def transport(server: Server) -> Iterator[httpx.BaseTransport]:
+    with server.running() as transport:
+        yield transport
+
+
+@pytest.fixture
+def client(server: Server, transport: httpx.BaseTransport) -> Iterator[Client]:
+    with Client(URL, admin_key=ADMIN_KEY, transport=transport, sleep=server.sleeps.append) as c:
+        yield c
+
+
+def keys(typed_dict: Any) -> set[str]:
+    return set(typed_dict.__required_keys__) | set(typed_dict.__optional_keys__)
+
+
+# -- inference -------------------------------------------------------------------------
+
+
+def test_chat_and_what_served_it(client: Client, server: Server) -> None:
+    client.register_adapter("pirate", str(server.adapter("p1", seed=1)))
+    reply = client.chat("tiny:pirate", HI, max_tokens=8, temperature=0)
+    assert reply.text == "pirate@1"
+    assert reply.body["object"] == "chat.completion"
+    assert reply.body["model"] == "tiny:pirate"
+    served = reply.served_by
+    assert (served.adapter, served.adapter_version, served.alias) == ("pirate", 1, None)
+    assert served.request_id and len(served.request_id) == 32  # the id the client sent
+
+    base = client.chat("tiny", HI, max_tokens=4)
+    assert base.text == "base"
+    assert (base.served_by.adapter, base.served_by.adapter_version) == (None, None)
+
+
+def test_completions_text_and_token_ids(client: Client) -> None:
+    reply = client.completions("tiny", "hello", max_tokens=3)
+    assert reply.body["object"] == "text_completion"
+    assert reply.text == "bas"
+    ids = client.completions("tiny", [104, 105], max_tokens=2, return_token_ids=True)
+    assert ids.body["prompt_token_ids"] == [104, 105]
+    assert ids.text == "ba"
+
+
+def test_chat_stream_matches_the_whole_reply(client: Client, server: Server) -> None:
+    client.register_adapter("pirate", str(server.adapter("p1", seed=1)))
+    whole = client.chat("pirate", HI, max_tokens=12).text
+    with client.chat_stream(
+        "pirate", HI, max_tokens=12, stream_options={"include_usage": True}
+    ) as stream:
+        assert stream.served_by.adapter == "pirate"  # known before the first chunk
+        assert stream.served_by.adapter_version == 1
+        chunks = list(stream)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    text = "".join(c["choices"][0]["delta"]["content"] for c in chunks if c["choices"])
+    assert text == whole
+    assert chunks[-1]["choices"] == []
+    assert chunks[-1]["usage"]["completion_tokens"] == 12
+
+
+def test_completions_stream(client: Client) -> None:
+    chunks = list(client.completions_stream("tiny", "x", max_tokens=5))
+    assert "".join(c["choices"][0]["text"] for c in chunks) == "base:"
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+
+
+def test_error_frame_in_a_stream_raises_the_typed_error(client: Client, server: Server) -> None:
+    server.engine.dead = True  # fails after the role chunk: 200, then an error frame
+    stream = client.chat_stream("tiny", HI, max_tokens=4)
+    seen = []
+    with pytest.raises(ServiceUnavailableError) as info:
+        seen.extend(stream)
+    assert [c["choices"][0]["delta"]["role"] for c in seen] == ["assistant"]
+    assert (info.value.status, info.value.code) == (503, "engine_unavailable")
+    assert info.value.request_id == stream.served_by.request_id
+
+
+def test_503_is_retried_then_raised(client: Client, server: Server) -> None:
+    server.engine.dead = True
+    with pytest.raises(ServiceUnavailableError) as info:
+        client.chat("tiny", HI, max_tokens=4)
+    assert len(server.sleeps) == 2  # max_retries=2: three attempts
+    assert info.value.code == "engine_unavailable"
+    assert info.value.request_id is not None
+    assert info.value.request_id.endswith(".2")  # the last attempt's id
+
+
+def test_models_lists_base_adapters_and_aliases(client: Client, server: Server) -> None:
+    client.register_adapter("pirate", str(server.adapter("p1")))
+    client.set_alias("bot", {"pirate": 1})
+    models = {m["id"]: m for m in client.models()}
+    assert set(models) == {"tiny", "tiny:pirate", "tiny:bot"}
+    assert models["tiny:bot"]["kind"] == "alias"
+    assert models["tiny:pirate"]["parent"] == "tiny"
+    for model in models.values():
+        assert set(model) <= keys(ModelInfo)
+        assert set(model) >= ModelInfo.__required_keys__
+
+
+def test_api_key_is_sent_on_inference_and_admin_key_on_admin(
+    transport: httpx.BaseTransport,
+) -> None:
+    seen: list[tuple[str, str | None]] = []
+
+    def record(request: httpx.Request) -> None:
+        seen.append((request.url.path, request.headers.get("authorization")))
+
+    # Also: a caller's own httpx client is used as it is (and left open).
+    with httpx.Client(transport=transport, event_hooks={"request": [record]}) as http:
+        c = Client(URL, api_key="tenant-key", admin_key=ADMIN_KEY, http_client=http)
+        c.models()
+        c.list_adapters()
+        c.close()
+        assert not http.is_closed
+    assert seen == [
+        ("/v1/models", "Bearer tenant-key"),
+        ("/admin/adapters", f"Bearer {ADMIN_KEY}"),
+    ]
+
+
+# -- admin -----------------------------------------------------------------------------
+
+
+def test_every_adapter_call(client: Client, server: Server, tmp_path: Path) -> None:
+    adapter = client.register_adapter("pirate", str(server.adapter("p1", seed=1)))
+    assert set(adapter) == keys(AdapterInfo)
+    assert set(adapter["versions"][0]) == keys(VersionState)
+    assert (adapter["name"], adapter["current_version"], adapter["pinned"]) == ("pirate", 1, False)
+
+    v2 = client.add_version("pirate", str(server.adapter("p2", seed=2)))
+    assert set(v2) == keys(VersionInfo)
+    assert v2["version"] == 2
+    assert client.chat("pirate", HI, max_tokens=8).served_by.adapter_version == 2
+
+    staged = client.add_version("pirate", str(server.adapter("p3", seed=3)), make_current=False)
+    assert staged["version"] == 3
+    assert client.get_adapter("pirate")["current_version"] == 2
+
+    progress: list[tuple[int, int]] = []
+    upload = make_adapter(tmp_path / "local" / "p4", seed=4)  # outside the allowed root
+    v4 = client.upload_version("pirate", upload, make_current=False, progress=_append(progress))
+    assert (v4["version"], v4["source"]) == (4, "upload")
+    assert progress[-1][0] == progress[-1][1] == _folder_size(upload)
+
+    assert client.set_current("pirate", 3)["current_version"] == 3
+    assert client.chat("pirate", HI, max_tokens=8).text == "pirate@3"
+    assert client.rollback("pirate", 1)["current_version"] == 1
+    assert client.chat("pirate", HI, max_tokens=8).served_by.adapter_version == 1
+
+    assert client.pin("pirate")["pinned"] is True
+    assert server.engine.pinned
+    assert client.pin("pirate", pinned=False)["pinned"] is False
+    warmed = client.warm("pirate")
+    assert set(warmed) == keys(WarmedAdapter)
+    assert warmed == {"name": "pirate", "loaded": "pirate@1"}
+    loaded = {v["version"]: v["loaded"] for v in client.get_adapter("pirate")["versions"]}
+    assert loaded[1] is True
+
+    deleted = client.delete_version("pirate", 2)
+    assert (deleted["adapter"], deleted["version"]) == ("pirate", 2)
+    versions = [v["version"] for v in client.get_adapter("pirate")["versions"]]
+    assert versions == [1, 3, 4]
+
+    listed = client.list_adapters()
+    assert [a["name"] for a in listed] == ["pirate"]
+    gone = client.delete_adapter("pirate")
+    assert set(gone) == keys(DeletedAdapter)
+    assert gone == {"name": "pirate", "deleted": True}
+    assert client.list_adapters() == []
+
+
+def test_upload_adapter_from_a_folder_and_from_named_files(client: Client, tmp_path: Path) -> None:
+    folder = make_adapter(tmp_path / "local" / "up", seed=5)
+    calls: list[tuple[int, int]] = []
+    adapter = client.upload_adapter("up", folder, progress=_append(calls))
+    assert adapter["versions"][0]["source"] == "upload"
+    assert calls and calls[-1] == (_folder_size(folder), _folder_size(folder))
+    assert [sent for sent, _ in calls] == sorted(sent for sent, _ in calls)
+
+    files = {
+        "adapter_config": folder / "adapter_config.json",
+        "adapter_model": str(folder / "adapter_model.safetensors"),
+    }
+    adapter = client.upload_adapter("up2", files, sha256=adapter["versions"][0]["sha256"])
+    assert adapter["name"] == "up2"
+    assert client.chat("up2", HI, max_tokens=5).text == "up2@1"
+
+
+def test_upload_refuses_incomplete_folders_before_sending(client: Client, tmp_path: Path) -> None:
+    folder = make_adapter(tmp_path / "local" / "x")
+    (folder / "adapter_model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError):
+        client.upload_adapter("x", folder)
+    with pytest.raises(ValueError, match="adapter_model"):
+        client.upload_adapter("x", {"adapter_config": folder / "adapter_config.json"})
+
+
+def test_every_alias_call(client: Client, server: Server) -> None:
+    client.register_adapter("pirate", str(server.adapter("p", seed=1)))
+    client.register_adapter("formal", str(server.adapter("f", seed=2)))
+    alias = client.set_alias("support-bot", {"pirate@1": 90, "formal": 10})
+    assert set(alias) == keys(AliasInfo)
+    assert alias["variants"] == {"pirate@1": 90, "formal": 10}
+    assert client.get_alias("support-bot")["variants"] == alias["variants"]
+    assert [a["name"] for a in client.list_aliases()] == ["support-bot"]
+
+    reply = client.chat("support-bot", HI, max_tokens=8, user="u1")
+    assert reply.served_by.alias == "support-bot"
+    assert reply.served_by.alias_variant in ("pirate@1", "formal")
+    again = client.chat("support-bot", HI, max_tokens=8, user="u1")
+    assert again.served_by.alias_variant == reply.served_by.alias_variant  # sticky
+
+    moved = client.set_alias("support-bot", {"formal": 1})
+    assert moved["variants"] == {"formal": 1}
+    assert client.chat("support-bot", HI, max_tokens=8).served_by.alias_variant == "formal"
+    deleted = client.delete_alias("support-bot")
+    assert deleted["name"] == "support-bot"
+    assert client.list_aliases() == []
+
+
+# -- typed errors ----------------------------------------------------------------------
+
+
+def test_typed_errors_carry_the_server_fields(
+    client: Client, server: Server, transport: httpx.BaseTransport
+) -> None:
+    with pytest.raises(BadRequestError) as bad:
+        client.chat("tiny", HI, temperature=5)
+    assert (bad.value.status, bad.value.param, bad.value.type) == (
+        400,
+        "temperature",
+        "invalid_request_error",
+    )
+    with pytest.raises(AuthenticationError) as no_key:
+        Client(URL, transport=transport).list_adapters()
+    assert (no_key.value.status, no_key.value.code) == (401, "missing_api_key")
+    with pytest.raises(PermissionDeniedError) as wrong_key:
+        Client(URL, admin_key="nope", transport=transport).list_adapters()
+    assert wrong_key.value.code == "invalid_api_key"
+    with pytest.raises(PermissionDeniedError) as outside:
+        client.register_adapter("x", str(server.root / ".." / "elsewhere"))
+    assert outside.value.code == "path_outside_roots"
+    with pytest.raises(NotFoundError) as missing:
+        client.get_adapter("nobody")
+    assert (missing.value.status, missing.value.code) == (404, "model_not_found")
+    with pytest.raises(NotFoundError):
+        client.chat("tiny:nobody", HI)
+
+    client.register_adapter("a", str(server.adapter("a")))
+    with pytest.raises(ConflictError) as taken:
+        client.register_adapter("a", str(server.adapter("a")))
+    assert taken.value.code == "already_exists"
+    client.set_alias("bot", {"a": 1})
+    with pytest.raises(ConflictError) as in_use:
+        client.delete_adapter("a")
+    assert in_use.value.code == "in_use"
+
+    with pytest.raises(UnprocessableEntityError) as rank:
+        client.register_adapter("big", str(server.adapter("big", rank=64)))
+    assert rank.value.code == "adapter_rank_too_large"
+    with pytest.raises(UnprocessableEntityError) as alias:
+        client.set_alias("bad", {"a@x": 1})
+    assert alias.value.code == "invalid_alias"
+    with pytest.raises(UnprocessableEntityError) as name:
+        client.register_adapter("Bad_Name", str(server.adapter("a")))
+    assert name.value.code == "invalid_adapter_name"
+    assert str(name.value).endswith("(invalid_adapter_name)")
+    assert server.sleeps == []  # none of these is retried
+
+
+def test_payload_too_large(tmp_path: Path) -> None:
+    server = Server(tmp_path, max_adapter_bytes=64)
+    with server.running() as transport:
+        client = Client(URL, admin_key=ADMIN_KEY, transport=transport)
+        with pytest.raises(PayloadTooLargeError) as info:
+            client.register_adapter("a", str(server.adapter("a")))
+    assert (info.value.status, info.value.code) == (413, "adapter_too_large")
+
+
+def test_names_are_one_path_segment(client: Client) -> None:
+    with pytest.raises(NotFoundError):  # not /admin/aliases (a list): an adapter named so
+        client.get_adapter("../aliases")
+    with pytest.raises(ValueError, match="invalid name"):
+        client.get_adapter("..")
+
+
+# -- the async client ------------------------------------------------------------------
+
+
+async def test_async_client_end_to_end(server: Server, tmp_path: Path) -> None:
+    sleeps: list[float] = []
+
+    async def sleep(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    transport = httpx.ASGITransport(app=server.app)
+    async with (
+        server.app.router.lifespan_context(server.app),
+        AsyncClient(URL, admin_key=ADMIN_KEY, transport=transport, sleep=sleep) as client,
+    ):
+        registered = await client.register_adapter("pirate", str(server.adapter("p", seed=1)))
+        assert registered["current_version"] == 1
+        uploaded = await client.upload_version(
+            "pirate", make_adapter(tmp_path / "local" / "p2", seed=2)
+        )
+        assert uploaded["version"] == 2
+        reply = await client.chat("tiny:pirate", HI, max_tokens=8)
+        assert (reply.text, reply.served_by.adapter_version) == ("pirate@2", 2)
+
+        stream = await client.chat_stream("pirate", HI, max_tokens=8)
+        assert stream.served_by.adapter == "pirate"
+        chunks = [c async for c in stream]
+        assert "".join(c["choices"][0]["delta"]["content"] for c in chunks) == "pirate@2"
+        text_chunks = [c async for c in await client.completions_stream("tiny", "x", max_tokens=3)]
+        assert "".join(c["choices"][0]["text"] for c in text_chunks) == "bas"
+
+        await client.set_alias("bot", {"pirate@1": 1})
+        assert (await client.chat("bot", HI, max_tokens=8)).text == "pirate@1"
+        assert [a["name"] for a in await client.list_aliases()] == ["bot"]
+        await client.delete_alias("bot")
+        assert [m["id"] for m in await client.models()] == ["tiny", "tiny:pirate"]
+
+        with pytest.raises(NotFoundError):
+            await client.rollback("pirate", 9)
+        server.engine.dead = True
+        with pytest.raises(ServiceUnavailableError):
+            await client.completions("tiny", "x", max_tokens=2)
+        assert len(sleeps) == 2
+
+
+# -- the admin CLI ---------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def cli(transport: httpx.BaseTransport) -> Callable[..., Any]:
+    """Run `loraswap <args>` with both sub-apps on a client of the in-process app."""
+
+    def connect(url: str, admin_key: str | None) -> Client:
+        assert url == URL  # from LORASWAP_URL
+        return Client(url, admin_key=admin_key, transport=transport, sleep=lambda _: None)
+
+    app = typer.Typer()
+    app.add_typer(make_adapters_app(connect), name="adapters")
+    app.add_typer(make_aliases_app(connect), name="aliases")
+    env = {"LORASWAP_URL": URL, "LORASWAP_ADMIN_KEY": ADMIN_KEY, "COLUMNS": "200"}
+
+    def run(*args: str, code: int = 0, input: str | None = None) -> Any:
+        result = runner.invoke(app, list(args), env=env, input=input)
+        assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+        return result
+
+    return run
+
+
+def test_cli_adapter_lifecycle(
+    cli: Callable[..., Any], server: Server, client: Client, tmp_path: Path
+) -> None:
+    out = cli("adapters", "register", "pirate", str(server.adapter("p1", seed=1))).stdout
+    assert out.startswith("registered pirate v1 (rank 8")
+    out = cli("adapters", "add-version", "pirate", str(server.adapter("p2", seed=2))).stdout
+    assert "added pirate v2" in out and "(current)" in out
+    local = make_adapter(tmp_path / "local" / "p3", seed=3)
+    out = cli("adapters", "add-version", "pirate", str(local), "--upload", "--stage").stdout
+    assert "added pirate v3" in out and "(staged)" in out
+    out = cli("adapters", "upload", "formal", str(make_adapter(tmp_path / "local" / "f"))).stdout
+    assert out.startswith("uploaded formal v1")
+
+    table = cli("adapters", "list").stdout
+    assert "pirate" in table and "formal" in table
+    listed = cli("adapters", "list", "--json").stdout
+    assert '"current_version": 2' in listed
+
+    assert "current version is now 3" in cli("adapters", "set-current", "pirate", "3").stdout
+    assert client.get_adapter("pirate")["current_version"] == 3
+    assert "current version is now 1" in cli("adapters", "rollback", "pirate", "1").stdout
+    assert client.chat("pirate", HI, max_tokens=8).text == "pirate@1"
+
+    assert cli("adapters", "pin", "pirate").stdout.strip() == "pinned pirate"
+    assert client.get_adapter("pirate")["pinned"] is True
+    assert cli("adapters", "unpin", "pirate").stdout.strip() == "unpinned pirate"
+    assert "pirate@1 loaded" in cli("adapters", "warm", "pirate").stdout
+    show = cli("adapters", "show", "pirate").stdout
+    assert show.startswith("pirate: current version 1")
+    assert "upload" in show and "1 *" in show
+
+    cli("adapters", "delete-version", "pirate", "2", "--yes")
+    assert [v["version"] for v in client.get_adapter("pirate")["versions"]] == [1, 3]
+    cli("adapters", "delete", "formal", input="n\n", code=1)  # declined at the prompt
+    assert client.get_adapter("formal")
+    assert "deleted adapter formal" in cli("adapters", "delete", "formal", input="y\n").stdout
+    with pytest.raises(NotFoundError):
+        client.get_adapter("formal")
+
+
+def test_cli_aliases(cli: Callable[..., Any], server: Server, client: Client) -> None:
+    client.register_adapter("pirate", str(server.adapter("p", seed=1)))
+    client.register_adapter("formal", str(server.adapter("f", seed=2)))
+    out = cli("aliases", "set", "bot", "pirate@1=90", "formal=10").stdout
+    assert out.strip() == "bot: pirate@1=90 (90%), formal=10 (10%)"
+    assert client.get_alias("bot")["variants"] == {"pirate@1": 90, "formal": 10}
+    assert "pirate@1=90" in cli("aliases", "list").stdout
+    assert '"formal": 10' in cli("aliases", "show", "bot", "--json").stdout
+    cli("aliases", "set", "bot", "pirate=x", code=2)  # a usage error, nothing sent
+    assert cli("aliases", "delete", "bot", "-y").stdout.strip() == "deleted alias bot"
+    assert client.list_aliases() == []
+
+
+def test_cli_errors_are_one_line_and_exit_1(
+    cli: Callable[..., Any], server: Server, tmp_path: Path
+) -> None:
+    result = cli("adapters", "show", "nobody", code=1)
+    assert result.stderr.strip() == "error: adapter 'nobody' not found (model_not_found)"
+    assert result.stdout == ""
+    result = cli("adapters", "register", "x", str(server.root / "missing"), code=1)
+    assert result.stderr.count("\n") == 1 and "(invalid_source)" in result.stderr
+    result = cli("aliases", "set", "bot", "nobody=1", code=1)
+    assert result.stderr.startswith("error: ")
+    result = cli("adapters", "upload", "x", str(tmp_path / "nowhere"), code=1)
+    assert "is not a folder" in result.stderr
+    result = cli("adapters", "list", "--admin-key", "wrong", code=1)
+    assert result.stderr.strip() == "error: admin API: wrong admin key (invalid_api_key)"
+
+
+def test_cli_connection_failure_is_one_line() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    def connect(url: str, admin_key: str | None) -> Client:
+        return Client(url, transport=httpx.MockTransport(refuse), sleep=lambda _: None)
+
+    result = runner.invoke(
+        make_adapters_app(connect), ["list", "--url", "http://127.0.0.1:9"], env={"COLUMNS": "200"}
+    )
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: cannot talk to http://127.0.0.1:9/admin/adapters")
+    assert result.stderr.count("\n") == 1
+
+
+# -- helpers ---------------------------------------------------------------------------
+
+
+def _append(calls: list[tuple[int, int]]) -> Callable[[int, int], None]:
+    return lambda sent, total: calls.append((sent, total))
+
+
+def _folder_size(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir())
+
+
+def test_sync_and_async_clients_offer_the_same_calls() -> None:
+    public = {n for n in dir(Client) if not n.startswith("_")} - {"close"}
+    assert public == {n for n in dir(AsyncClient) if not n.startswith("_")} - {"close"}
+    assert {"chat", "chat_stream", "upload_adapter", "set_alias", "rollback"} <= public
+    assert asyncio.iscoroutinefunction(AsyncClient.close)
