@@ -27,6 +27,8 @@ class AdapterRecord:
     pinned: bool
     created_at: float
     versions: tuple[VersionRecord, ...] = field(default=())
+    owner: str | None = None  # a tenant; None = the operator's
+    shared: bool = False  # usable by every tenant
 
     def version(self, number: int) -> VersionRecord | None:
         return next((v for v in self.versions if v.version == number), None)
@@ -55,3 +57,22 @@ class AliasRecord:
     variants: tuple[Variant, ...]
     created_at: float
     updated_at: float
+    owner: str | None = None
+    shared: bool = False
+
+
+@dataclass(frozen=True)
+class TenantRecord:
+    name: str
+    max_concurrent: int | None  # None = no limit
+    tokens_per_minute: int | None  # prompt + completion tokens; None = no limit
+    created_at: float
+    key_ids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class KeyRecord:
+    key_id: str  # public part of the key, safe to log and list
+    tenant: str
+    secret_sha256: str  # the secret itself is never stored
+    created_at: float

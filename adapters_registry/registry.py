@@ -14,18 +14,27 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from adapters_registry import keys
 from adapters_registry.base_model import BaseModelShapes
 from adapters_registry.errors import (
     AdapterError,
     AdapterNotFound,
     AlreadyExists,
+    InvalidAlias,
     InvalidSource,
     MalformedAdapter,
     SourceChanged,
 )
 from adapters_registry.names import check_name
 from adapters_registry.paths import confine
-from adapters_registry.records import AdapterRecord, AliasRecord, Variant, VersionRecord
+from adapters_registry.records import (
+    AdapterRecord,
+    AliasRecord,
+    KeyRecord,
+    TenantRecord,
+    Variant,
+    VersionRecord,
+)
 from adapters_registry.sources import DiskCache, download, is_url, save_upload, staging
 from adapters_registry.spec import AdapterSpec
 from adapters_registry.store import Store
@@ -41,6 +50,16 @@ class RegistryConfig:
     limits: Limits
 
 
+@dataclass(frozen=True)
+class _Placement:
+    """How a validated version enters the registry."""
+
+    create: bool
+    make_current: bool
+    owner: str | None
+    shared: bool
+
+
 class Registry:
     def __init__(
         self, config: RegistryConfig, base: BaseModelShapes, in_use: Callable[[], set[str]] = set
@@ -54,6 +73,8 @@ class Registry:
         self._lock = threading.Lock()
         self._adapters: dict[str, AdapterRecord] = {}
         self._aliases: dict[str, AliasRecord] = {}
+        self._tenants: dict[str, TenantRecord] = {}
+        self._keys: dict[str, KeyRecord] = {}
         self._reload()
 
     def close(self) -> None:
@@ -94,19 +115,24 @@ class Registry:
         sha256: str | None = None,
         create: bool = True,
         make_current: bool = True,
+        owner: str | None = None,
+        shared: bool = False,
     ) -> VersionRecord:
-        """Validate the adapter at `source` and record it as a new version of `name`."""
+        """Validate the adapter at `source` and record it as a new version of `name`.
+
+        `create` registers a new adapter (owned by tenant `owner`, usable by every tenant
+        when `shared`); otherwise the version is added to the existing one.
+        """
+        how = _Placement(create, make_current, owner, shared)
         check_name(name)
-        self._precheck(name, create)
+        self._precheck(name, how)
         if is_url(source):
-            return self._register_download(name, source, sha256, create, make_current)
+            return self._register_download(name, source, sha256, how)
         path = confine(Path(source), self.config.allowed_roots)
         if not path.is_dir():
             raise InvalidSource(f"no adapter folder at {source!r}", adapter=name)
         spec = self._inspect(path, name, sha256)
-        return self._record(
-            spec, source=str(source), path=path, create=create, make_current=make_current
-        )
+        return self._record(spec, source=str(source), path=path, how=how)
 
     def register_upload(
         self,
@@ -116,9 +142,13 @@ class Registry:
         sha256: str | None = None,
         create: bool = True,
         make_current: bool = True,
+        owner: str | None = None,
+        shared: bool = False,
     ) -> VersionRecord:
+        """Like `register`, from uploaded adapter_config.json + adapter_model.safetensors."""
+        how = _Placement(create, make_current, owner, shared)
         check_name(name)
-        self._precheck(name, create)
+        self._precheck(name, how)
         with staging(self._uploads) as tmp:
             save_upload(files, tmp, max_bytes=self.config.limits.max_bytes)
             spec = self._inspect(tmp, name, sha256)
@@ -127,16 +157,14 @@ class Registry:
             if created:
                 tmp.rename(target)
         try:
-            return self._record(
-                spec, source="upload", path=target, create=create, make_current=make_current
-            )
+            return self._record(spec, source="upload", path=target, how=how)
         except AdapterError:
             if created and not self._sha_referenced(spec.sha256):
                 shutil.rmtree(target, ignore_errors=True)
             raise
 
     def _register_download(
-        self, name: str, url: str, sha256: str | None, create: bool, make_current: bool
+        self, name: str, url: str, sha256: str | None, how: _Placement
     ) -> VersionRecord:
         cached = self.cache.get(sha256.lower()) if sha256 else None
         if cached is not None:
@@ -149,20 +177,20 @@ class Registry:
                 created = self.cache.get(spec.sha256) is None
                 cached = self.cache.put(tmp, spec.sha256)
         try:
-            return self._record(
-                spec, source=url, path=cached, create=create, make_current=make_current
-            )
+            return self._record(spec, source=url, path=cached, how=how)
         except AdapterError:
             if created and not self._sha_referenced(spec.sha256):
                 self.cache.remove(spec.sha256)
             raise
 
-    def _precheck(self, name: str, create: bool) -> None:
+    def _precheck(self, name: str, how: _Placement) -> None:
         # Refuse before any download: a doomed registration must not fetch anything.
-        if create and (name in self._adapters or name in self._aliases):
+        if how.create and (name in self._adapters or name in self._aliases):
             raise AlreadyExists(f"{name!r} already exists", adapter=name)
-        if not create and name not in self._adapters:
+        if not how.create and name not in self._adapters:
             raise AdapterNotFound(f"adapter {name!r} not found", adapter=name)
+        if how.owner is not None and how.owner not in self._tenants:
+            raise AdapterNotFound(f"tenant {how.owner!r} not found", adapter=name)
 
     def _inspect(self, path: Path, name: str, sha256: str | None) -> AdapterSpec:
         return inspect_adapter(
@@ -170,11 +198,17 @@ class Registry:
         )
 
     def _record(
-        self, spec: AdapterSpec, *, source: str, path: Path, create: bool, make_current: bool
+        self, spec: AdapterSpec, *, source: str, path: Path, how: _Placement
     ) -> VersionRecord:
         with self._lock:
             record = self._store.add_version(
-                spec, source=source, path=str(path), create=create, make_current=make_current
+                spec,
+                source=source,
+                path=str(path),
+                create=how.create,
+                make_current=how.make_current,
+                owner=how.owner,
+                shared=how.shared,
             )
             self._refresh_adapter(spec.name)
         return record
@@ -237,10 +271,28 @@ class Registry:
             self._forget_files(version)
         return record
 
-    def put_alias(self, name: str, variants: tuple[Variant, ...]) -> AliasRecord:
+    def put_alias(
+        self,
+        name: str,
+        variants: tuple[Variant, ...],
+        *,
+        owner: str | None = None,
+        shared: bool = False,
+    ) -> AliasRecord:
         check_name(name)
+        if owner is not None and owner not in self._tenants:
+            raise AdapterNotFound(f"tenant {owner!r} not found", adapter=name)
+        for v in variants:
+            target = self._adapters.get(v.adapter)
+            if target is not None and not usable_by(target, owner):
+                # An alias must not become a way into an adapter its users could not name.
+                raise InvalidAlias(
+                    f"alias {name!r}: adapter {v.adapter!r} is not usable by "
+                    f"{'tenant ' + repr(owner) if owner else 'everyone'}",
+                    adapter=name,
+                )
         with self._lock:
-            record = self._store.put_alias(name, variants)
+            record = self._store.put_alias(name, variants, owner=owner, shared=shared)
             self._aliases[name] = record
         return record
 
@@ -272,3 +324,67 @@ class Registry:
     def _reload(self) -> None:
         self._adapters = {a.name: a for a in self._store.list_adapters()}
         self._aliases = {a.name: a for a in self._store.list_aliases()}
+        self._tenants = {t.name: t for t in self._store.tenants()}
+        self._keys = {k.key_id: k for k in self._store.list_keys()}
+
+    # -- tenants, keys and access ------------------------------------------------------
+
+    def tenant(self, name: str) -> TenantRecord | None:
+        return self._tenants.get(name)
+
+    def tenants(self) -> list[TenantRecord]:
+        return sorted(self._tenants.values(), key=lambda t: t.name)
+
+    def put_tenant(
+        self, name: str, *, max_concurrent: int | None, tokens_per_minute: int | None
+    ) -> TenantRecord:
+        check_name(name)
+        with self._lock:
+            record = self._store.put_tenant(
+                name, max_concurrent=max_concurrent, tokens_per_minute=tokens_per_minute
+            )
+            self._tenants[name] = record
+        return record
+
+    def delete_tenant(self, name: str) -> TenantRecord:
+        with self._lock:
+            record = self._store.delete_tenant(name)
+            self._tenants.pop(name, None)
+            self._keys = {k: v for k, v in self._keys.items() if v.tenant != name}
+        return record
+
+    def create_key(self, tenant: str) -> tuple[KeyRecord, str]:
+        """A new key for `tenant`: (its record, the full key, to be shown once)."""
+        key_id, full, digest = keys.new_key()
+        with self._lock:
+            record = self._store.add_key(tenant, key_id, digest)
+            self._keys[key_id] = record
+            self._tenants[tenant] = self._store.tenant(tenant)
+        return record, full
+
+    def delete_key(self, tenant: str, key_id: str) -> None:
+        with self._lock:
+            self._store.delete_key(tenant, key_id)
+            self._keys.pop(key_id, None)
+            self._tenants[tenant] = self._store.tenant(tenant)
+
+    def has_keys(self) -> bool:
+        return bool(self._keys)
+
+    def authenticate(self, key: str) -> TenantRecord | None:
+        """The tenant a key belongs to, or None (malformed, unknown or wrong secret)."""
+        parsed = keys.parse(key)
+        if parsed is None:
+            return None
+        record = self._keys.get(parsed[0])
+        if record is None or not keys.matches(parsed[1], record.secret_sha256):
+            return None
+        return self._tenants.get(record.tenant)
+
+    def set_access(self, name: str, *, owner: str | None, shared: bool) -> AdapterRecord:
+        return self._write(name, lambda: self._store.set_access(name, owner=owner, shared=shared))
+
+
+def usable_by(record: AdapterRecord | AliasRecord, tenant: str | None) -> bool:
+    """Whether `tenant` may use an adapter or alias; None is the operator (or open mode)."""
+    return tenant is None or record.shared or record.owner == tenant

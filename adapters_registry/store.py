@@ -20,10 +20,17 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from adapters_registry.errors import AdapterNotFound, AlreadyExists, InUse, InvalidAlias
-from adapters_registry.records import AdapterRecord, AliasRecord, Variant, VersionRecord
+from adapters_registry.records import (
+    AdapterRecord,
+    AliasRecord,
+    KeyRecord,
+    TenantRecord,
+    Variant,
+    VersionRecord,
+)
 from adapters_registry.spec import AdapterSpec
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS adapters (
@@ -53,7 +60,30 @@ CREATE TABLE IF NOT EXISTS aliases (
     created_at REAL NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS tenants (
+    name TEXT PRIMARY KEY,
+    max_concurrent INTEGER,
+    tokens_per_minute INTEGER,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS api_keys (
+    key_id TEXT PRIMARY KEY,
+    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+    secret_sha256 TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
 """
+
+# Schema upgrades, applied in order to databases created by older versions. Each runs once
+# (the meta table records the version), inside one transaction with the version bump.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    2: (
+        "ALTER TABLE adapters ADD COLUMN owner TEXT",
+        "ALTER TABLE adapters ADD COLUMN shared INTEGER NOT NULL DEFAULT 0",
+        "ALTER TABLE aliases ADD COLUMN owner TEXT",
+        "ALTER TABLE aliases ADD COLUMN shared INTEGER NOT NULL DEFAULT 0",
+    ),
+}
 
 
 class Store:
@@ -66,9 +96,12 @@ class Store:
         self._db.execute("PRAGMA foreign_keys=ON")
         self._db.executescript(_SCHEMA)
         with self._tx() as db:
-            db.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),)
-            )
+            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')")
+            (current,) = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
+            for version in sorted(v for v in _MIGRATIONS if v > int(current)):
+                for statement in _MIGRATIONS[version]:
+                    db.execute(statement)
+                db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
 
     def close(self) -> None:
         with self._lock:
@@ -88,7 +121,15 @@ class Store:
     # -- adapters and versions ---------------------------------------------------------
 
     def add_version(
-        self, spec: AdapterSpec, *, source: str, path: str, create: bool, make_current: bool
+        self,
+        spec: AdapterSpec,
+        *,
+        source: str,
+        path: str,
+        create: bool,
+        make_current: bool,
+        owner: str | None = None,
+        shared: bool = False,
     ) -> VersionRecord:
         """Record a validated version; `create` registers the adapter itself too."""
         now = time.time()
@@ -105,7 +146,8 @@ class Store:
                 if _alias_row(db, spec.name) is not None:
                     raise AlreadyExists(f"{spec.name!r} is already an alias", adapter=spec.name)
                 db.execute(
-                    "INSERT INTO adapters (name, created_at) VALUES (?, ?)", (spec.name, now)
+                    "INSERT INTO adapters (name, created_at, owner, shared) VALUES (?, ?, ?, ?)",
+                    (spec.name, now, owner, int(shared)),
                 )
                 number = 1
             else:
@@ -140,7 +182,7 @@ class Store:
     def get(self, name: str) -> AdapterRecord:
         with self._lock:
             row = self._db.execute(
-                "SELECT name, current_version, pinned, created_at FROM adapters WHERE name=?",
+                f"SELECT {_ADAPTER_COLUMNS} FROM adapters WHERE name=?",
                 (name,),
             ).fetchone()
             if row is None:
@@ -153,7 +195,7 @@ class Store:
     def list_adapters(self) -> list[AdapterRecord]:
         with self._lock:
             rows = self._db.execute(
-                "SELECT name, current_version, pinned, created_at FROM adapters ORDER BY name"
+                f"SELECT {_ADAPTER_COLUMNS} FROM adapters ORDER BY name"
             ).fetchall()
             versions = self._db.execute(
                 "SELECT * FROM versions ORDER BY adapter, version"
@@ -167,6 +209,16 @@ class Store:
         with self._tx() as db:
             _require_version(db, name, version)
             db.execute("UPDATE adapters SET current_version=? WHERE name=?", (version, name))
+        return self.get(name)
+
+    def set_access(self, name: str, *, owner: str | None, shared: bool) -> AdapterRecord:
+        with self._tx() as db:
+            _require_adapter(db, name)
+            if owner is not None:
+                _require_tenant(db, owner)
+            db.execute(
+                "UPDATE adapters SET owner=?, shared=? WHERE name=?", (owner, int(shared), name)
+            )
         return self.get(name)
 
     def set_pinned(self, name: str, pinned: bool) -> AdapterRecord:
@@ -204,7 +256,14 @@ class Store:
 
     # -- aliases -----------------------------------------------------------------------
 
-    def put_alias(self, name: str, variants: tuple[Variant, ...]) -> AliasRecord:
+    def put_alias(
+        self,
+        name: str,
+        variants: tuple[Variant, ...],
+        *,
+        owner: str | None = None,
+        shared: bool = False,
+    ) -> AliasRecord:
         """Create or replace alias `name`; every variant must name an existing version."""
         now = time.time()
         if (
@@ -232,10 +291,17 @@ class Store:
             row = _alias_row(db, name)
             created = float(str(row[2])) if row is not None else now
             db.execute(
-                "INSERT OR REPLACE INTO aliases VALUES (?,?,?,?)",
-                (name, _dump_variants(variants), created, now),
+                f"INSERT OR REPLACE INTO aliases ({_ALIAS_COLUMNS}) VALUES (?,?,?,?,?,?)",
+                (name, _dump_variants(variants), created, now, owner, int(shared)),
             )
-        return AliasRecord(name=name, variants=variants, created_at=created, updated_at=now)
+        return AliasRecord(
+            name=name,
+            variants=variants,
+            created_at=created,
+            updated_at=now,
+            owner=owner,
+            shared=shared,
+        )
 
     def get_alias(self, name: str) -> AliasRecord:
         with self._lock:
@@ -255,6 +321,95 @@ class Store:
                 raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
             db.execute("DELETE FROM aliases WHERE name=?", (name,))
         return _alias(row)
+
+    # -- tenants and API keys ------------------------------------------------------------
+
+    def put_tenant(
+        self, name: str, *, max_concurrent: int | None, tokens_per_minute: int | None
+    ) -> TenantRecord:
+        with self._tx() as db:
+            row = db.execute("SELECT created_at FROM tenants WHERE name=?", (name,)).fetchone()
+            created = float(row[0]) if row is not None else time.time()
+            db.execute(
+                "INSERT OR REPLACE INTO tenants VALUES (?,?,?,?)",
+                (name, max_concurrent, tokens_per_minute, created),
+            )
+        return self.tenant(name)
+
+    def tenant(self, name: str) -> TenantRecord:
+        with self._lock:
+            row = self._db.execute("SELECT * FROM tenants WHERE name=?", (name,)).fetchone()
+            if row is None:
+                raise AdapterNotFound(f"tenant {name!r} not found", adapter=name)
+            keys = self._db.execute(
+                "SELECT key_id FROM api_keys WHERE tenant=? ORDER BY created_at", (name,)
+            ).fetchall()
+        return _tenant(row, tuple(str(k[0]) for k in keys))
+
+    def tenants(self) -> list[TenantRecord]:
+        with self._lock:
+            names = [r[0] for r in self._db.execute("SELECT name FROM tenants ORDER BY name")]
+        return [self.tenant(str(n)) for n in names]
+
+    def delete_tenant(self, name: str) -> TenantRecord:
+        record = self.tenant(name)
+        with self._tx() as db:
+            owned = db.execute(
+                "SELECT name FROM adapters WHERE owner=? UNION SELECT name FROM aliases "
+                "WHERE owner=?",
+                (name, name),
+            ).fetchall()
+            if owned:
+                raise InUse(
+                    f"tenant {name!r} still owns {sorted(str(r[0]) for r in owned)}",
+                    adapter=name,
+                )
+            db.execute("DELETE FROM api_keys WHERE tenant=?", (name,))
+            db.execute("DELETE FROM tenants WHERE name=?", (name,))
+        return record
+
+    def add_key(self, tenant: str, key_id: str, secret_sha256: str) -> KeyRecord:
+        now = time.time()
+        with self._tx() as db:
+            _require_tenant(db, tenant)
+            db.execute(
+                "INSERT INTO api_keys VALUES (?,?,?,?)", (key_id, tenant, secret_sha256, now)
+            )
+        return KeyRecord(key_id=key_id, tenant=tenant, secret_sha256=secret_sha256, created_at=now)
+
+    def delete_key(self, tenant: str, key_id: str) -> None:
+        with self._tx() as db:
+            gone = db.execute(
+                "DELETE FROM api_keys WHERE tenant=? AND key_id=?", (tenant, key_id)
+            ).rowcount
+            if not gone:
+                raise AdapterNotFound(f"tenant {tenant!r} has no key {key_id!r}", adapter=tenant)
+
+    def list_keys(self) -> list[KeyRecord]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM api_keys").fetchall()
+        return [
+            KeyRecord(
+                key_id=str(r[0]), tenant=str(r[1]), secret_sha256=str(r[2]), created_at=float(r[3])
+            )
+            for r in rows
+        ]
+
+
+def _require_tenant(db: sqlite3.Connection, name: str) -> None:
+    if db.execute("SELECT 1 FROM tenants WHERE name=?", (name,)).fetchone() is None:
+        raise AdapterNotFound(f"tenant {name!r} not found", adapter=name)
+
+
+def _tenant(row: tuple[object, ...], keys: tuple[str, ...]) -> TenantRecord:
+    name, max_concurrent, tpm, created = row
+    return TenantRecord(
+        name=str(name),
+        max_concurrent=None if max_concurrent is None else int(str(max_concurrent)),
+        tokens_per_minute=None if tpm is None else int(str(tpm)),
+        created_at=float(str(created)),
+        key_ids=keys,
+    )
 
 
 def _require_adapter(db: sqlite3.Connection, name: str) -> int | None:
@@ -276,14 +431,20 @@ def _require_version(db: sqlite3.Connection, name: str, version: int) -> int | N
     return current
 
 
+_ADAPTER_COLUMNS = "name, current_version, pinned, created_at, owner, shared"
+_ALIAS_COLUMNS = "name, variants, created_at, updated_at, owner, shared"
+
+
 def _adapter(row: tuple[object, ...], versions: list[tuple[object, ...]]) -> AdapterRecord:
-    name, current, pinned, created = row
+    name, current, pinned, created, owner, shared = row
     return AdapterRecord(
         name=str(name),
         current_version=None if current is None else int(str(current)),
         pinned=bool(pinned),
         created_at=float(str(created)),
         versions=tuple(_version(v) for v in versions),
+        owner=None if owner is None else str(owner),
+        shared=bool(shared),
     )
 
 
@@ -305,15 +466,13 @@ def _version(v: tuple[object, ...]) -> VersionRecord:
 
 def _alias_row(db: sqlite3.Connection, name: str) -> tuple[object, ...] | None:
     row: tuple[object, ...] | None = db.execute(
-        "SELECT name, variants, created_at, updated_at FROM aliases WHERE name=?", (name,)
+        f"SELECT {_ALIAS_COLUMNS} FROM aliases WHERE name=?", (name,)
     ).fetchone()
     return row
 
 
 def _aliases(db: sqlite3.Connection) -> list[AliasRecord]:
-    rows = db.execute(
-        "SELECT name, variants, created_at, updated_at FROM aliases ORDER BY name"
-    ).fetchall()
+    rows = db.execute(f"SELECT {_ALIAS_COLUMNS} FROM aliases ORDER BY name").fetchall()
     return [_alias(r) for r in rows]
 
 
@@ -327,6 +486,8 @@ def _alias(row: tuple[object, ...]) -> AliasRecord:
         variants=variants,
         created_at=float(str(row[2])),
         updated_at=float(str(row[3])),
+        owner=None if row[4] is None else str(row[4]),
+        shared=bool(row[5]),
     )
 
 

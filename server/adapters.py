@@ -33,7 +33,7 @@ from adapters_registry import (
 )
 from adapters_registry.ab import choose
 from adapters_registry.records import AdapterRecord, VersionRecord
-from adapters_registry.registry import Registry
+from adapters_registry.registry import Registry, usable_by
 from server.engine.base import Engine, LoraHandle
 from server.errors import ModelNotFound
 
@@ -72,12 +72,18 @@ class AdapterRouter:
     def base_name(self) -> str:
         return self._base
 
-    def model_names(self) -> tuple[list[str], list[str]]:
-        """(adapter names, alias names) that /v1/models lists."""
-        adapters = {a.name for a in self.registry.adapters() if a.current_version is not None}
+    def model_names(self, tenant: str | None = None) -> tuple[list[str], list[str]]:
+        """(adapter names, alias names) that /v1/models lists for `tenant`."""
+        registered = self.registry.adapters()
+        adapters = {
+            a.name for a in registered if a.current_version is not None and usable_by(a, tenant)
+        }
+        aliases = [a.name for a in self.registry.aliases() if usable_by(a, tenant)]
         if self._catalog is not None:
-            adapters |= set(self._catalog.names()) - {a.name for a in self.registry.aliases()}
-        return sorted(adapters), [a.name for a in self.registry.aliases()]
+            # Folders not registered yet are shared once they are (see _discover).
+            taken = {a.name for a in registered} | {a.name for a in self.registry.aliases()}
+            adapters |= set(self._catalog.names()) - taken
+        return sorted(adapters), aliases
 
     def loaded(self) -> list[tuple[LoraHandle, int]]:
         """(handle, running requests) of every version held in the engine."""
@@ -99,14 +105,23 @@ class AdapterRouter:
             return name
         return model
 
-    async def resolve(self, model: str, user: str | None = None) -> Target:
+    async def resolve(
+        self, model: str, user: str | None = None, tenant: str | None = None
+    ) -> Target:
+        """What serves `model` for `tenant` (None: the operator, or open mode).
+
+        A tenant asking for another tenant's private adapter or alias gets exactly the
+        404 of a name that does not exist: no existence leak.
+        """
         name = self.split(model)
         if name is None:
             return Target(model=self._base)
         alias = self.registry.alias(name)
         if alias is not None:
+            if not usable_by(alias, tenant):
+                raise _not_found(model)
             variant = choose(alias.name, alias.variants, user)
-            version = await self._version(variant.adapter, variant.version, model)
+            version = await self._version(variant.adapter, variant.version, model, tenant)
             lora = await self._ensure_loaded(version)
             return Target(
                 model=f"{self._base}:{alias.name}",
@@ -115,12 +130,16 @@ class AdapterRouter:
                 alias=alias.name,
                 variant=variant.key,
             )
-        version = await self._version(name, None, model)
+        version = await self._version(name, None, model, tenant)
         lora = await self._ensure_loaded(version)
         return Target(model=f"{self._base}:{name}", version=version, lora=lora)
 
-    async def _version(self, name: str, number: int | None, model: str) -> VersionRecord:
+    async def _version(
+        self, name: str, number: int | None, model: str, tenant: str | None
+    ) -> VersionRecord:
         record = self.registry.adapter(name)
+        if record is not None and not usable_by(record, tenant):
+            raise _not_found(model)
         if record is None or self._discovered(record):
             record = await self._discover(name, model, record)
         version = record.current if number is None else record.version(number)
@@ -164,8 +183,13 @@ class AdapterRouter:
             if record is None:
                 # AlreadyExists: registered meanwhile (e.g. through the admin API).
                 with contextlib.suppress(AlreadyExists):
+                    # The operator put it in the served folder: every tenant may use it.
                     await asyncio.to_thread(
-                        self.registry.register, name, str(spec.path), sha256=spec.sha256
+                        self.registry.register,
+                        name,
+                        str(spec.path),
+                        sha256=spec.sha256,
+                        shared=True,
                     )
             elif record.current is None or record.current.sha256 != spec.sha256:
                 await asyncio.to_thread(

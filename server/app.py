@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import ipaddress
+import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -17,6 +19,7 @@ from server.adapters import AdapterRouter
 from server.engine.base import Engine
 from server.errors import ErrorKind, InvalidRequest, ServerError, describe, error_body
 from server.lifecycle import AdmissionMiddleware, Lifecycle
+from server.quotas import Quotas
 from server.routes import admin, health, openai
 from server.serving import Serving
 from server.settings import Settings
@@ -56,6 +59,22 @@ def start_engine(settings: Settings) -> Engine:
     return VllmEngine.start(settings.model, settings.served_model_name, settings.engine)
 
 
+def _refuse_open_network(settings: Settings, registry: Registry) -> None:
+    """No API keys means anyone can use the server: fine on loopback, not beyond it."""
+    if registry.has_keys() or settings.unsafe_allow_open_network:
+        return
+    try:
+        loopback = ipaddress.ip_address(settings.host).is_loopback
+    except ValueError:
+        loopback = settings.host == "localhost"
+    if not loopback:
+        raise RuntimeError(
+            f"refusing to serve on {settings.host} without API keys: anyone could use it. "
+            "Create a tenant key (loraswap tenants ...), bind 127.0.0.1, or pass "
+            "--unsafe-allow-open-network"
+        )
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """The ASGI app. Pass `engine` to reuse one (tests); otherwise vLLM starts in lifespan."""
 
@@ -67,7 +86,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         router = build_router(settings, eng)
         app.state.engine = eng
         app.state.router = router
-        app.state.serving = Serving(router, eng, settings.max_tokens_cap)
+        _refuse_open_network(settings, router.registry)
+        app.state.quotas = Quotas(settings.max_in_flight)
+        app.state.serving = Serving(router, eng, app.state.quotas, settings.max_tokens_cap)
         app.state.admin_key = (
             settings.admin_key.get_secret_value() if settings.admin_key is not None else None
         )
@@ -105,7 +126,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
 def _install_error_handlers(app: FastAPI) -> None:
     async def known(_: Request, exc: Exception) -> JSONResponse:
         kind, body = describe(exc)
-        return JSONResponse(body, status_code=kind.status)
+        retry_after = getattr(exc, "retry_after", None)
+        headers = {"retry-after": str(math.ceil(retry_after))} if retry_after else None
+        return JSONResponse(body, status_code=kind.status, headers=headers)
 
     async def invalid(_: Request, exc: Exception) -> JSONResponse:
         assert isinstance(exc, RequestValidationError)

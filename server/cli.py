@@ -75,6 +75,10 @@ def serve(
     max_lora_rank: Annotated[int | None, typer.Option(help="Largest adapter rank.")] = None,
     max_loras: Annotated[int | None, typer.Option(help="Adapters per engine step.")] = None,
     max_model_len: Annotated[int | None, typer.Option(help="Context length.")] = None,
+    unsafe_allow_open_network: Annotated[
+        bool,
+        typer.Option(help="Allow serving without API keys on a non-loopback address."),
+    ] = False,
     home: HomeOpt = None,
 ) -> None:
     """Run the OpenAI-compatible server."""
@@ -87,6 +91,7 @@ def serve(
         served_model_name=served_model_name,
         host=host,
         port=port,
+        unsafe_allow_open_network=unsafe_allow_open_network or None,
         engine_dtype=dtype,
         engine_max_lora_rank=max_lora_rank,
         engine_max_loras=max_loras,

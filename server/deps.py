@@ -7,6 +7,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from server.adapters import AdapterRouter
+from server.auth import Principal, authenticate
 from server.engine.base import Engine
 from server.serving import Serving
 
@@ -36,3 +37,4 @@ ServingDep = Annotated[Serving, Depends(get_serving)]
 RouterDep = Annotated[AdapterRouter, Depends(get_router)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
+PrincipalDep = Annotated[Principal, Depends(authenticate)]

@@ -4,10 +4,14 @@
     ├── InvalidRequest           400  a parameter is wrong (names the param)
     │   └── ContextLengthExceeded 400 prompt + max_tokens do not fit the context
     ├── Unauthorized             401  no credentials where they are required
+    │   └── InvalidApiKey        401  an API key that is not valid
     ├── Forbidden                403  credentials given but not good for this
+    │   ├── WrongAdminKey        403  an admin key that is not the configured one
     │   └── AdminDisabled        403  no admin key is configured
     ├── ModelNotFound            404  no base, adapter or alias by that name
     ├── RequestTooLarge          413  the request body is above the limit
+    ├── RateLimited              429  a tenant quota (concurrency or tokens/minute)
+    ├── Overloaded               503  the server-wide bound on work in flight
     ├── EngineUnavailable        503  the engine is starting, draining or dead
     └── EngineFailure            500  the engine failed on a request (a bug)
 
@@ -23,10 +27,13 @@ from adapters_registry import errors as reg
 
 
 class ServerError(Exception):
-    def __init__(self, message: str, *, param: str | None = None) -> None:
+    def __init__(
+        self, message: str, *, param: str | None = None, retry_after: float | None = None
+    ) -> None:
         super().__init__(message)
         self.message = message
         self.param = param
+        self.retry_after = retry_after  # seconds, sent as Retry-After
 
 
 class InvalidRequest(ServerError):
@@ -41,7 +48,15 @@ class Unauthorized(ServerError):
     pass
 
 
+class InvalidApiKey(Unauthorized):
+    pass
+
+
 class Forbidden(ServerError):
+    pass
+
+
+class WrongAdminKey(Forbidden):
     pass
 
 
@@ -54,6 +69,14 @@ class ModelNotFound(ServerError):
 
 
 class RequestTooLarge(ServerError):
+    pass
+
+
+class RateLimited(ServerError):
+    pass
+
+
+class Overloaded(ServerError):
     pass
 
 
@@ -80,9 +103,13 @@ ERROR_TABLE: dict[type[Exception], ErrorKind] = {
     InvalidRequest: ErrorKind(400, _INVALID, None),
     Unauthorized: ErrorKind(401, "authentication_error", "missing_api_key"),
     AdminDisabled: ErrorKind(403, "permission_error", "admin_disabled"),
-    Forbidden: ErrorKind(403, "permission_error", "invalid_api_key"),
+    WrongAdminKey: ErrorKind(403, "permission_error", "invalid_api_key"),
+    InvalidApiKey: ErrorKind(401, "authentication_error", "invalid_api_key"),
+    Forbidden: ErrorKind(403, "permission_error", "permission_denied"),
     ModelNotFound: ErrorKind(404, _INVALID, "model_not_found"),
     RequestTooLarge: ErrorKind(413, _INVALID, "request_too_large"),
+    RateLimited: ErrorKind(429, "rate_limit_error", "rate_limit_exceeded"),
+    Overloaded: ErrorKind(503, "service_unavailable_error", "server_overloaded"),
     EngineUnavailable: ErrorKind(503, "service_unavailable_error", "engine_unavailable"),
     EngineFailure: ErrorKind(500, "server_error", "engine_error"),
     ServerError: ErrorKind(500, "server_error", None),

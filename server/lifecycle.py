@@ -104,6 +104,10 @@ class AdmissionMiddleware:
             await self.app(scope, receive, send_with_id)
         finally:
             self.lifecycle.leave()
+            # Handlers register here what must run once the response is over, whatever
+            # happened to it (quota tickets): a streamed body may outlive its handler.
+            for finalize in scope["state"].get("finalizers", ()):
+                finalize()
 
 
 def _too_large(limit: int, size: int | None) -> RequestTooLarge:

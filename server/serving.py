@@ -8,12 +8,26 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from adapters_registry.records import TenantRecord
 from server.adapters import AdapterRouter, Target
 from server.engine.base import ChoiceDelta, Engine, SamplingSpec, TokenLogprob
 from server.errors import ContextLengthExceeded, InvalidRequest, describe
 from server.protocol import ChatCompletionRequest, CompletionRequest
+from server.quotas import Quotas, Ticket
 
 Kind = Literal["chat", "completion"]
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who a request is for: the tenant (quotas, access) and the end user (A/B arm)."""
+
+    tenant: TenantRecord | None = None
+    user: str | None = None
+
+    @property
+    def tenant_name(self) -> str | None:
+        return None if self.tenant is None else self.tenant.name
 
 
 @dataclass
@@ -27,6 +41,7 @@ class Prepared:
     sampling: SamplingSpec
     include_usage: bool
     return_token_ids: bool
+    ticket: Ticket | None = None  # the quota admission; released by the middleware
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -44,17 +59,20 @@ class _Choice:
 
 
 class Serving:
-    def __init__(self, router: AdapterRouter, engine: Engine, max_tokens_cap: int) -> None:
+    def __init__(
+        self, router: AdapterRouter, engine: Engine, quotas: Quotas, max_tokens_cap: int
+    ) -> None:
         self._router = router
         self._engine = engine
+        self._quotas = quotas
         self._max_tokens_cap = max_tokens_cap
 
     # -- preparation -------------------------------------------------------------------
 
     async def prepare_chat(
-        self, req: ChatCompletionRequest, request_id: str, user: str | None = None
+        self, req: ChatCompletionRequest, request_id: str, caller: Caller
     ) -> Prepared:
-        target = await self._router.resolve(req.model, user)
+        target = await self._router.resolve(req.model, caller.user, caller.tenant_name)
         messages = [{"role": m.role, "content": m.text()} for m in req.messages]
         prompt_ids = self._engine.tokenizer.encode(self._engine.tokenizer.render_chat(messages))
         top = (req.top_logprobs or 0) if req.logprobs else None
@@ -62,26 +80,29 @@ class Serving:
             raise InvalidRequest("top_logprobs requires logprobs to be true", param="top_logprobs")
         max_tokens = req.max_completion_tokens or req.max_tokens
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-        return Prepared(
-            kind="chat",
-            request_id=request_id,
-            target=target,
-            prompt_ids=prompt_ids,
-            sampling=self._sampling(
-                req, prompt_ids, max_tokens, param, top if req.logprobs else None
+        return self._admit(
+            caller,
+            Prepared(
+                kind="chat",
+                request_id=request_id,
+                target=target,
+                prompt_ids=prompt_ids,
+                sampling=self._sampling(
+                    req, prompt_ids, max_tokens, param, top if req.logprobs else None
+                ),
+                include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                return_token_ids=req.return_token_ids,
             ),
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            return_token_ids=req.return_token_ids,
         )
 
     async def prepare_completion(
-        self, req: CompletionRequest, request_id: str, user: str | None = None
+        self, req: CompletionRequest, request_id: str, caller: Caller
     ) -> Prepared:
         if req.echo:
             raise InvalidRequest("echo is not supported", param="echo")
         if req.suffix:
             raise InvalidRequest("suffix is not supported", param="suffix")
-        target = await self._router.resolve(req.model, user)
+        target = await self._router.resolve(req.model, caller.user, caller.tenant_name)
         if isinstance(req.prompt, str):
             prompt_ids = self._engine.tokenizer.encode(req.prompt)
         elif all(isinstance(p, str) for p in req.prompt):
@@ -90,15 +111,26 @@ class Serving:
             prompt_ids = [int(t) for t in req.prompt]
         if not prompt_ids:
             raise InvalidRequest("prompt must not be empty", param="prompt")
-        return Prepared(
-            kind="completion",
-            request_id=request_id,
-            target=target,
-            prompt_ids=prompt_ids,
-            sampling=self._sampling(req, prompt_ids, req.max_tokens, "max_tokens", req.logprobs),
-            include_usage=bool(req.stream_options and req.stream_options.include_usage),
-            return_token_ids=req.return_token_ids,
+        return self._admit(
+            caller,
+            Prepared(
+                kind="completion",
+                request_id=request_id,
+                target=target,
+                prompt_ids=prompt_ids,
+                sampling=self._sampling(
+                    req, prompt_ids, req.max_tokens, "max_tokens", req.logprobs
+                ),
+                include_usage=bool(req.stream_options and req.stream_options.include_usage),
+                return_token_ids=req.return_token_ids,
+            ),
         )
+
+    def _admit(self, caller: Caller, p: Prepared) -> Prepared:
+        """Quotas last: only a request that is otherwise valid spends any."""
+        estimate = len(p.prompt_ids) + p.sampling.n * p.sampling.max_tokens
+        p.ticket = self._quotas.admit(caller.tenant, estimate)
+        return p
 
     def _sampling(
         self,
@@ -140,10 +172,9 @@ class Serving:
         """Run to the end and return the whole response body."""
         choices = {i: _Choice(index=i) for i in range(p.sampling.n)}
         prompt_tokens = len(p.prompt_ids)
-        async with self._router.lease(p.target) as lora:
-            async for chunk in self._engine.generate(p.request_id, p.prompt_ids, p.sampling, lora):
-                for delta in chunk.choices:
-                    _accumulate(choices[delta.index], delta)
+        async for deltas in self._run(p):
+            for delta in deltas:
+                _accumulate(choices[delta.index], delta)
         completion_tokens = sum(len(c.token_ids) for c in choices.values())
         body: dict[str, Any] = self._envelope(p, final=True)
         body["choices"] = [self._choice(p, c, final=True) for c in choices.values()]
@@ -174,17 +205,14 @@ class Serving:
                             }
                         ],
                     )
-            async with self._router.lease(p.target) as lora:
-                async for chunk in self._engine.generate(
-                    p.request_id, p.prompt_ids, p.sampling, lora
-                ):
-                    out = []
-                    for delta in chunk.choices:
-                        completion_tokens += len(delta.token_ids)
-                        if delta.text or delta.finish_reason or delta.token_ids:
-                            out.append(self._choice(p, _from_delta(delta), final=False))
-                    if out:
-                        yield self._frame(p, out)
+            async for deltas in self._run(p):
+                out = []
+                for delta in deltas:
+                    completion_tokens += len(delta.token_ids)
+                    if delta.text or delta.finish_reason or delta.token_ids:
+                        out.append(self._choice(p, _from_delta(delta), final=False))
+                if out:
+                    yield self._frame(p, out)
             if p.include_usage:
                 frame = self._envelope(p, final=False)
                 frame["choices"] = []
@@ -194,6 +222,21 @@ class Serving:
             _, body = describe(exc)
             yield _sse(body)
         yield "data: [DONE]\n\n"
+
+    async def _run(self, p: Prepared) -> AsyncIterator[list[ChoiceDelta]]:
+        """The engine's deltas for `p`, holding its adapter version for the whole run."""
+        used = 0
+        priority = p.ticket.priority if p.ticket is not None else 0
+        try:
+            async with self._router.lease(p.target) as lora:
+                async for chunk in self._engine.generate(
+                    p.request_id, p.prompt_ids, p.sampling, lora, priority=priority
+                ):
+                    used += sum(len(d.token_ids) for d in chunk.choices)
+                    yield chunk.choices
+        finally:
+            if p.ticket is not None:
+                p.ticket.used_tokens = len(p.prompt_ids) + used
 
     # -- formatting --------------------------------------------------------------------
 

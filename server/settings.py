@@ -41,6 +41,11 @@ class EngineSettings(BaseModel):
         True, description="Apply our CPU multi-LoRA fix (vLLM plugin); off only for tests."
     )
     enforce_eager: bool = Field(False, description="Disable compilation / graphs.")
+    scheduling_policy: Literal["priority", "fcfs"] = Field(
+        "priority",
+        description="'priority' lets a tenant's first request go ahead of another tenant's "
+        "queue (fairness); 'fcfs' is vLLM's default.",
+    )
 
 
 class Settings(BaseSettings):
@@ -72,6 +77,13 @@ class Settings(BaseSettings):
     )
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long running requests may take to finish."
+    )
+    max_in_flight: int = Field(
+        256, ge=1, description="Inference requests in the server at once; past it, 503."
+    )
+    unsafe_allow_open_network: bool = Field(
+        False,
+        description="Serve without API keys on a non-loopback address (anyone can use it).",
     )
     admin_key: SecretStr | None = Field(
         None, description="Bearer key of the /admin API; unset = admin API refused (403)."

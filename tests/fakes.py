@@ -33,6 +33,7 @@ class FakeEngine:
         self.aborted: list[str] = []
         self.dead = False
         self.removed: list[int] = []
+        self.priorities: list[int] = []
         self.pinned: list[int] = []
 
     @property
@@ -49,9 +50,11 @@ class FakeEngine:
         prompt_token_ids: list[int],
         sampling: SamplingSpec,
         lora: LoraHandle | None,
+        priority: int = 0,
     ) -> AsyncIterator[EngineChunk]:
         if self.dead:
             raise EngineUnavailable("the inference engine is not running")
+        self.priorities.append(priority)
         reply = f"{lora.name if lora else 'base'}: " + "ok " * 100
         self.running.add(request_id)
         try:

@@ -76,8 +76,11 @@ class Engine(Protocol):
         prompt_token_ids: list[int],
         sampling: SamplingSpec,
         lora: LoraHandle | None,
+        priority: int = 0,
     ) -> AsyncIterator[EngineChunk]:
-        """Stream deltas. Cancelling the iteration aborts the request in the engine."""
+        """Stream deltas. Cancelling the iteration aborts the request in the engine.
+
+        Lower `priority` values are scheduled first (used for tenant fairness)."""
         ...
 
     async def add_lora(self, lora: LoraHandle) -> None:

@@ -154,7 +154,10 @@ def _configure_env(settings: EngineSettings) -> None:
 
 
 class VllmEngine:
-    def __init__(self, llm: Any, tokenizer: HFTokenizer, max_model_len: int) -> None:
+    def __init__(
+        self, llm: Any, tokenizer: HFTokenizer, max_model_len: int, priority_scheduling: bool
+    ) -> None:
+        self._priority_scheduling = priority_scheduling
         self._llm = llm
         self._tokenizer = tokenizer
         self._max_model_len = max_model_len
@@ -177,9 +180,15 @@ class VllmEngine:
             max_lora_rank=settings.max_lora_rank,
             enforce_eager=settings.enforce_eager,
             disable_log_stats=True,
+            scheduling_policy=settings.scheduling_policy,
         )
         llm = AsyncLLM.from_engine_args(args)
-        return cls(llm, HFTokenizer(model_dir), settings.max_model_len)
+        return cls(
+            llm,
+            HFTokenizer(model_dir),
+            settings.max_model_len,
+            settings.scheduling_policy == "priority",
+        )
 
     @property
     def tokenizer(self) -> HFTokenizer:
@@ -195,6 +204,7 @@ class VllmEngine:
         prompt_token_ids: list[int],
         sampling: SamplingSpec,
         lora: LoraHandle | None,
+        priority: int = 0,
     ) -> AsyncIterator[EngineChunk]:
         from vllm.exceptions import VLLMClientError
         from vllm.v1.engine.exceptions import EngineDeadError
@@ -207,6 +217,7 @@ class VllmEngine:
                 params,
                 request_id,
                 lora_request=lora_request,
+                priority=priority if self._priority_scheduling else 0,
             ):
                 yield EngineChunk(
                     choices=[_delta(c, sampling.logprobs or 0) for c in out.outputs],

@@ -8,9 +8,9 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from server.deps import RequestIdDep, RouterDep, ServingDep
+from server.deps import PrincipalDep, RequestIdDep, RouterDep, ServingDep
 from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.serving import Prepared, Serving
+from server.serving import Caller, Prepared, Serving
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -19,25 +19,35 @@ _DISCONNECT_POLL_S = 0.2
 
 @router.post("/chat/completions", summary="Chat completion (OpenAI-compatible)")
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, serving: ServingDep, request_id: RequestIdDep
+    body: ChatCompletionRequest,
+    request: Request,
+    serving: ServingDep,
+    request_id: RequestIdDep,
+    principal: PrincipalDep,
 ) -> Any:
-    prepared = await serving.prepare_chat(body, request_id, _user(body.user, request))
+    caller = Caller(tenant=principal.tenant, user=_user(body.user, request))
+    prepared = _on_finish(request, await serving.prepare_chat(body, request_id, caller))
     return await _respond(serving, prepared, request, stream=body.stream)
 
 
 @router.post("/completions", summary="Text completion (OpenAI-compatible)")
 async def completions(
-    body: CompletionRequest, request: Request, serving: ServingDep, request_id: RequestIdDep
+    body: CompletionRequest,
+    request: Request,
+    serving: ServingDep,
+    request_id: RequestIdDep,
+    principal: PrincipalDep,
 ) -> Any:
-    prepared = await serving.prepare_completion(body, request_id, _user(body.user, request))
+    caller = Caller(tenant=principal.tenant, user=_user(body.user, request))
+    prepared = _on_finish(request, await serving.prepare_completion(body, request_id, caller))
     return await _respond(serving, prepared, request, stream=body.stream)
 
 
 @router.get("/models", summary="The base model, every adapter and every alias")
-async def list_models(router_: RouterDep) -> dict[str, Any]:
+async def list_models(router_: RouterDep, principal: PrincipalDep) -> dict[str, Any]:
     base = router_.base_name
     data: list[dict[str, Any]] = [_model(base, None)]
-    adapters, aliases = router_.model_names()
+    adapters, aliases = router_.model_names(principal.tenant_name)
     data += [_model(f"{base}:{name}", base) for name in adapters]
     data += [{**_model(f"{base}:{name}", base), "kind": "alias"} for name in aliases]
     return {"object": "list", "data": data}
@@ -53,6 +63,14 @@ def _model(model_id: str, parent: str | None) -> dict[str, Any]:
         "root": parent or model_id,
         "parent": parent,
     }
+
+
+def _on_finish(request: Request, p: Prepared) -> Prepared:
+    """Release the quota ticket when the response has fully gone (see server/lifecycle.py):
+    the one place that runs whatever happens to the request, disconnects included."""
+    if p.ticket is not None:
+        request.state.finalizers = [*getattr(request.state, "finalizers", []), p.ticket.release]
+    return p
 
 
 def _user(body_user: str | None, request: Request) -> str | None:
