@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 from server.adapters import AdapterRouter
 from server.auth import Principal, authenticate
 from server.engine.base import Engine
+from server.quotas import Quotas
 from server.serving import Serving
 
 
@@ -20,6 +21,11 @@ def get_serving(request: Request) -> Serving:
 def get_router(request: Request) -> AdapterRouter:
     router: AdapterRouter = request.app.state.router
     return router
+
+
+def get_quotas(request: Request) -> Quotas:
+    quotas: Quotas = request.app.state.quotas
+    return quotas
 
 
 def get_engine(request: Request) -> Engine:
@@ -38,3 +44,4 @@ RouterDep = Annotated[AdapterRouter, Depends(get_router)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
+QuotasDep = Annotated[Quotas, Depends(get_quotas)]

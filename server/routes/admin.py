@@ -13,10 +13,17 @@ from fastapi import APIRouter, Depends, File, Form, UploadFile
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters_registry.errors import AdapterNotFound, InvalidAlias
-from adapters_registry.records import AdapterRecord, AliasRecord, Variant, VersionRecord
+from adapters_registry.records import (
+    AdapterRecord,
+    AliasRecord,
+    TenantRecord,
+    Variant,
+    VersionRecord,
+)
 from server.adapters import AdapterRouter
 from server.auth import require_admin
-from server.deps import RouterDep
+from server.deps import QuotasDep, RouterDep
+from server.quotas import Quotas
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -33,6 +40,22 @@ class RegisterAdapter(_Body):
         "adapter_model.safetensors."
     )
     sha256: str | None = Field(None, description="Expected sha256 of the weights file.")
+    owner: str | None = Field(None, description="Owning tenant; none = the operator's.")
+    shared: bool = Field(False, description="Usable by every tenant.")
+
+
+class Access(_Body):
+    owner: str | None = Field(None, description="Owning tenant; none = the operator's.")
+    shared: bool = Field(False, description="Usable by every tenant.")
+
+
+class TenantBody(_Body):
+    max_concurrent: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Requests running at once; none = no limit."
+    )
+    tokens_per_minute: Annotated[int, Field(ge=1)] | None = Field(
+        None, description="Prompt + completion tokens per minute; none = no limit."
+    )
 
 
 class NewVersion(_Body):
@@ -55,6 +78,8 @@ class AliasBody(_Body):
         "`name` follows the adapter's current version, `name@N` pins version N.",
         examples=[{"pirate@3": 90, "formal": 10}],
     )
+    owner: str | None = Field(None, description="Owning tenant; none = the operator's.")
+    shared: bool = Field(False, description="Usable by every tenant.")
 
 
 def _version(v: VersionRecord) -> dict[str, Any]:
@@ -78,6 +103,8 @@ def _adapter(a: AdapterRecord, router_: AdapterRouter) -> dict[str, Any]:
         "name": a.name,
         "current_version": a.current_version,
         "pinned": a.pinned,
+        "owner": a.owner,
+        "shared": a.shared,
         "created_at": a.created_at,
         "versions": [
             {
@@ -94,6 +121,8 @@ def _alias(a: AliasRecord) -> dict[str, Any]:
     return {
         "name": a.name,
         "variants": {v.key: v.weight for v in a.variants},
+        "owner": a.owner,
+        "shared": a.shared,
         "created_at": a.created_at,
         "updated_at": a.updated_at,
     }
@@ -111,7 +140,14 @@ def _parse_variants(name: str, raw: dict[str, int]) -> tuple[Variant, ...]:
 
 @router.post("/adapters", status_code=201, summary="Register an adapter (version 1)")
 async def register(body: RegisterAdapter, router_: RouterDep) -> dict[str, Any]:
-    await asyncio.to_thread(router_.registry.register, body.name, body.source, sha256=body.sha256)
+    await asyncio.to_thread(
+        router_.registry.register,
+        body.name,
+        body.source,
+        sha256=body.sha256,
+        owner=body.owner,
+        shared=body.shared,
+    )
     return _adapter(_get(router_, body.name), router_)
 
 
@@ -122,9 +158,13 @@ async def register_upload(
     adapter_config: Annotated[UploadFile, File(description="adapter_config.json")],
     adapter_model: Annotated[UploadFile, File(description="adapter_model.safetensors")],
     sha256: Annotated[str | None, Form()] = None,
+    owner: Annotated[str | None, Form()] = None,
+    shared: Annotated[bool, Form()] = False,
 ) -> dict[str, Any]:
     files = _files(adapter_config, adapter_model)
-    await asyncio.to_thread(router_.registry.register_upload, name, files, sha256=sha256)
+    await asyncio.to_thread(
+        router_.registry.register_upload, name, files, sha256=sha256, owner=owner, shared=shared
+    )
     return _adapter(_get(router_, name), router_)
 
 
@@ -198,6 +238,14 @@ async def delete_adapter(name: str, router_: RouterDep) -> dict[str, Any]:
     return {"name": name, "deleted": True}
 
 
+@router.put("/adapters/{name}/access", summary="Set the owning tenant and sharing")
+async def set_access(name: str, body: Access, router_: RouterDep) -> dict[str, Any]:
+    record = await asyncio.to_thread(
+        router_.registry.set_access, name, owner=body.owner, shared=body.shared
+    )
+    return _adapter(record, router_)
+
+
 @router.put("/adapters/{name}/pin", summary="Pin (keep resident) or unpin an adapter")
 async def pin(name: str, body: SetPinned, router_: RouterDep) -> dict[str, Any]:
     record = await asyncio.to_thread(router_.registry.set_pinned, name, body.pinned)
@@ -230,7 +278,9 @@ async def get_alias(name: str, router_: RouterDep) -> dict[str, Any]:
 @router.put("/aliases/{name}", summary="Create or update an alias (weights change at once)")
 async def put_alias(name: str, body: AliasBody, router_: RouterDep) -> dict[str, Any]:
     variants = _parse_variants(name, body.variants)
-    record = await asyncio.to_thread(router_.registry.put_alias, name, variants)
+    record = await asyncio.to_thread(
+        router_.registry.put_alias, name, variants, owner=body.owner, shared=body.shared
+    )
     await router_.release_unreachable()
     return _alias(record)
 
@@ -251,3 +301,65 @@ def _get(router_: AdapterRouter, name: str) -> AdapterRecord:
 
 def _files(config: UploadFile, model: UploadFile) -> dict[str, BinaryIO]:
     return {"adapter_config.json": config.file, "adapter_model.safetensors": model.file}
+
+
+# -- tenants and their API keys -------------------------------------------------------
+
+
+def _tenant(t: TenantRecord, quotas: Quotas) -> dict[str, Any]:
+    return {
+        "name": t.name,
+        "max_concurrent": t.max_concurrent,
+        "tokens_per_minute": t.tokens_per_minute,
+        "created_at": t.created_at,
+        "key_ids": list(t.key_ids),
+        "running": quotas.tenant_in_flight(t.name),
+    }
+
+
+@router.put("/tenants/{name}", summary="Create a tenant or change its quotas")
+async def put_tenant(
+    name: str, body: TenantBody, router_: RouterDep, quotas: QuotasDep
+) -> dict[str, Any]:
+    record = await asyncio.to_thread(
+        router_.registry.put_tenant,
+        name,
+        max_concurrent=body.max_concurrent,
+        tokens_per_minute=body.tokens_per_minute,
+    )
+    return _tenant(record, quotas)
+
+
+@router.get("/tenants", summary="Every tenant")
+async def list_tenants(router_: RouterDep, quotas: QuotasDep) -> dict[str, Any]:
+    return {"data": [_tenant(t, quotas) for t in router_.registry.tenants()]}
+
+
+@router.get("/tenants/{name}", summary="One tenant")
+async def get_tenant(name: str, router_: RouterDep, quotas: QuotasDep) -> dict[str, Any]:
+    record = router_.registry.tenant(name)
+    if record is None:
+        raise AdapterNotFound(f"tenant {name!r} not found", adapter=name)
+    return _tenant(record, quotas)
+
+
+@router.delete("/tenants/{name}", summary="Delete a tenant and its keys (409 while it owns any)")
+async def delete_tenant(name: str, router_: RouterDep) -> dict[str, Any]:
+    await asyncio.to_thread(router_.registry.delete_tenant, name)
+    return {"name": name, "deleted": True}
+
+
+@router.post(
+    "/tenants/{name}/keys",
+    status_code=201,
+    summary="Create an API key (the key is shown in this response only)",
+)
+async def create_key(name: str, router_: RouterDep) -> dict[str, Any]:
+    record, key = await asyncio.to_thread(router_.registry.create_key, name)
+    return {"tenant": name, "key_id": record.key_id, "key": key, "created_at": record.created_at}
+
+
+@router.delete("/tenants/{name}/keys/{key_id}", summary="Revoke an API key")
+async def delete_key(name: str, key_id: str, router_: RouterDep) -> dict[str, Any]:
+    await asyncio.to_thread(router_.registry.delete_key, name, key_id)
+    return {"tenant": name, "key_id": key_id, "deleted": True}
