@@ -284,11 +284,13 @@ class Registry:
             raise AdapterNotFound(f"tenant {owner!r} not found", adapter=name)
         for v in variants:
             target = self._adapters.get(v.adapter)
-            if target is not None and not usable_by(target, owner):
-                # An alias must not become a way into an adapter its users could not name.
+            # An alias must not become a way into an adapter its users could not name:
+            # a shared alias needs shared variants, a tenant's alias ones it may use.
+            reachable = target is None or (target.shared if shared else usable_by(target, owner))
+            if not reachable:
+                audience = "every tenant" if shared else f"tenant {owner!r}"
                 raise InvalidAlias(
-                    f"alias {name!r}: adapter {v.adapter!r} is not usable by "
-                    f"{'tenant ' + repr(owner) if owner else 'everyone'}",
+                    f"alias {name!r}: adapter {v.adapter!r} is not usable by {audience}",
                     adapter=name,
                 )
         with self._lock:
