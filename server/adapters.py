@@ -36,6 +36,7 @@ from adapters_registry.records import AdapterRecord, VersionRecord
 from adapters_registry.registry import Registry, usable_by
 from server.engine.base import Engine, LoraHandle
 from server.errors import ModelNotFound
+from server.metrics import Metrics
 
 log = logging.getLogger("loraswap.adapters")
 
@@ -58,9 +59,15 @@ class _Loaded:
 
 class AdapterRouter:
     def __init__(
-        self, base_name: str, registry: Registry, catalog: DirectoryCatalog | None, engine: Engine
+        self,
+        base_name: str,
+        registry: Registry,
+        catalog: DirectoryCatalog | None,
+        engine: Engine,
+        metrics: Metrics | None = None,
     ) -> None:
         self._base = base_name
+        self._metrics = metrics or Metrics()
         self.registry = registry
         self._catalog = catalog
         self._engine = engine
@@ -211,13 +218,19 @@ class AdapterRouter:
         async with self._lock(version.adapter):
             entry = self._loaded.get(key)
             if entry is None:
-                path = await asyncio.to_thread(self.registry.local_files, version)
-                handle = LoraHandle(
-                    name=f"{version.adapter}@{version.version}",
-                    lora_id=next(self._ids),
-                    path=str(path),
-                )
-                await self._engine.add_lora(handle)
+                done = self._metrics.load_timer(version.adapter)
+                try:
+                    path = await asyncio.to_thread(self.registry.local_files, version)
+                    handle = LoraHandle(
+                        name=f"{version.adapter}@{version.version}",
+                        lora_id=next(self._ids),
+                        path=str(path),
+                    )
+                    await self._engine.add_lora(handle)
+                except Exception as exc:
+                    done(exc)
+                    raise
+                done(None)
                 entry = self._loaded[key] = _Loaded(handle=handle, version=version)
         return entry.handle
 
@@ -272,6 +285,7 @@ class AdapterRouter:
                         "could not remove %s from the engine", entry.handle.name, exc_info=True
                     )
                 released.append(entry.handle.name)
+                self._metrics.adapter_evictions.inc()
         return released
 
     def _lock(self, name: str) -> asyncio.Lock:

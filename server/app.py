@@ -19,15 +19,16 @@ from server.adapters import AdapterRouter
 from server.engine.base import Engine
 from server.errors import ErrorKind, InvalidRequest, ServerError, describe, error_body
 from server.lifecycle import AdmissionMiddleware, Lifecycle
+from server.metrics import Metrics, RequestInfo, log_request
 from server.quotas import Quotas
-from server.routes import admin, health, openai
+from server.routes import admin, health, metrics_route, openai
 from server.serving import Serving
 from server.settings import Settings
 
 _INVALID = "invalid_request_error"
 
 
-def build_router(settings: Settings, engine: Engine) -> AdapterRouter:
+def build_router(settings: Settings, engine: Engine, metrics: Metrics) -> AdapterRouter:
     """The registry (SQLite), the adapters-directory catalog, and the router over both."""
     if settings.model is None:
         raise ValueError("settings.model is required")
@@ -46,7 +47,7 @@ def build_router(settings: Settings, engine: Engine) -> AdapterRouter:
     # The router tells the disk cache which downloads the engine may still read.
     holder: list[AdapterRouter] = []
     registry = Registry(config, base, in_use=lambda: holder[0].in_use_shas() if holder else set())
-    router = AdapterRouter(settings.served_model_name, registry, catalog, engine)
+    router = AdapterRouter(settings.served_model_name, registry, catalog, engine, metrics)
     holder.append(router)
     return router
 
@@ -83,7 +84,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         own = engine is None
         eng = start_engine(settings) if own else engine
         assert eng is not None
-        router = build_router(settings, eng)
+        router = build_router(settings, eng, metrics)
         app.state.engine = eng
         app.state.router = router
         _refuse_open_network(settings, router.registry)
@@ -109,16 +110,25 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         lifespan=lifespan,
     )
     app.state.lifecycle = Lifecycle()
+    app.state.metrics = metrics = Metrics(settings.metrics_max_label_values)
+    app.state.max_loras = settings.engine.max_loras
+
+    def observe(info: RequestInfo) -> None:
+        metrics.observe(info)
+        log_request(info)
+
     app.add_middleware(
         AdmissionMiddleware,
         lifecycle=app.state.lifecycle,
         max_body_bytes=settings.max_body_bytes,
         # multipart overhead on top of the weights and the config
         max_upload_bytes=settings.max_adapter_bytes + 2 * 1024 * 1024,
+        observe=observe,
     )
     app.include_router(openai.router)
     app.include_router(admin.router)
     app.include_router(health.router)
+    app.include_router(metrics_route.router)
     _install_error_handlers(app)
     return app
 

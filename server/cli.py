@@ -112,6 +112,12 @@ def serve(
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # The request log is JSON already: one bare line per request, for log shippers.
+    requests_log = logging.getLogger("loraswap.requests")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    requests_log.addHandler(handler)
+    requests_log.propagate = False
     console.print(
         f"serving {settings.served_model_name} from {settings.model} on "
         f"http://{settings.host}:{settings.port}"

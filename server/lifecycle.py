@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import time
 import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
 from server.errors import EngineUnavailable, RequestTooLarge, describe
+from server.metrics import RequestInfo
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -24,6 +26,8 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Paths that stay open while draining, so orchestrators can watch the drain.
 _ALWAYS_OPEN = ("/health", "/metrics")
+# Requests that get a metrics sample and a log line.
+_OBSERVED = ("/v1/chat/completions", "/v1/completions")
 
 
 class Lifecycle:
@@ -56,9 +60,16 @@ class Lifecycle:
 
 class AdmissionMiddleware:
     def __init__(
-        self, app: ASGIApp, lifecycle: Lifecycle, *, max_body_bytes: int, max_upload_bytes: int
+        self,
+        app: ASGIApp,
+        lifecycle: Lifecycle,
+        *,
+        max_body_bytes: int,
+        max_upload_bytes: int,
+        observe: Callable[[RequestInfo], None],
     ) -> None:
         self.app = app
+        self.observe = observe
         self.lifecycle = lifecycle
         self.max_body_bytes = max_body_bytes
         self.max_upload_bytes = max_upload_bytes
@@ -88,11 +99,20 @@ class AdmissionMiddleware:
                 return
             receive = _replay(buffered, receive)
         request_id = _request_id(scope)
-        scope.setdefault("state", {})["request_id"] = request_id
+        info = RequestInfo(
+            request_id=request_id,
+            method=scope.get("method", ""),
+            path=path,
+            started=time.perf_counter(),
+        )
+        state = scope.setdefault("state", {})
+        state["request_id"] = request_id
+        state["info"] = info
 
         async def send_with_id(message: Message) -> None:
             # Every response, errors included, carries the id the logs know it by.
             if message["type"] == "http.response.start":
+                info.status = message["status"]
                 message["headers"] = [
                     *message.get("headers", []),
                     (b"x-request-id", request_id.encode()),
@@ -106,8 +126,13 @@ class AdmissionMiddleware:
             self.lifecycle.leave()
             # Handlers register here what must run once the response is over, whatever
             # happened to it (quota tickets): a streamed body may outlive its handler.
-            for finalize in scope["state"].get("finalizers", ()):
+            for finalize in state.get("finalizers", ()):
                 finalize()
+            info.ended = time.perf_counter()
+            if path.startswith(_OBSERVED):
+                if info.status == 0:
+                    info.status = 499  # the client left before any response started
+                self.observe(info)
 
 
 def _too_large(limit: int, size: int | None) -> RequestTooLarge:

@@ -12,6 +12,7 @@ from adapters_registry.records import TenantRecord
 from server.adapters import AdapterRouter, Target
 from server.engine.base import ChoiceDelta, Engine, SamplingSpec, TokenLogprob
 from server.errors import ContextLengthExceeded, InvalidRequest, describe
+from server.metrics import RequestInfo
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.quotas import Quotas, Ticket
 
@@ -42,6 +43,7 @@ class Prepared:
     include_usage: bool
     return_token_ids: bool
     ticket: Ticket | None = None  # the quota admission; released by the middleware
+    info: RequestInfo | None = None  # metrics and the request log line
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -227,16 +229,21 @@ class Serving:
         """The engine's deltas for `p`, holding its adapter version for the whole run."""
         used = 0
         priority = p.ticket.priority if p.ticket is not None else 0
+        info = p.info
         try:
             async with self._router.lease(p.target) as lora:
                 async for chunk in self._engine.generate(
                     p.request_id, p.prompt_ids, p.sampling, lora, priority=priority
                 ):
+                    if info is not None and info.ttft_s is None:
+                        info.ttft_s = time.perf_counter() - info.started
                     used += sum(len(d.token_ids) for d in chunk.choices)
                     yield chunk.choices
         finally:
             if p.ticket is not None:
                 p.ticket.used_tokens = len(p.prompt_ids) + used
+            if info is not None:
+                info.completion_tokens = used
 
     # -- formatting --------------------------------------------------------------------
 

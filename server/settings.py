@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(
         30.0, ge=0, description="On SIGTERM, how long running requests may take to finish."
     )
+    metrics_max_label_values: int = Field(
+        100, ge=1, description="Distinct adapters/tenants labelled in metrics; the rest 'other'."
+    )
     max_in_flight: int = Field(
         256, ge=1, description="Inference requests in the server at once; past it, 503."
     )

@@ -22,7 +22,7 @@ from adapters_registry.records import (
 )
 from server.adapters import AdapterRouter
 from server.auth import require_admin
-from server.deps import QuotasDep, RouterDep
+from server.deps import EngineDep, QuotasDep, RouterDep
 from server.quotas import Quotas
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -363,3 +363,14 @@ async def create_key(name: str, router_: RouterDep) -> dict[str, Any]:
 async def delete_key(name: str, key_id: str, router_: RouterDep) -> dict[str, Any]:
     await asyncio.to_thread(router_.registry.delete_key, name, key_id)
     return {"tenant": name, "key_id": key_id, "deleted": True}
+
+
+@router.get("/engine", summary="Engine status: running requests, loaded adapter versions")
+async def engine_status(router_: RouterDep, engine: EngineDep, quotas: QuotasDep) -> dict[str, Any]:
+    return {
+        "engine_running_requests": await engine.num_running(),
+        "server_in_flight": quotas.in_flight,
+        "loaded": [
+            {"name": h.name, "lora_id": h.lora_id, "running": n} for h, n in router_.loaded()
+        ],
+    }

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from server.deps import PrincipalDep, RequestIdDep, RouterDep, ServingDep
+from server.metrics import RequestInfo
 from server.protocol import ChatCompletionRequest, CompletionRequest
 from server.serving import Caller, Prepared, Serving
 
@@ -67,9 +68,20 @@ def _model(model_id: str, parent: str | None) -> dict[str, Any]:
 
 def _on_finish(request: Request, p: Prepared) -> Prepared:
     """Release the quota ticket when the response has fully gone (see server/lifecycle.py):
-    the one place that runs whatever happens to the request, disconnects included."""
+    the one place that runs whatever happens to the request, disconnects included. Also
+    tell the request's log line and metrics what served it."""
     if p.ticket is not None:
         request.state.finalizers = [*getattr(request.state, "finalizers", []), p.ticket.release]
+    info: RequestInfo | None = getattr(request.state, "info", None)
+    if info is not None:
+        p.info = info
+        info.model = p.target.model
+        info.prompt_tokens = len(p.prompt_ids)
+        info.tenant = p.ticket.tenant or "" if p.ticket is not None else ""
+        if p.target.version is not None:
+            info.adapter = p.target.version.adapter
+            info.version = str(p.target.version.version)
+        info.variant = p.target.variant or ""
     return p
 
 

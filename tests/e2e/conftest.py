@@ -62,6 +62,7 @@ def adapters_dir(demo: DemoAssets, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 ADMIN_KEY = "e2e-admin-key"
+MAX_LORAS = ["--max-loras", "3"]
 
 
 def registry_env(demo: DemoAssets, state: Path) -> dict[str, str]:
@@ -81,7 +82,12 @@ def server(
     """The real server, float32 so that greedy outputs are comparable with PEFT exactly."""
     state = tmp_path_factory.mktemp("server")
     env = registry_env(demo, state)
-    with running_server(demo.base_dir, adapters_dir, state / "server.log", env=env) as proc:
+    # max_loras = the number of demo adapters: every engine slot holds an adapter, so
+    # vLLM's bug (index -1 read as the last slot) would hit base requests (the last slot
+    # of a partly empty table holds zeros and would hide it).
+    with running_server(
+        demo.base_dir, adapters_dir, state / "server.log", env=env, extra_args=MAX_LORAS
+    ) as proc:
         print(f"server healthy after {proc.start_seconds:.1f}s")
         yield proc
 

@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from server.demo import DemoAssets
-from tests.e2e.conftest import registry_env
+from tests.e2e.conftest import MAX_LORAS, registry_env
 from tests.e2e.reference import PeftReference
 from tests.e2e.server_proc import ServerProc, running_server
 
@@ -100,7 +100,9 @@ def test_parity_fails_without_the_fix(
     If this starts failing, either the switch no longer turns the fix off, or upstream
     vLLM fixed the bug (then the plugin's probe keeps it inert; retire this test)."""
     env = {**registry_env(demo, tmp_path), "LORASWAP_ENGINE__LORA_FIX": "false"}
-    with running_server(demo.base_dir, adapters_dir, tmp_path / "server.log", env=env) as srv:
+    with running_server(
+        demo.base_dir, adapters_dir, tmp_path / "server.log", env=env, extra_args=MAX_LORAS
+    ) as srv:
         cases = _cases(demo.adapter_names)
         got = _server_outputs(srv.url, cases, reference)
     bad = _mismatches(cases, got, expected)

@@ -1,0 +1,199 @@
+"""Every Prometheus metric, in one place, and the one-line JSON log of each request.
+
+Label cardinality stays bounded with thousands of adapters: the first `max_label_values`
+distinct adapters (and tenants) seen get their own label value, every later one is
+reported as "other". Versions and alias variants are labelled only for adapters that
+have their own value. So the series count is bounded by a setting, not by the registry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+log = logging.getLogger("loraswap.requests")
+
+# From 5 ms (GPU TTFT) to minutes (a long CPU generation under load).
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_TOKEN_TIME_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28)
+_LOAD_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)
+OTHER = "other"
+
+
+@dataclass
+class RequestInfo:
+    """What one request did; filled in as it goes, observed when its response ends."""
+
+    request_id: str
+    method: str
+    path: str
+    started: float
+    status: int = 0
+    model: str = ""
+    adapter: str = ""
+    version: str = ""
+    variant: str = ""
+    tenant: str = ""
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    ttft_s: float | None = None
+    ended: float = 0.0
+
+    @property
+    def latency_s(self) -> float:
+        return self.ended - self.started
+
+
+class _Bounded:
+    """Label values, capped: past `limit` distinct values everything new is OTHER."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._seen: set[str] = set()
+
+    def __call__(self, value: str) -> str:
+        if not value or value in self._seen:
+            return value
+        if len(self._seen) >= self._limit:
+            return OTHER
+        self._seen.add(value)
+        return value
+
+
+class Metrics:
+    def __init__(self, max_label_values: int = 100) -> None:
+        self.registry = CollectorRegistry()
+        self._adapter = _Bounded(max_label_values)
+        self._tenant = _Bounded(max_label_values)
+        r = self.registry
+        labels = ["adapter", "version", "variant", "tenant"]
+        self.requests = Counter(
+            "loraswap_requests",
+            "Inference requests by final status.",
+            ["route", *labels, "status"],
+            registry=r,
+        )
+        self.prompt_tokens = Counter("loraswap_prompt_tokens", "Prompt tokens.", labels, registry=r)
+        self.completion_tokens = Counter(
+            "loraswap_completion_tokens", "Completion tokens.", labels, registry=r
+        )
+        self.ttft = Histogram(
+            "loraswap_time_to_first_token_seconds",
+            "Time to first token.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.tpot = Histogram(
+            "loraswap_time_per_output_token_seconds",
+            "Time per output token after the first.",
+            labels,
+            buckets=_TOKEN_TIME_BUCKETS,
+            registry=r,
+        )
+        self.latency = Histogram(
+            "loraswap_request_latency_seconds",
+            "End-to-end latency.",
+            labels,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.adapter_loads = Counter(
+            "loraswap_adapter_loads", "Adapter versions loaded.", ["adapter"], registry=r
+        )
+        self.adapter_load_seconds = Histogram(
+            "loraswap_adapter_load_seconds",
+            "Time to load an adapter version.",
+            buckets=_LOAD_BUCKETS,
+            registry=r,
+        )
+        self.adapter_load_failures = Counter(
+            "loraswap_adapter_load_failures",
+            "Adapter loads refused or failed, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.adapter_evictions = Counter(
+            "loraswap_adapter_evictions", "Adapter versions released from the engine.", registry=r
+        )
+        self.adapters_resident = Gauge(
+            "loraswap_adapters_resident", "Adapter versions held in the engine.", registry=r
+        )
+        self.adapters_registered = Gauge(
+            "loraswap_adapters_registered", "Adapters in the registry.", registry=r
+        )
+        self.in_flight = Gauge(
+            "loraswap_requests_in_flight",
+            "Inference requests admitted and not finished (queue depth).",
+            registry=r,
+        )
+        self.engine_running = Gauge(
+            "loraswap_engine_running_requests",
+            "Requests the engine holds (running or waiting).",
+            registry=r,
+        )
+        # vLLM's own gauge, in vLLM's format, for the Kubernetes Gateway API inference
+        # extension: value = a timestamp, adapter names comma-joined in labels.
+        self.lora_info = Gauge(
+            "vllm:lora_requests_info",
+            "Running stats on lora requests.",
+            ["max_lora", "running_lora_adapters", "waiting_lora_adapters"],
+            registry=r,
+        )
+
+    def observe(self, info: RequestInfo) -> None:
+        adapter = self._adapter(info.adapter)
+        bounded = adapter not in ("", OTHER)
+        values = (
+            adapter,
+            info.version if bounded else "",
+            info.variant if bounded else "",
+            self._tenant(info.tenant),
+        )
+        route = info.path.removeprefix("/v1/")
+        self.requests.labels(route, *values, str(info.status)).inc()
+        if info.status != 200:
+            return
+        self.prompt_tokens.labels(*values).inc(info.prompt_tokens)
+        self.completion_tokens.labels(*values).inc(info.completion_tokens)
+        self.latency.labels(*values).observe(info.latency_s)
+        if info.ttft_s is not None:
+            self.ttft.labels(*values).observe(info.ttft_s)
+            if info.completion_tokens > 1:
+                decode = info.latency_s - info.ttft_s
+                self.tpot.labels(*values).observe(decode / (info.completion_tokens - 1))
+
+    def load_timer(self, adapter: str) -> Callable[[BaseException | None], None]:
+        start = time.perf_counter()
+
+        def done(error: BaseException | None) -> None:
+            if error is None:
+                self.adapter_loads.labels(self._adapter(adapter)).inc()
+                self.adapter_load_seconds.observe(time.perf_counter() - start)
+            else:
+                self.adapter_load_failures.labels(type(error).__name__).inc()
+
+        return done
+
+    def render(self, *, max_lora: int, running_adapters: Iterable[str]) -> bytes:
+        self.lora_info.clear()
+        self.lora_info.labels(str(max_lora), ",".join(sorted(set(running_adapters))), "").set(
+            time.time()
+        )
+        return bytes(generate_latest(self.registry))
+
+
+def log_request(info: RequestInfo) -> None:
+    """One JSON line per request: who, what served it, outcome, tokens, timings."""
+    record = {k: v for k, v in asdict(info).items() if v not in ("", None)}
+    record["latency_ms"] = round(1000 * info.latency_s, 1)
+    if info.ttft_s is not None:
+        record["ttft_ms"] = round(1000 * info.ttft_s, 1)
+    for key in ("started", "ended", "ttft_s"):
+        record.pop(key, None)
+    log.info(json.dumps(record, separators=(",", ":")))
