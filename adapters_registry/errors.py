@@ -2,6 +2,7 @@
 
     AdapterError
     ├── AdapterNotFound          no adapter (or version) by that name
+    │   └── TenantNotFound       no tenant (or key) by that name
     ├── InvalidAdapterName       the name does not match the allowed pattern
     ├── PathOutsideRoots         a path resolves outside the configured roots
     ├── Conflict                 the change contradicts the registry's state
@@ -38,6 +39,10 @@ class AdapterError(Exception):
 
 
 class AdapterNotFound(AdapterError):
+    pass
+
+
+class TenantNotFound(AdapterNotFound):
     pass
 
 

@@ -24,6 +24,7 @@ from adapters_registry.errors import (
     InvalidSource,
     MalformedAdapter,
     SourceChanged,
+    TenantNotFound,
 )
 from adapters_registry.names import check_name
 from adapters_registry.paths import confine
@@ -190,7 +191,7 @@ class Registry:
         if not how.create and name not in self._adapters:
             raise AdapterNotFound(f"adapter {name!r} not found", adapter=name)
         if how.owner is not None and how.owner not in self._tenants:
-            raise AdapterNotFound(f"tenant {how.owner!r} not found", adapter=name)
+            raise TenantNotFound(f"tenant {how.owner!r} not found", adapter=name)
 
     def _inspect(self, path: Path, name: str, sha256: str | None) -> AdapterSpec:
         return inspect_adapter(
@@ -281,7 +282,7 @@ class Registry:
     ) -> AliasRecord:
         check_name(name)
         if owner is not None and owner not in self._tenants:
-            raise AdapterNotFound(f"tenant {owner!r} not found", adapter=name)
+            raise TenantNotFound(f"tenant {owner!r} not found", adapter=name)
         for v in variants:
             target = self._adapters.get(v.adapter)
             # An alias must not become a way into an adapter its users could not name:
@@ -370,8 +371,10 @@ class Registry:
             self._keys.pop(key_id, None)
             self._tenants[tenant] = self._store.tenant(tenant)
 
-    def has_keys(self) -> bool:
-        return bool(self._keys)
+    def has_tenants(self) -> bool:
+        """Open mode ends with the first tenant, not its first key: revoking every key
+        must not reopen the server to anyone."""
+        return bool(self._tenants)
 
     def authenticate(self, key: str) -> TenantRecord | None:
         """The tenant a key belongs to, or None (malformed, unknown or wrong secret)."""

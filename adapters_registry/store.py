@@ -19,7 +19,13 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from adapters_registry.errors import AdapterNotFound, AlreadyExists, InUse, InvalidAlias
+from adapters_registry.errors import (
+    AdapterNotFound,
+    AlreadyExists,
+    InUse,
+    InvalidAlias,
+    TenantNotFound,
+)
 from adapters_registry.records import (
     AdapterRecord,
     AliasRecord,
@@ -330,8 +336,12 @@ class Store:
         with self._tx() as db:
             row = db.execute("SELECT created_at FROM tenants WHERE name=?", (name,)).fetchone()
             created = float(row[0]) if row is not None else time.time()
+            # An upsert, not INSERT OR REPLACE: a replace deletes the row first, and the
+            # delete would cascade to the tenant's API keys.
             db.execute(
-                "INSERT OR REPLACE INTO tenants VALUES (?,?,?,?)",
+                "INSERT INTO tenants VALUES (?,?,?,?) ON CONFLICT(name) DO UPDATE SET "
+                "max_concurrent=excluded.max_concurrent, "
+                "tokens_per_minute=excluded.tokens_per_minute",
                 (name, max_concurrent, tokens_per_minute, created),
             )
         return self.tenant(name)
@@ -340,7 +350,7 @@ class Store:
         with self._lock:
             row = self._db.execute("SELECT * FROM tenants WHERE name=?", (name,)).fetchone()
             if row is None:
-                raise AdapterNotFound(f"tenant {name!r} not found", adapter=name)
+                raise TenantNotFound(f"tenant {name!r} not found", adapter=name)
             keys = self._db.execute(
                 "SELECT key_id FROM api_keys WHERE tenant=? ORDER BY created_at", (name,)
             ).fetchall()
@@ -383,7 +393,7 @@ class Store:
                 "DELETE FROM api_keys WHERE tenant=? AND key_id=?", (tenant, key_id)
             ).rowcount
             if not gone:
-                raise AdapterNotFound(f"tenant {tenant!r} has no key {key_id!r}", adapter=tenant)
+                raise TenantNotFound(f"tenant {tenant!r} has no key {key_id!r}", adapter=tenant)
 
     def list_keys(self) -> list[KeyRecord]:
         with self._lock:
@@ -398,7 +408,7 @@ class Store:
 
 def _require_tenant(db: sqlite3.Connection, name: str) -> None:
     if db.execute("SELECT 1 FROM tenants WHERE name=?", (name,)).fetchone() is None:
-        raise AdapterNotFound(f"tenant {name!r} not found", adapter=name)
+        raise TenantNotFound(f"tenant {name!r} not found", adapter=name)
 
 
 def _tenant(row: tuple[object, ...], keys: tuple[str, ...]) -> TenantRecord:

@@ -2,8 +2,12 @@
 
     from clients import Client
 
-    with Client("http://127.0.0.1:8000", admin_key="...") as client:
-        client.register_adapter("support", "/srv/adapters/support-v1")
+    with Client("http://127.0.0.1:8000", admin_key="...") as admin:
+        admin.put_tenant("acme", max_concurrent=4)
+        key = admin.create_key("acme")["key"]  # shown once: store it
+        admin.register_adapter("support", "/srv/adapters/support-v1", owner="acme")
+
+    with Client("http://127.0.0.1:8000", api_key=key) as client:
         reply = client.chat("smollm2:support", [{"role": "user", "content": "hi"}])
         print(reply.text, reply.served_by.adapter_version)
 
@@ -38,9 +42,13 @@ from clients.types import (
     AliasInfo,
     Completion,
     DeletedAdapter,
+    DeletedKey,
+    DeletedTenant,
     ModelInfo,
+    NewApiKey,
     ProgressCallback,
     ServedBy,
+    TenantInfo,
     VersionInfo,
     VersionState,
     WarmedAdapter,
@@ -64,10 +72,13 @@ __all__ = [
     "Completion",
     "ConflictError",
     "DeletedAdapter",
+    "DeletedKey",
+    "DeletedTenant",
     "Endpoints",
     "InternalServerError",
     "LoraswapError",
     "ModelInfo",
+    "NewApiKey",
     "NotFoundError",
     "PayloadTooLargeError",
     "PermissionDeniedError",
@@ -77,6 +88,7 @@ __all__ = [
     "ServedBy",
     "ServiceUnavailableError",
     "Stream",
+    "TenantInfo",
     "UnprocessableEntityError",
     "VersionInfo",
     "VersionState",

@@ -36,8 +36,12 @@ from clients.types import (
     AliasInfo,
     Completion,
     DeletedAdapter,
+    DeletedKey,
+    DeletedTenant,
     ModelInfo,
+    NewApiKey,
     ProgressCallback,
+    TenantInfo,
     VersionInfo,
     WarmedAdapter,
 )
@@ -144,11 +148,15 @@ class BaseClient(abc.ABC, Generic[_Http, _Transport, _Sleep]):
     ) -> None:
         """Talk to the loraswap server at `base_url` (its root, not `/v1`).
 
-        `api_key` goes with inference calls and `admin_key` with `/admin` calls, each as
-        `Authorization: Bearer`. `transport` replaces httpx's network transport (tests,
-        in-process apps); `http_client` replaces the whole httpx client (proxies, TLS,
-        limits), and is then the caller's to close, its own timeout applying. `sleep`
-        replaces the sleep between retries (tests).
+        `api_key` (a tenant's key, `lsk_...`, from `create_key`) goes with inference calls
+        and `admin_key` with `/admin` calls, each as `Authorization: Bearer`. Once a server
+        has any tenant key, inference without a valid one is refused (AuthenticationError);
+        the admin key is accepted there too and reaches every adapter.
+
+        `transport` replaces httpx's network transport (tests, in-process apps);
+        `http_client` replaces the whole httpx client (proxies, TLS, limits), and is then
+        the caller's to close, its own timeout applying. `sleep` replaces the sleep between
+        retries (tests).
         """
         if transport is not None and http_client is not None:
             raise ValueError("give transport or http_client, not both")
@@ -157,8 +165,6 @@ class BaseClient(abc.ABC, Generic[_Http, _Transport, _Sleep]):
             # and responses would slip past this client's handling.
             raise TypeError(f"http_client must be an httpx.{self._http_class().__name__}")
         self.base_url = base_url.rstrip("/")
-        # Tenants: the server checks no inference key yet. When it does, per-tenant keys
-        # plug in here (`api_key`) and in `_authorization`, the one place that sends one.
         self.api_key = api_key
         self.admin_key = admin_key
         self.retry_policy = RetryPolicy(max_retries=max_retries)
@@ -261,11 +267,20 @@ class Endpoints:
 
     @endpoint
     def register_adapter(
-        self, name: str, source: str, sha256: str | None = None
+        self,
+        name: str,
+        source: str,
+        sha256: str | None = None,
+        *,
+        owner: str | None = None,
+        shared: bool = False,
     ) -> Op[AdapterInfo]:
         """Register adapter `name` as version 1 from `source`: a path inside the server's
-        allowed roots (as the server sees it) or an http(s) URL of a PEFT folder."""
-        body = {"name": name, "source": source, "sha256": sha256}
+        allowed roots (as the server sees it) or an http(s) URL of a PEFT folder.
+
+        `owner`: the tenant it belongs to (None: the operator's); `shared`: every tenant
+        may use it. Otherwise only its owner can name it (see `set_access`)."""
+        body = {"name": name, "source": source, "sha256": sha256, **_access(owner, shared)}
         return Op(_create("/admin/adapters", json=body), json_body)
 
     @endpoint
@@ -275,11 +290,14 @@ class Endpoints:
         folder_or_files: AdapterFiles,
         sha256: str | None = None,
         progress: ProgressCallback | None = None,
+        *,
+        owner: str | None = None,
+        shared: bool = False,
     ) -> Op[AdapterInfo]:
         """Register adapter `name` as version 1 from local files, uploaded: a PEFT folder
         or `{"adapter_config": path, "adapter_model": path}`. `progress(sent, total)`
-        follows the bytes sent."""
-        form = _form(name=name, sha256=sha256)
+        follows the bytes sent. `owner` and `shared` as in `register_adapter`."""
+        form = _form(name=name, sha256=sha256, owner=owner, shared="true" if shared else None)
         files = upload_files(folder_or_files, progress)
         return Op(_create("/admin/adapters/upload", form=form, files=files), json_body)
 
@@ -302,7 +320,7 @@ class Endpoints:
         progress: ProgressCallback | None = None,
     ) -> Op[VersionInfo]:
         """Add the next version of `name` from local files, uploaded (see `upload_adapter`)."""
-        form = _form(sha256=sha256, make_current="true" if make_current else "false")
+        form = _form(sha256=sha256, make_current=_bool(make_current))
         files = upload_files(folder_or_files, progress)
         path = f"/admin/adapters/{segment(name)}/versions/upload"
         return Op(_create(path, form=form, files=files), json_body)
@@ -339,6 +357,16 @@ class Endpoints:
         return Op(_delete(f"/admin/adapters/{segment(name)}"), json_body)
 
     @endpoint
+    def set_access(
+        self, name: str, owner: str | None = None, shared: bool = False
+    ) -> Op[AdapterInfo]:
+        """Set who may use adapter `name`: its `owner` tenant (None: the operator) and, when
+        `shared`, every tenant. Both are set: the defaults make it the operator's, private.
+        A tenant that may not use it gets NotFoundError, as if it did not exist."""
+        spec = _put(f"/admin/adapters/{segment(name)}/access", {"owner": owner, "shared": shared})
+        return Op(spec, json_body)
+
+    @endpoint
     def pin(self, name: str, pinned: bool = True) -> Op[AdapterInfo]:
         """Keep `name` loaded in the engine, also across restarts (`pinned=False` unpins)."""
         spec = _put(f"/admin/adapters/{segment(name)}/pin", {"pinned": pinned})
@@ -364,16 +392,65 @@ class Endpoints:
         return Op(_read(f"/admin/aliases/{segment(name)}"), json_body)
 
     @endpoint
-    def set_alias(self, name: str, variants: Mapping[str, int]) -> Op[AliasInfo]:
+    def set_alias(
+        self,
+        name: str,
+        variants: Mapping[str, int],
+        *,
+        owner: str | None = None,
+        shared: bool = False,
+    ) -> Op[AliasInfo]:
         """Create or replace alias `name`: `{"pirate@3": 90, "formal": 10}` (`name` follows
-        that adapter's current version, `name@N` pins version N). Takes effect at once."""
-        spec = _put(f"/admin/aliases/{segment(name)}", {"variants": dict(variants)})
-        return Op(spec, json_body)
+        that adapter's current version, `name@N` pins version N). Takes effect at once.
+
+        `owner`/`shared` as for adapters; every variant must be usable by whoever may use
+        the alias (UnprocessableEntityError otherwise)."""
+        body = {"variants": dict(variants), **_access(owner, shared)}
+        return Op(_put(f"/admin/aliases/{segment(name)}", body), json_body)
 
     @endpoint
     def delete_alias(self, name: str) -> Op[AliasInfo]:
         """Delete an alias; answers what it was."""
         return Op(_delete(f"/admin/aliases/{segment(name)}"), json_body)
+
+    # -- tenants and API keys ----------------------------------------------------------
+
+    @endpoint
+    def put_tenant(
+        self, name: str, max_concurrent: int | None = None, tokens_per_minute: int | None = None
+    ) -> Op[TenantInfo]:
+        """Create tenant `name`, or set its quotas: `max_concurrent` requests running at
+        once, `tokens_per_minute` (prompt + completion). None is no limit, so both are
+        set: pass the ones to keep too. Over a quota, its requests get RateLimitError."""
+        body = {"max_concurrent": max_concurrent, "tokens_per_minute": tokens_per_minute}
+        return Op(_put(f"/admin/tenants/{segment(name)}", body), json_body)
+
+    @endpoint
+    def list_tenants(self) -> Op[list[TenantInfo]]:
+        """Every tenant with its quotas, key ids and requests running."""
+        return Op(_read("/admin/tenants"), data_list)
+
+    @endpoint
+    def get_tenant(self, name: str) -> Op[TenantInfo]:
+        """One tenant."""
+        return Op(_read(f"/admin/tenants/{segment(name)}"), json_body)
+
+    @endpoint
+    def delete_tenant(self, name: str) -> Op[DeletedTenant]:
+        """Delete a tenant and its keys (ConflictError while it owns an adapter or alias)."""
+        return Op(_delete(f"/admin/tenants/{segment(name)}"), json_body)
+
+    @endpoint
+    def create_key(self, tenant: str) -> Op[NewApiKey]:
+        """A new API key for `tenant`. `key` is in this answer only (the server keeps its
+        hash): store it now. Inference with `Client(api_key=key)` acts as that tenant."""
+        return Op(_create(f"/admin/tenants/{segment(tenant)}/keys"), json_body)
+
+    @endpoint
+    def delete_key(self, tenant: str, key_id: str) -> Op[DeletedKey]:
+        """Revoke one of `tenant`'s keys by its id (the `key_id` of `create_key`)."""
+        path = f"/admin/tenants/{segment(tenant)}/keys/{segment(key_id)}"
+        return Op(_delete(path), json_body)
 
 
 # Inference changes no server state: sending it again is harmless (it costs engine time).
@@ -406,6 +483,19 @@ def _set_current(name: str, version: int) -> Op[AdapterInfo]:
 
 def _form(**fields: str | None) -> dict[str, str]:
     return {k: v for k, v in fields.items() if v is not None}
+
+
+def _bool(value: bool) -> str:
+    return "true" if value else "false"
+
+
+def _access(owner: str | None, shared: bool) -> JSON:
+    # Only what differs from the server's defaults (the operator's, private): the same
+    # result, and the same bodies as before tenants existed, for servers without them.
+    return {
+        **({"owner": owner} if owner is not None else {}),
+        **({"shared": True} if shared else {}),
+    }
 
 
 def _prompt(prompt: str | Sequence[int]) -> str | list[int]:

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import httpx
 
+from clients._retry import parse_retry_after
 from clients.errors import (
     APIConnectionError,
     APIStatusError,
@@ -202,7 +203,11 @@ def response_error(response: httpx.Response, sent_request_id: str | None) -> API
     # The server puts x-request-id on successes only; ours is the one it logged.
     request_id = response.headers.get("x-request-id") or sent_request_id
     return status_error(
-        response.status_code, body, request_id=request_id, reason=response.reason_phrase
+        response.status_code,
+        body,
+        request_id=request_id,
+        reason=response.reason_phrase,
+        retry_after=parse_retry_after(response.headers.get("retry-after")),
     )
 
 

@@ -5,20 +5,22 @@
     │   └── APITimeoutError            the answer did not come in time
     └── APIStatusError                 the server answered with an error (any status)
         ├── BadRequestError            400  invalid parameter, malformed JSON, bad source
-        ├── AuthenticationError        401  no credentials where they are required
-        ├── PermissionDeniedError      403  wrong key, admin API disabled, path outside roots
-        ├── NotFoundError              404  no such model, adapter, version or alias
+        ├── AuthenticationError        401  no API key where one is required, or an invalid one
+        ├── PermissionDeniedError      403  wrong admin key, admin API disabled, path outside roots
+        ├── NotFoundError              404  no such model, adapter, version, alias or tenant
+        │                                   (another tenant's private adapter looks the same)
         ├── ConflictError              409  name taken, still in use, source changed
         ├── PayloadTooLargeError       413  adapter above the server's size cap
         ├── UnprocessableEntityError   422  unsafe, malformed or incompatible adapter, bad alias
-        ├── RateLimitError             429  too many requests (a gateway in front, today)
+        ├── RateLimitError             429  a tenant quota: requests at once, or tokens per minute
         └── InternalServerError        5xx  the server (or a gateway) failed
-            └── ServiceUnavailableError 503 the engine is not running
+            └── ServiceUnavailableError 503 the engine is not running, or the server is full
 
 The server answers errors in OpenAI's shape, `{"error": {"message", "type", "param",
-"code"}}`; every field of it is on the exception, with the HTTP status and the request
-id. The class says the status; `code` says the exact problem (`already_exists`,
-`checksum_mismatch`, ...), as listed in the README's errors table.
+"code"}}`; every field of it is on the exception, with the HTTP status, the request id
+and `retry_after`, the server's `Retry-After` in seconds (429 and 503 send one). The class
+says the status; `code` says the exact problem (`already_exists`, `checksum_mismatch`,
+...), as listed in the README's errors table.
 
 An error that arrives inside a stream (an SSE error frame, after the 200 status line)
 raises the same classes: its `status` is the one the server gives that error elsewhere,
@@ -70,7 +72,13 @@ class APITimeoutError(APIConnectionError):
 
 
 class APIStatusError(LoraswapError):
-    """The server answered with an error status; the base of the per-status classes."""
+    """The server answered with an error status; the base of the per-status classes.
+
+    `retry_after`: seconds the server asked to wait before trying again (its `Retry-After`
+    header), or None. The clients already waited that long between their own retries; it
+    is what remains for you when they gave up (retries used up, or a wait above
+    `RetryPolicy.max_retry_after`).
+    """
 
     status: int
 
@@ -83,10 +91,12 @@ class APIStatusError(LoraswapError):
         param: str | None = None,
         code: str | None = None,
         request_id: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(
             message, status=status, type=type, param=param, code=code, request_id=request_id
         )
+        self.retry_after = retry_after
 
 
 class BadRequestError(APIStatusError):
@@ -94,15 +104,17 @@ class BadRequestError(APIStatusError):
 
 
 class AuthenticationError(APIStatusError):
-    """401: no `Authorization: Bearer` where the server requires one."""
+    """401: no `Authorization: Bearer` where the server requires one (`missing_api_key`),
+    or a tenant API key it does not know (`invalid_api_key`)."""
 
 
 class PermissionDeniedError(APIStatusError):
-    """403: a wrong key, the admin API disabled, or a source path outside the roots."""
+    """403: a wrong admin key, the admin API disabled, or a source path outside the roots."""
 
 
 class NotFoundError(APIStatusError):
-    """404: no such base, adapter, version or alias."""
+    """404: no such base, adapter, version, alias or tenant. An adapter or alias of another
+    tenant answers exactly like one that does not exist."""
 
 
 class ConflictError(APIStatusError):
@@ -118,7 +130,9 @@ class UnprocessableEntityError(APIStatusError):
 
 
 class RateLimitError(APIStatusError):
-    """429: too many requests; retried with backoff before it reaches you."""
+    """429: a tenant's quota is used up: `max_concurrent` requests already running, or its
+    `tokens_per_minute`. Retried after `Retry-After` before it reaches you; `retry_after`
+    says how long to wait before the next try."""
 
 
 class InternalServerError(APIStatusError):
@@ -126,7 +140,9 @@ class InternalServerError(APIStatusError):
 
 
 class ServiceUnavailableError(InternalServerError):
-    """503: the inference engine is not running (starting, draining or dead)."""
+    """503: the inference engine is not running (starting, draining or dead:
+    `engine_unavailable`), or the server has as many requests in flight as it takes
+    (`server_overloaded`); `retry_after` says when to try again."""
 
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {
@@ -146,8 +162,10 @@ _BY_STATUS: dict[int, type[APIStatusError]] = {
 _STATUS_BY_CODE = {
     "context_length_exceeded": 400,
     "invalid_source": 400,
+    # invalid_api_key is not here: 401 for a tenant key, 403 for an admin key; `type` tells.
     "missing_api_key": 401,
-    "invalid_api_key": 403,
+    "admin_disabled": 403,
+    "permission_denied": 403,
     "path_outside_roots": 403,
     "model_not_found": 404,
     "already_exists": 409,
@@ -155,6 +173,7 @@ _STATUS_BY_CODE = {
     "source_changed": 409,
     "conflict": 409,
     "adapter_too_large": 413,
+    "request_too_large": 413,
     "adapter_invalid": 422,
     "adapter_unsafe_format": 422,
     "adapter_malformed": 422,
@@ -164,13 +183,16 @@ _STATUS_BY_CODE = {
     "adapter_incompatible": 422,
     "invalid_adapter_name": 422,
     "invalid_alias": 422,
+    "rate_limit_exceeded": 429,
     "engine_error": 500,
     "engine_unavailable": 503,
+    "server_overloaded": 503,
 }
 _STATUS_BY_TYPE = {
     "invalid_request_error": 400,
     "authentication_error": 401,
     "permission_error": 403,
+    "rate_limit_error": 429,
     "service_unavailable_error": 503,
 }
 
@@ -183,9 +205,15 @@ def error_class(status: int) -> type[APIStatusError]:
 
 
 def status_error(
-    status: int, body: object, *, request_id: str | None = None, reason: str = ""
+    status: int,
+    body: object,
+    *,
+    request_id: str | None = None,
+    reason: str = "",
+    retry_after: float | None = None,
 ) -> APIStatusError:
-    """The typed error for an error answer: `body` is the decoded JSON (or None).
+    """The typed error for an error answer: `body` is the decoded JSON (or None),
+    `retry_after` its `Retry-After` in seconds.
 
     Bodies that are not OpenAI-shaped (a gateway's page, a framework's `{"detail": ...}`)
     still give the right class; their text, or the reason phrase, becomes the message.
@@ -207,6 +235,7 @@ def status_error(
         param=_str_or_none(fields.get("param")),
         code=_str_or_none(fields.get("code")),
         request_id=request_id,
+        retry_after=retry_after,
     )
 
 

@@ -48,6 +48,8 @@ class AdapterInfo(TypedDict):
     name: str
     current_version: int | None
     pinned: bool
+    owner: str | None  # the tenant that owns it; None: the operator's
+    shared: bool  # usable by every tenant (else by its owner only; the operator uses all)
     created_at: float
     versions: list[VersionState]
 
@@ -57,8 +59,41 @@ class AliasInfo(TypedDict):
 
     name: str
     variants: dict[str, int]
+    owner: str | None
+    shared: bool
     created_at: float
     updated_at: float
+
+
+class TenantInfo(TypedDict):
+    """A tenant: its quotas (None: no limit), its API keys' ids, its requests running."""
+
+    name: str
+    max_concurrent: int | None  # requests running at once
+    tokens_per_minute: int | None  # prompt + completion tokens
+    created_at: float
+    key_ids: list[str]  # the public part of each key; the keys themselves are not kept
+    running: int
+
+
+class NewApiKey(TypedDict):
+    """A tenant's new API key. `key` is in this answer only: the server keeps its hash."""
+
+    tenant: str
+    key_id: str
+    key: str  # "lsk_<key_id>_<secret>": send it as `Client(api_key=...)`
+    created_at: float
+
+
+class DeletedTenant(TypedDict):
+    name: str
+    deleted: bool
+
+
+class DeletedKey(TypedDict):
+    tenant: str
+    key_id: str
+    deleted: bool
 
 
 class DeletedAdapter(TypedDict):

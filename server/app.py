@@ -60,15 +60,21 @@ def start_engine(settings: Settings) -> Engine:
     return VllmEngine.start(settings.model, settings.served_model_name, settings.engine)
 
 
-def _refuse_open_network(settings: Settings, registry: Registry) -> None:
-    """No API keys means anyone can use the server: fine on loopback, not beyond it."""
-    if registry.has_keys() or settings.unsafe_allow_open_network:
-        return
+def open_mode_allowed(settings: Settings) -> bool:
+    """Whether serving without tenants (anyone may call) is acceptable on this address."""
     try:
         loopback = ipaddress.ip_address(settings.host).is_loopback
     except ValueError:
         loopback = settings.host == "localhost"
-    if not loopback:
+    return loopback or settings.unsafe_allow_open_network
+
+
+def _refuse_open_network(settings: Settings, registry: Registry) -> None:
+    """No tenants means anyone can use the server: fine on loopback, not beyond it.
+
+    Checked at start (refuse to start) and on each request (auth.authenticate), so that
+    deleting the last tenant of a public server does not open it."""
+    if not registry.has_tenants() and not open_mode_allowed(settings):
         raise RuntimeError(
             f"refusing to serve on {settings.host} without API keys: anyone could use it. "
             "Create a tenant key (loraswap tenants ...), bind 127.0.0.1, or pass "
@@ -88,6 +94,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.state.engine = eng
         app.state.router = router
         _refuse_open_network(settings, router.registry)
+        app.state.open_mode_allowed = open_mode_allowed(settings)
         app.state.quotas = Quotas(settings.max_in_flight)
         app.state.serving = Serving(router, eng, app.state.quotas, settings.max_tokens_cap)
         app.state.admin_key = (

@@ -63,8 +63,13 @@ def authenticate(request: Request) -> Principal:
         tenant = registry.authenticate(given)
         if tenant is not None:
             return Principal(tenant=tenant)
-    if not registry.has_keys():
-        return Principal(tenant=None)  # open mode: any or no key
+    if not registry.has_tenants():
+        if request.app.state.open_mode_allowed:
+            return Principal(tenant=None)  # open mode: any or no key
+        raise Unauthorized(
+            "no tenants are configured and this server is not on loopback: "
+            "only the admin key is accepted"
+        )
     if given is None:
         raise Unauthorized("missing API key: send 'Authorization: Bearer <key>'")
     raise InvalidApiKey("invalid API key")

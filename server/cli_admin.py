@@ -1,13 +1,15 @@
-"""`loraswap adapters ...` and `loraswap aliases ...`: the admin API from the shell.
+"""`loraswap adapters|aliases|tenants ...`: the admin API from the shell.
 
 Every command talks HTTP through `clients.Client`, like any other user of the server
 (`--url` / `LORASWAP_URL`, `--admin-key` / `LORASWAP_ADMIN_KEY`). Mounted by server/cli.py:
 
     app.add_typer(adapters_app, name="adapters")
     app.add_typer(aliases_app, name="aliases")
+    app.add_typer(tenants_app, name="tenants")
 
-`make_adapters_app(connect)` / `make_aliases_app(connect)` build the same commands on
-another client factory (tests pass one that talks to the app in-process).
+`make_adapters_app(connect)`, `make_aliases_app(connect)` and `make_tenants_app(connect)`
+build the same commands on another client factory (tests pass one that talks to the app
+in-process).
 
 Failures print one line, the server's message and code, and exit with status 1.
 """
@@ -38,7 +40,9 @@ from clients import (
     AliasInfo,
     Client,
     LoraswapError,
+    NotFoundError,
     ProgressCallback,
+    TenantInfo,
     VersionInfo,
 )
 
@@ -69,6 +73,32 @@ Sha256 = Annotated[
     str | None, typer.Option(help="Expected sha256 of the weights file.", show_default=False)
 ]
 AliasName = Annotated[str, typer.Argument(help="Alias name.", show_default=False)]
+TenantName = Annotated[str, typer.Argument(help="Tenant name.", show_default=False)]
+Owner = Annotated[
+    str | None,
+    typer.Option("--owner", help="Owning tenant (default: the operator's).", show_default=False),
+]
+Shared = Annotated[
+    bool, typer.Option("--shared", help="Usable by every tenant (default: by its owner only).")
+]
+MaxConcurrent = Annotated[
+    int | None,
+    typer.Option(
+        "--max-concurrent",
+        min=0,
+        help="Requests running at once; 0 = no limit.",
+        show_default=False,
+    ),
+]
+TokensPerMinute = Annotated[
+    int | None,
+    typer.Option(
+        "--tokens-per-minute",
+        min=0,
+        help="Prompt + completion tokens per minute; 0 = no limit.",
+        show_default=False,
+    ),
+]
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
 
 out = Console(highlight=False)
@@ -143,7 +173,10 @@ def make_adapters_app(connect: ClientFactory = default_client) -> typer.Typer:
         adapter = _query(connect, url, admin_key, lambda client: client.get_adapter(name), as_json)
         if adapter is not None:
             pinned = ", pinned" if adapter["pinned"] else ""
-            out.print(f"{adapter['name']}: current version {adapter['current_version']}{pinned}")
+            out.print(
+                f"{adapter['name']}: current version {adapter['current_version']}{pinned}, "
+                f"{_access(adapter)}"
+            )
             out.print(_versions_table(adapter))
 
     @app.command("register")
@@ -154,13 +187,17 @@ def make_adapters_app(connect: ClientFactory = default_client) -> typer.Typer:
             typer.Argument(help="Path on the server (inside its allowed roots) or http(s) URL."),
         ],
         sha256: Sha256 = None,
+        owner: Owner = None,
+        shared: Shared = False,
         url: Url = DEFAULT_URL,
         admin_key: AdminKey = None,
     ) -> None:
         """Register an adapter (version 1) from a path the server can read, or a URL."""
         with _session(connect, url, admin_key) as client:
-            adapter = client.register_adapter(name, source, sha256=sha256)
-        out.print(f"registered {_describe(adapter['versions'][-1])}")
+            adapter = client.register_adapter(
+                name, source, sha256=sha256, owner=owner, shared=shared
+            )
+        out.print(f"registered {_describe(adapter['versions'][-1])}, {_access(adapter)}")
 
     @app.command("upload")
     def upload(
@@ -172,13 +209,17 @@ def make_adapters_app(connect: ClientFactory = default_client) -> typer.Typer:
             ),
         ],
         sha256: Sha256 = None,
+        owner: Owner = None,
+        shared: Shared = False,
         url: Url = DEFAULT_URL,
         admin_key: AdminKey = None,
     ) -> None:
         """Register an adapter (version 1) by uploading a local folder."""
         with _session(connect, url, admin_key) as client, _progress(f"uploading {name}") as bar:
-            adapter = client.upload_adapter(name, folder, sha256=sha256, progress=bar)
-        out.print(f"uploaded {_describe(adapter['versions'][-1])}")
+            adapter = client.upload_adapter(
+                name, folder, sha256=sha256, progress=bar, owner=owner, shared=shared
+            )
+        out.print(f"uploaded {_describe(adapter['versions'][-1])}, {_access(adapter)}")
 
     @app.command("add-version")
     def add_version(
@@ -272,6 +313,44 @@ def make_adapters_app(connect: ClientFactory = default_client) -> typer.Typer:
             warmed = client.warm(name)
         out.print(f"warmed {warmed['name']} ({warmed['loaded']} loaded)")
 
+    @app.command("access")
+    def access(
+        name: Name,
+        owner: Annotated[
+            str | None,
+            typer.Option("--owner", help="Give it to this tenant.", show_default=False),
+        ] = None,
+        operator: Annotated[
+            bool, typer.Option("--operator", help="Give it back to the operator (no owner).")
+        ] = False,
+        shared: Annotated[
+            bool | None,
+            typer.Option(
+                "--shared/--private",
+                help="Usable by every tenant, or by its owner only.",
+                show_default=False,
+            ),
+        ] = None,
+        url: Url = DEFAULT_URL,
+        admin_key: AdminKey = None,
+    ) -> None:
+        """Who may use an adapter: its owner tenant, and whether every tenant may.
+
+        What is not given stays as it is; with no option, prints the current access.
+        A tenant that may not use it gets 404, as if it did not exist.
+        """
+        if owner is not None and operator:
+            raise typer.BadParameter("give --owner or --operator, not both")
+        with _session(connect, url, admin_key) as client:
+            adapter = client.get_adapter(name)
+            if owner is not None or operator or shared is not None:
+                adapter = client.set_access(
+                    name,
+                    owner=None if operator else (owner or adapter["owner"]),
+                    shared=adapter["shared"] if shared is None else shared,
+                )
+        out.print(f"{adapter['name']}: {_access(adapter)}")
+
     return app
 
 
@@ -297,7 +376,7 @@ def make_aliases_app(connect: ClientFactory = default_client) -> typer.Typer:
         """One alias."""
         alias = _query(connect, url, admin_key, lambda client: client.get_alias(name), as_json)
         if alias is not None:
-            out.print(f"{alias['name']}: {_variants(alias)}")
+            out.print(f"{alias['name']}: {_variants(alias)}; {_access(alias)}")
 
     @app.command("set")
     def set_alias(
@@ -310,14 +389,19 @@ def make_aliases_app(connect: ClientFactory = default_client) -> typer.Typer:
                 show_default=False,
             ),
         ],
+        owner: Owner = None,
+        shared: Shared = False,
         url: Url = DEFAULT_URL,
         admin_key: AdminKey = None,
     ) -> None:
-        """Create or replace an alias; the weights take effect at once."""
+        """Create or replace an alias; the weights take effect at once.
+
+        --owner/--shared are set anew each time (no option: the operator's, private).
+        """
         weights = parse_variants(variants)
         with _session(connect, url, admin_key) as client:
-            alias = client.set_alias(name, weights)
-        out.print(f"{alias['name']}: {_variants(alias)}")
+            alias = client.set_alias(name, weights, owner=owner, shared=shared)
+        out.print(f"{alias['name']}: {_variants(alias)}; {_access(alias)}")
 
     @app.command("delete")
     def delete(
@@ -331,6 +415,138 @@ def make_aliases_app(connect: ClientFactory = default_client) -> typer.Typer:
         out.print(f"deleted alias {name}")
 
     return app
+
+
+def make_tenants_app(connect: ClientFactory = default_client) -> typer.Typer:
+    """The `tenants` commands, each opening its client through `connect`."""
+    app = typer.Typer(help="Tenants, their quotas and API keys (admin API).", no_args_is_help=True)
+
+    @app.command("list")
+    def list_tenants(
+        url: Url = DEFAULT_URL, admin_key: AdminKey = None, as_json: AsJson = False
+    ) -> None:
+        """Every tenant: quotas, API key ids, requests running."""
+        tenants = _query(connect, url, admin_key, lambda client: client.list_tenants(), as_json)
+        if tenants is not None:
+            out.print(_tenants_table(tenants))
+
+    @app.command("show")
+    def show(
+        name: TenantName,
+        url: Url = DEFAULT_URL,
+        admin_key: AdminKey = None,
+        as_json: AsJson = False,
+    ) -> None:
+        """One tenant."""
+        tenant = _query(connect, url, admin_key, lambda client: client.get_tenant(name), as_json)
+        if tenant is not None:
+            out.print(f"{tenant['name']}: {_quotas(tenant)}, {tenant['running']} running")
+            out.print(f"keys: {', '.join(tenant['key_ids']) or 'none'}")
+
+    @app.command("create")
+    def create(
+        name: TenantName,
+        max_concurrent: MaxConcurrent = None,
+        tokens_per_minute: TokensPerMinute = None,
+        url: Url = DEFAULT_URL,
+        admin_key: AdminKey = None,
+    ) -> None:
+        """Create a tenant (no limit unless given). Then: `tenants key-create NAME`."""
+        with _session(connect, url, admin_key) as client:
+            try:
+                client.get_tenant(name)
+            except NotFoundError:
+                pass
+            else:
+                err.print(
+                    f"[red]error:[/red] tenant {name!r} already exists; "
+                    "change its quotas with `tenants update`",
+                    soft_wrap=True,
+                )
+                raise typer.Exit(1)
+            tenant = client.put_tenant(
+                name, _limit(max_concurrent, None), _limit(tokens_per_minute, None)
+            )
+        out.print(f"created tenant {tenant['name']}: {_quotas(tenant)}")
+
+    @app.command("update")
+    def update(
+        name: TenantName,
+        max_concurrent: MaxConcurrent = None,
+        tokens_per_minute: TokensPerMinute = None,
+        url: Url = DEFAULT_URL,
+        admin_key: AdminKey = None,
+    ) -> None:
+        """Change a tenant's quotas; a quota not given stays as it is (0 lifts it)."""
+        if max_concurrent is None and tokens_per_minute is None:
+            raise typer.BadParameter("give --max-concurrent and/or --tokens-per-minute")
+        with _session(connect, url, admin_key) as client:
+            current = client.get_tenant(name)
+            tenant = client.put_tenant(
+                name,
+                _limit(max_concurrent, current["max_concurrent"]),
+                _limit(tokens_per_minute, current["tokens_per_minute"]),
+            )
+        out.print(f"updated tenant {tenant['name']}: {_quotas(tenant)}")
+
+    @app.command("delete")
+    def delete(
+        name: TenantName, yes: Yes = False, url: Url = DEFAULT_URL, admin_key: AdminKey = None
+    ) -> None:
+        """Delete a tenant and its API keys (refused while it owns an adapter or alias)."""
+        if not yes:
+            typer.confirm(f"delete tenant {name} and all its API keys?", abort=True)
+        with _session(connect, url, admin_key) as client:
+            client.delete_tenant(name)
+        out.print(f"deleted tenant {name}")
+
+    @app.command("key-create")
+    def key_create(
+        name: TenantName,
+        url: Url = DEFAULT_URL,
+        admin_key: AdminKey = None,
+        as_json: AsJson = False,
+    ) -> None:
+        """Create an API key for a tenant and print it: the only time it can be seen.
+
+        The key alone goes to stdout (`KEY=$(loraswap tenants key-create acme)`); the
+        note about it to stderr.
+        """
+        with _session(connect, url, admin_key) as client:
+            created = client.create_key(name)
+        typer.echo(json.dumps(created, indent=2) if as_json else created["key"])
+        err.print(
+            f"[yellow]warning:[/yellow] API key {created['key_id']} of tenant "
+            f"{created['tenant']} is shown only this once and cannot be shown again: "
+            "store it now (revoke it with `tenants key-delete` if it is lost)",
+            soft_wrap=True,
+        )
+
+    @app.command("key-delete")
+    def key_delete(
+        name: TenantName,
+        key_id: Annotated[
+            str, typer.Argument(help="The key's id (see `tenants show`).", show_default=False)
+        ],
+        yes: Yes = False,
+        url: Url = DEFAULT_URL,
+        admin_key: AdminKey = None,
+    ) -> None:
+        """Revoke an API key: requests with it are refused from now on."""
+        if not yes:
+            typer.confirm(f"revoke API key {key_id} of tenant {name}?", abort=True)
+        with _session(connect, url, admin_key) as client:
+            client.delete_key(name, key_id)
+        out.print(f"revoked key {key_id} of tenant {name}")
+
+    return app
+
+
+def _limit(given: int | None, current: int | None) -> int | None:
+    """A quota option: not given keeps `current`, 0 is no limit."""
+    if given is None:
+        return current
+    return given or None
 
 
 def parse_variants(items: Sequence[str]) -> dict[str, int]:
@@ -355,7 +571,9 @@ def _describe(v: VersionInfo) -> str:
 
 
 def _adapters_table(adapters: Sequence[AdapterInfo]) -> Table:
-    table = Table("adapter", "current", "versions", "pinned", "loaded", "created")
+    table = Table(
+        "adapter", "current", "versions", "pinned", "loaded", "owner", "shared", "created"
+    )
     for a in adapters:
         loaded = [
             f"v{v['version']}" + (f" ({v['running']} running)" if v["running"] else "")
@@ -368,6 +586,8 @@ def _adapters_table(adapters: Sequence[AdapterInfo]) -> Table:
             str(len(a["versions"])),
             "yes" if a["pinned"] else "",
             ", ".join(loaded),
+            a["owner"] or "-",
+            "yes" if a["shared"] else "",
             _time(a["created_at"]),
         )
     return table
@@ -394,10 +614,46 @@ def _versions_table(adapter: AdapterInfo) -> Table:
 
 
 def _aliases_table(aliases: Sequence[AliasInfo]) -> Table:
-    table = Table("alias", "variants", "updated")
+    table = Table("alias", "variants", "owner", "shared", "updated")
     for a in aliases:
-        table.add_row(a["name"], _variants(a), _time(a["updated_at"]))
+        table.add_row(
+            a["name"],
+            _variants(a),
+            a["owner"] or "-",
+            "yes" if a["shared"] else "",
+            _time(a["updated_at"]),
+        )
     return table
+
+
+def _tenants_table(tenants: Sequence[TenantInfo]) -> Table:
+    table = Table("tenant", "max concurrent", "tokens/minute", "keys", "running", "created")
+    for t in tenants:
+        table.add_row(
+            t["name"],
+            _number(t["max_concurrent"]),
+            _number(t["tokens_per_minute"]),
+            ", ".join(t["key_ids"]),
+            str(t["running"]),
+            _time(t["created_at"]),
+        )
+    return table
+
+
+def _access(record: AdapterInfo | AliasInfo) -> str:
+    owner = f"owner {record['owner']}" if record["owner"] else "owner: the operator"
+    return f"{owner}, {'shared with every tenant' if record['shared'] else 'private'}"
+
+
+def _quotas(tenant: TenantInfo) -> str:
+    return (
+        f"max concurrent {_number(tenant['max_concurrent'])}, "
+        f"tokens/minute {_number(tenant['tokens_per_minute'])}"
+    )
+
+
+def _number(limit: int | None) -> str:
+    return "no limit" if limit is None else str(limit)
 
 
 def _variants(alias: AliasInfo) -> str:
@@ -420,3 +676,4 @@ def _time(ts: float) -> str:
 
 adapters_app = make_adapters_app()
 aliases_app = make_aliases_app()
+tenants_app = make_tenants_app()

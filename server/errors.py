@@ -114,6 +114,7 @@ ERROR_TABLE: dict[type[Exception], ErrorKind] = {
     EngineFailure: ErrorKind(500, "server_error", "engine_error"),
     ServerError: ErrorKind(500, "server_error", None),
     reg.AdapterNotFound: ErrorKind(404, _INVALID, "model_not_found"),
+    reg.TenantNotFound: ErrorKind(404, _INVALID, "tenant_not_found"),
     reg.AlreadyExists: ErrorKind(409, _INVALID, "already_exists"),
     reg.InUse: ErrorKind(409, _INVALID, "in_use"),
     reg.SourceChanged: ErrorKind(409, _INVALID, "source_changed"),

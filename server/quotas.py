@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from adapters_registry.records import TenantRecord
-from server.errors import Overloaded, RateLimited
+from server.errors import InvalidRequest, Overloaded, RateLimited
 
 
 @dataclass
@@ -74,10 +74,12 @@ class Quotas:
         if tenant.tokens_per_minute is not None:
             rate = tenant.tokens_per_minute / 60.0
             if estimate > tenant.tokens_per_minute:
-                raise RateLimited(
-                    f"this request may use {estimate} tokens, above tenant {tenant.name!r}'s "
-                    f"limit of {tenant.tokens_per_minute} per minute; lower max_tokens",
-                    retry_after=60,
+                # Can never pass, however long the client waits: a 400, not a 429.
+                raise InvalidRequest(
+                    f"this request may use {estimate} tokens (prompt + n * max_tokens), above "
+                    f"tenant {tenant.name!r}'s limit of {tenant.tokens_per_minute} per minute; "
+                    "lower max_tokens",
+                    param="max_tokens",
                 )
             if bucket.tokens < estimate:
                 wait = math.ceil((estimate - bucket.tokens) / rate)

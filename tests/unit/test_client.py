@@ -5,7 +5,7 @@ server). Retry and parsing details are in test_client_retry.py."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from typer.testing import CliRunner
 
 from clients import (
+    JSON,
     AdapterInfo,
     AliasInfo,
     AsyncClient,
@@ -26,18 +27,24 @@ from clients import (
     Client,
     ConflictError,
     DeletedAdapter,
+    DeletedKey,
+    DeletedTenant,
     ModelInfo,
+    NewApiKey,
     NotFoundError,
     PayloadTooLargeError,
     PermissionDeniedError,
+    RateLimitError,
     ServiceUnavailableError,
+    TenantInfo,
     UnprocessableEntityError,
     VersionInfo,
     VersionState,
     WarmedAdapter,
 )
 from server.app import create_app
-from server.cli_admin import make_adapters_app, make_aliases_app
+from server.cli_admin import make_adapters_app, make_aliases_app, make_tenants_app
+from server.engine.base import EngineChunk
 from server.settings import Settings
 from tests.adapters import make_adapter, make_base
 from tests.fakes import FakeEngine
@@ -50,13 +57,13 @@ HI = [{"role": "user", "content": "hi"}]
 class Server:
     """The app with a fake engine, its allowed root, and sleeps recorded instead of slept."""
 
-    def __init__(self, tmp_path: Path, **settings: Any) -> None:
+    def __init__(self, tmp_path: Path, engine: FakeEngine | None = None, **settings: Any) -> None:
         self.root = tmp_path / "allowed"
         self.root.mkdir(parents=True, exist_ok=True)
-        self.engine = FakeEngine()
+        self.engine = engine or FakeEngine()
         self.sleeps: list[float] = []
         self.app: FastAPI = create_app(
-            Settings(  # type: ignore[arg-type]
+            Settings(
                 served_model_name="tiny",
                 model=make_base(tmp_path / "base"),
                 home=tmp_path / "home",
@@ -175,7 +182,7 @@ def test_completions_stream(client: Client) -> None:
 def test_error_frame_in_a_stream_raises_the_typed_error(client: Client, server: Server) -> None:
     server.engine.dead = True  # fails after the role chunk: 200, then an error frame
     stream = client.chat_stream("tiny", HI, max_tokens=4)
-    seen = []
+    seen: list[JSON] = []
     with pytest.raises(ServiceUnavailableError) as info:
         seen.extend(stream)
     assert [c["choices"][0]["delta"]["role"] for c in seen] == ["assistant"]
@@ -285,7 +292,7 @@ def test_upload_adapter_from_a_folder_and_from_named_files(client: Client, tmp_p
     assert calls and calls[-1] == (_folder_size(folder), _folder_size(folder))
     assert [sent for sent, _ in calls] == sorted(sent for sent, _ in calls)
 
-    files = {
+    files: dict[str, str | Path] = {
         "adapter_config": folder / "adapter_config.json",
         "adapter_model": str(folder / "adapter_model.safetensors"),
     }
@@ -452,6 +459,7 @@ def cli(transport: httpx.BaseTransport) -> Callable[..., Any]:
     app = typer.Typer()
     app.add_typer(make_adapters_app(connect), name="adapters")
     app.add_typer(make_aliases_app(connect), name="aliases")
+    app.add_typer(make_tenants_app(connect), name="tenants")
     env = {"LORASWAP_URL": URL, "LORASWAP_ADMIN_KEY": ADMIN_KEY, "COLUMNS": "200"}
 
     def run(*args: str, code: int = 0, input: str | None = None) -> Any:
@@ -506,7 +514,7 @@ def test_cli_aliases(cli: Callable[..., Any], server: Server, client: Client) ->
     client.register_adapter("pirate", str(server.adapter("p", seed=1)))
     client.register_adapter("formal", str(server.adapter("f", seed=2)))
     out = cli("aliases", "set", "bot", "pirate@1=90", "formal=10").stdout
-    assert out.strip() == "bot: pirate@1=90 (90%), formal=10 (10%)"
+    assert out.strip() == "bot: pirate@1=90 (90%), formal=10 (10%); owner: the operator, private"
     assert client.get_alias("bot")["variants"] == {"pirate@1": 90, "formal": 10}
     assert "pirate@1=90" in cli("aliases", "list").stdout
     assert '"formal": 10' in cli("aliases", "show", "bot", "--json").stdout
@@ -561,4 +569,306 @@ def test_sync_and_async_clients_offer_the_same_calls() -> None:
     public = {n for n in dir(Client) if not n.startswith("_")} - {"close"}
     assert public == {n for n in dir(AsyncClient) if not n.startswith("_")} - {"close"}
     assert {"chat", "chat_stream", "upload_adapter", "set_alias", "rollback"} <= public
+    assert {
+        "put_tenant",
+        "list_tenants",
+        "get_tenant",
+        "delete_tenant",
+        "create_key",
+        "delete_key",
+        "set_access",
+    } <= public
     assert asyncio.iscoroutinefunction(AsyncClient.close)
+
+
+# -- tenants, API keys, access ---------------------------------------------------------
+
+
+def _tenant_client(transport: httpx.BaseTransport, key: str | None, **kwargs: Any) -> Client:
+    return Client(URL, api_key=key, transport=transport, sleep=lambda _: None, **kwargs)
+
+
+def test_every_tenant_call(client: Client, server: Server, transport: httpx.BaseTransport) -> None:
+    acme = client.put_tenant("acme", max_concurrent=2)
+    assert set(acme) == keys(TenantInfo)
+    assert (acme["name"], acme["max_concurrent"], acme["tokens_per_minute"]) == ("acme", 2, None)
+    assert (acme["key_ids"], acme["running"]) == ([], 0)
+    changed = client.put_tenant("acme", max_concurrent=3, tokens_per_minute=1000)
+    assert (changed["max_concurrent"], changed["tokens_per_minute"]) == (3, 1000)
+    assert changed["created_at"] == acme["created_at"]
+    client.put_tenant("beta")
+    assert [t["name"] for t in client.list_tenants()] == ["acme", "beta"]
+    assert client.get_tenant("beta")["max_concurrent"] is None
+
+    created = client.create_key("acme")
+    assert set(created) == keys(NewApiKey)
+    assert created["tenant"] == "acme"
+    assert created["key"].startswith(f"lsk_{created['key_id']}_")
+    assert client.get_tenant("acme")["key_ids"] == [created["key_id"]]
+    spare = client.create_key("acme")
+
+    # The new key works on /v1; once a key exists, inference needs one.
+    assert _tenant_client(transport, created["key"]).chat("tiny", HI, max_tokens=4).text == "base"
+    with pytest.raises(AuthenticationError) as missing:
+        _tenant_client(transport, None).chat("tiny", HI, max_tokens=4)
+    assert (missing.value.status, missing.value.code) == (401, "missing_api_key")
+
+    revoked = client.delete_key("acme", created["key_id"])
+    assert set(revoked) == keys(DeletedKey)
+    assert revoked == {"tenant": "acme", "key_id": created["key_id"], "deleted": True}
+    assert client.get_tenant("acme")["key_ids"] == [spare["key_id"]]
+    with pytest.raises(AuthenticationError) as invalid:
+        _tenant_client(transport, created["key"]).chat("tiny", HI, max_tokens=4)
+    assert (invalid.value.status, invalid.value.code) == (401, "invalid_api_key")
+    with pytest.raises(NotFoundError):
+        client.delete_key("acme", created["key_id"])
+    with pytest.raises(NotFoundError):
+        client.create_key("nobody")
+
+    client.register_adapter("owned", str(server.adapter("o")), owner="acme")
+    with pytest.raises(ConflictError) as owns:
+        client.delete_tenant("acme")
+    assert owns.value.code == "in_use"
+    client.set_access("owned")  # back to the operator
+    gone = client.delete_tenant("acme")
+    assert set(gone) == keys(DeletedTenant)
+    assert gone == {"name": "acme", "deleted": True}
+    with pytest.raises(NotFoundError):
+        client.get_tenant("acme")
+    assert [t["name"] for t in client.list_tenants()] == ["beta"]
+
+
+def test_changing_quotas_keeps_the_keys(client: Client) -> None:
+    client.put_tenant("acme")
+    key_id = client.create_key("acme")["key_id"]
+    client.put_tenant("acme", max_concurrent=3)
+    assert client.get_tenant("acme")["key_ids"] == [key_id]
+
+
+def test_owner_and_shared(client: Client, server: Server, transport: httpx.BaseTransport) -> None:
+    tenant = {}
+    for name in ("a", "b"):
+        client.put_tenant(name)
+        tenant[name] = _tenant_client(transport, client.create_key(name)["key"])
+
+    private = client.register_adapter("a-private", str(server.adapter("ap", seed=1)), owner="a")
+    assert (private["owner"], private["shared"]) == ("a", False)
+    common = client.upload_adapter("common", server.adapter("c", seed=2), shared=True)
+    assert (common["owner"], common["shared"]) == (None, True)
+    alias = client.set_alias("a-bot", {"a-private": 1}, owner="a")
+    assert set(alias) == keys(AliasInfo)
+    assert (alias["owner"], alias["shared"]) == ("a", False)
+    shared_alias = client.set_alias("everyone", {"common": 1}, shared=True)
+    assert (shared_alias["owner"], shared_alias["shared"]) == (None, True)
+    with pytest.raises(UnprocessableEntityError) as leak:  # a way into a's adapter for all
+        client.set_alias("sneaky", {"a-private": 1}, shared=True)
+    assert leak.value.code == "invalid_alias"
+
+    assert tenant["a"].chat("a-private", HI, max_tokens=9).text == "a-private"
+    assert tenant["a"].chat("a-bot", HI, max_tokens=9).served_by.alias == "a-bot"
+    for who in ("a", "b"):
+        assert tenant[who].chat("tiny:common", HI, max_tokens=6).text == "common"
+        assert tenant[who].chat("everyone", HI, max_tokens=6).text == "common"
+    for model in ("a-private", "tiny:a-private", "a-bot"):
+        with pytest.raises(NotFoundError):
+            tenant["b"].chat(model, HI, max_tokens=4)
+    assert {m["id"] for m in tenant["b"].models()} == {"tiny", "tiny:common", "tiny:everyone"}
+
+    moved = client.set_access("a-private", owner="a", shared=True)
+    assert (moved["owner"], moved["shared"]) == ("a", True)
+    assert tenant["b"].chat("a-private", HI, max_tokens=9).text == "a-private"
+    moved = client.set_access("a-private", owner="b")
+    assert (moved["owner"], moved["shared"]) == ("b", False)
+    assert tenant["b"].chat("a-private", HI, max_tokens=9).text == "a-private"
+    with pytest.raises(NotFoundError):
+        tenant["a"].chat("a-private", HI, max_tokens=4)
+    with pytest.raises(NotFoundError):
+        client.set_access("a-private", owner="nobody")
+    with pytest.raises(NotFoundError):
+        client.register_adapter("x", str(server.adapter("x")), owner="nobody")
+    assert server.sleeps == []
+
+
+def test_another_tenants_adapter_is_a_404_like_a_missing_one(
+    client: Client, server: Server, transport: httpx.BaseTransport
+) -> None:
+    for name in ("a", "b"):
+        client.put_tenant(name)
+    b = _tenant_client(transport, client.create_key("b")["key"])
+    client.register_adapter("secret", str(server.adapter("s")), owner="a")
+
+    def refusal() -> tuple[object, ...]:
+        with pytest.raises(NotFoundError) as info:
+            b.chat("tiny:secret", HI, max_tokens=4)
+        e = info.value
+        return (type(e), e.status, e.type, e.param, e.code, e.message, e.retry_after)
+
+    hidden = refusal()
+    client.delete_adapter("secret")
+    assert refusal() == hidden  # the same answer, field for field, once it is really gone
+    assert hidden[4:6] == ("model_not_found", "The model 'tiny:secret' does not exist")
+
+
+class GatedEngine(FakeEngine):
+    """A fake engine whose requests wait at a gate: they stay running until it opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.started = asyncio.Event()
+        self.gate = asyncio.Event()
+
+    async def generate(self, *args: Any, **kwargs: Any) -> AsyncIterator[EngineChunk]:
+        self.started.set()
+        await self.gate.wait()
+        async for chunk in super().generate(*args, **kwargs):
+            yield chunk
+
+
+async def test_max_concurrent_is_a_rate_limit_error_retried_after_retry_after(
+    tmp_path: Path,
+) -> None:
+    engine = GatedEngine()
+    server = Server(tmp_path, engine=engine)
+    transport = httpx.ASGITransport(app=server.app)
+    sleeps: list[float] = []
+
+    async def record(seconds: float) -> None:
+        sleeps.append(seconds)
+
+    async with (
+        server.app.router.lifespan_context(server.app),
+        AsyncClient(URL, admin_key=ADMIN_KEY, transport=transport) as admin,
+    ):
+        assert (await admin.put_tenant("a", max_concurrent=1))["max_concurrent"] == 1
+        key = (await admin.create_key("a"))["key"]
+        tenant = AsyncClient(URL, api_key=key, transport=transport, sleep=record)
+        first = asyncio.create_task(tenant.chat("tiny", HI, max_tokens=4))
+        await engine.started.wait()
+        assert (await admin.get_tenant("a"))["running"] == 1
+
+        with pytest.raises(RateLimitError) as info:
+            await tenant.chat("tiny", HI, max_tokens=4)
+        e = info.value
+        assert (e.status, e.type, e.code) == (429, "rate_limit_error", "rate_limit_exceeded")
+        assert e.retry_after == 1.0
+        assert "already has 1 requests running" in e.message
+        assert sleeps == [1.0, 1.0]  # both retries waited what Retry-After said
+
+        # A retry after the wait succeeds once the running request is done.
+        async def finish_first(seconds: float) -> None:
+            sleeps.append(seconds)
+            engine.gate.set()
+            await first
+
+        patient = AsyncClient(URL, api_key=key, transport=transport, sleep=finish_first)
+        assert (await patient.chat("tiny", HI, max_tokens=4)).text == "base"
+        assert sleeps == [1.0, 1.0, 1.0]
+        assert (await first).text == "base"
+        await tenant.close()
+        await patient.close()
+
+
+def test_tokens_per_minute_is_a_rate_limit_error_with_retry_after(
+    client: Client, transport: httpx.BaseTransport
+) -> None:
+    # A chat of "hi" is 19 prompt tokens here (the fake tokenizer: one per character).
+    client.put_tenant("a", tokens_per_minute=40)
+    sleeps: list[float] = []
+    key = client.create_key("a")["key"]
+    tenant = Client(URL, api_key=key, transport=transport, sleep=sleeps.append)
+    assert tenant.chat("tiny", HI, max_tokens=8).text == "base: ok"  # 27 of the 40
+    with pytest.raises(RateLimitError) as info:
+        tenant.chat("tiny", HI, max_tokens=8)  # 27 more: 21 s until the bucket has them
+    assert info.value.code == "rate_limit_exceeded"
+    assert info.value.retry_after is not None and 19 <= info.value.retry_after <= 21
+    assert len(sleeps) == 2 and all(19 <= s <= 21 for s in sleeps)
+    operator = _tenant_client(transport, ADMIN_KEY)  # the admin key also works on /v1
+    assert operator.chat("tiny", HI, max_tokens=8).text == "base: ok"  # and has no quota
+
+
+# -- the tenants CLI -------------------------------------------------------------------
+
+
+def test_cli_tenants(
+    cli: Callable[..., Any], client: Client, transport: httpx.BaseTransport
+) -> None:
+    out = cli("tenants", "create", "acme", "--max-concurrent", "4").stdout
+    assert out.strip() == "created tenant acme: max concurrent 4, tokens/minute no limit"
+    result = cli("tenants", "create", "acme", code=1)
+    assert "already exists" in result.stderr
+    assert client.get_tenant("acme")["max_concurrent"] == 4
+
+    out = cli("tenants", "update", "acme", "--tokens-per-minute", "900").stdout
+    assert out.strip() == "updated tenant acme: max concurrent 4, tokens/minute 900"
+    out = cli("tenants", "update", "acme", "--max-concurrent", "0").stdout  # 0: no limit
+    assert "max concurrent no limit, tokens/minute 900" in out
+    tenant = client.get_tenant("acme")
+    assert (tenant["max_concurrent"], tenant["tokens_per_minute"]) == (None, 900)
+    cli("tenants", "update", "acme", code=2)  # nothing to change: a usage error
+    assert "not found" in cli("tenants", "update", "nobody", "--max-concurrent", "1", code=1).stderr
+
+    result = cli("tenants", "key-create", "acme")
+    key = result.stdout.strip()  # the key alone on stdout
+    key_id = client.get_tenant("acme")["key_ids"][0]
+    assert key.startswith(f"lsk_{key_id}_")
+    assert "shown only this once and cannot be shown again" in result.stderr
+    assert _tenant_client(transport, key).chat("tiny", HI, max_tokens=4).text == "base"
+    as_json = cli("tenants", "key-create", "acme", "--json").stdout
+    assert '"tenant": "acme"' in as_json and '"key": "lsk_' in as_json
+
+    listed = cli("tenants", "list").stdout
+    assert "acme" in listed and key_id in listed and "900" in listed
+    assert '"tokens_per_minute": 900' in cli("tenants", "list", "--json").stdout
+    show = cli("tenants", "show", "acme").stdout
+    assert show.startswith("acme: max concurrent no limit, tokens/minute 900, 0 running")
+    assert key_id in show
+
+    cli("tenants", "key-delete", "acme", key_id, input="n\n", code=1)  # declined
+    assert key_id in client.get_tenant("acme")["key_ids"]
+    out = cli("tenants", "key-delete", "acme", key_id, "--yes").stdout
+    assert out.strip() == f"revoked key {key_id} of tenant acme"
+    with pytest.raises(AuthenticationError):
+        _tenant_client(transport, key).chat("tiny", HI, max_tokens=4)
+
+    assert cli("tenants", "delete", "acme", "-y").stdout.strip() == "deleted tenant acme"
+    assert client.list_tenants() == []
+    result = cli("tenants", "show", "acme", code=1)
+    assert result.stderr.strip() == "error: tenant 'acme' not found (model_not_found)"
+
+
+def test_cli_access(
+    cli: Callable[..., Any], client: Client, server: Server, tmp_path: Path
+) -> None:
+    client.put_tenant("a")
+    client.put_tenant("b")
+    out = cli("adapters", "register", "p", str(server.adapter("p")), "--owner", "a").stdout
+    assert out.startswith("registered p v1") and out.strip().endswith("owner a, private")
+    folder = str(make_adapter(tmp_path / "local" / "c"))
+    out = cli("adapters", "upload", "c", folder, "--shared").stdout
+    assert out.strip().endswith("owner: the operator, shared with every tenant")
+    assert (client.get_adapter("c")["owner"], client.get_adapter("c")["shared"]) == (None, True)
+
+    assert cli("adapters", "access", "p").stdout.strip() == "p: owner a, private"  # shows
+    out = cli("adapters", "access", "p", "--shared").stdout  # the owner stays
+    assert out.strip() == "p: owner a, shared with every tenant"
+    out = cli("adapters", "access", "p", "--owner", "b").stdout  # sharing stays
+    assert out.strip() == "p: owner b, shared with every tenant"
+    out = cli("adapters", "access", "p", "--operator", "--private").stdout
+    assert out.strip() == "p: owner: the operator, private"
+    adapter = client.get_adapter("p")
+    assert (adapter["owner"], adapter["shared"]) == (None, False)
+    cli("adapters", "access", "p", "--owner", "a", "--operator", code=2)
+    assert "not found" in cli("adapters", "access", "p", "--owner", "nobody", code=1).stderr
+    show = cli("adapters", "show", "c").stdout
+    assert show.startswith("c: current version 1, owner: the operator, shared with every tenant")
+    table = cli("adapters", "list").stdout
+    assert "owner" in table and "shared" in table
+
+    out = cli("aliases", "set", "bot", "c=1", "--owner", "b").stdout
+    assert out.strip() == "bot: c=1 (100%); owner b, private"
+    out = cli("aliases", "set", "all", "c=1", "--shared").stdout
+    assert out.strip().endswith("owner: the operator, shared with every tenant")
+    assert (client.get_alias("bot")["owner"], client.get_alias("all")["shared"]) == ("b", True)
+    assert "owner b, private" in cli("aliases", "show", "bot").stdout
+    result = cli("aliases", "set", "leak", "p=1", "--shared", code=1)  # p is private
+    assert "(invalid_alias)" in result.stderr

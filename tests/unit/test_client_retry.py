@@ -18,12 +18,14 @@ from clients import (
     APIStatusError,
     APITimeoutError,
     AsyncClient,
+    AuthenticationError,
     BadRequestError,
     Client,
     ConflictError,
     InternalServerError,
     LoraswapError,
     NotFoundError,
+    PermissionDeniedError,
     RateLimitError,
     RetryPolicy,
     ServiceUnavailableError,
@@ -183,6 +185,32 @@ def test_once_only_writes_are_not_retried_on_503() -> None:
     assert len(script.requests) == 1
 
 
+def test_retry_after_is_on_the_error_when_retries_end() -> None:
+    script = Script(*(error(429, "rate_limit_exceeded", {"retry-after": "7"}) for _ in range(3)))
+    with pytest.raises(RateLimitError) as info:
+        script.client().chat("tiny", HI)
+    assert (info.value.retry_after, script.sleeps) == (7.0, [7.0, 7.0])
+
+    script = Script(error(429, headers={"retry-after": "3600"}))  # above the cap: not waited
+    with pytest.raises(RateLimitError) as info:
+        script.client().chat("tiny", HI)
+    assert (info.value.retry_after, script.sleeps) == (3600.0, [])
+
+    when = formatdate(time.time() + 30, usegmt=True)
+    script = Script(error(503, "server_overloaded", {"retry-after": when}))
+    with pytest.raises(ServiceUnavailableError) as overloaded:
+        script.client(max_retries=0).chat("tiny", HI)
+    assert overloaded.value.retry_after is not None and 28 <= overloaded.value.retry_after <= 30
+
+    script = Script(error(429))
+    with pytest.raises(RateLimitError) as info:
+        script.client(max_retries=0).chat("tiny", HI)
+    assert info.value.retry_after is None  # no Retry-After sent
+    with pytest.raises(NotFoundError) as missing:
+        Script(error(404)).client().get_adapter("a")
+    assert missing.value.retry_after is None
+
+
 def test_once_only_writes_are_retried_when_surely_not_done() -> None:
     script = Script(error(429, headers={"retry-after": "1"}), ok())
     script.client().register_adapter("a", "/src")
@@ -190,6 +218,21 @@ def test_once_only_writes_are_retried_when_surely_not_done() -> None:
     script = Script(httpx.ConnectError("refused"), ok())
     script.client().delete_adapter("a")
     assert len(script.requests) == 2
+    script = Script(error(429), ok())
+    script.client().create_key("t")
+    assert len(script.requests) == 2
+
+
+@pytest.mark.parametrize(
+    "call",
+    [lambda c: c.create_key("t"), lambda c: c.delete_key("t", "k"), lambda c: c.delete_tenant("t")],
+)
+def test_key_and_tenant_writes_are_once_only(call: Callable[[Client], Any]) -> None:
+    # A second create_key would make a second key; a second delete would answer 404.
+    script = Script(error(503), httpx.ReadTimeout("slow"), ok())
+    with pytest.raises(ServiceUnavailableError):
+        call(script.client())
+    assert len(script.requests) == 1
 
 
 def test_once_only_writes_are_not_retried_after_a_read_timeout() -> None:
@@ -210,6 +253,9 @@ def test_once_only_writes_are_not_retried_after_a_read_timeout() -> None:
         lambda c: c.set_alias("b", {"a": 1}),
         lambda c: c.warm("a"),
         lambda c: c.chat("tiny", HI),
+        lambda c: c.set_access("a", owner="t"),
+        lambda c: c.put_tenant("t", max_concurrent=1),
+        lambda c: c.get_tenant("t"),
     ],
 )
 def test_replayable_calls_are_retried_after_ambiguous_failures(
@@ -289,6 +335,57 @@ def test_requests_on_the_wire() -> None:
     assert alias.url.raw_path == b"/admin/aliases/a%20b%2Fc"
     assert "authorization" not in alias.headers  # no admin key given: the server says 401
     assert json.loads(script.bodies[2]) == {"variants": {"x@2": 3}}
+
+
+def test_tenant_and_access_requests_on_the_wire(tmp_path: Path) -> None:
+    replies = [ok({"data": []}) if i == 3 else ok() for i in range(12)]
+    script = Script(*replies)
+    client = script.client()
+    client.register_adapter("a", "/src", owner="t", shared=True)
+    client.register_adapter("b", "/src")
+    client.set_alias("x", {"a": 1}, owner="t", shared=True)
+    client.list_tenants()
+    client.put_tenant("t/1", tokens_per_minute=600)
+    client.get_tenant("t")
+    client.delete_tenant("t")
+    client.create_key("t")
+    client.delete_key("t", "abc/def")
+    client.set_access("a", "t")
+    client.upload_adapter("u", make_adapter(tmp_path / "u"), owner="t", shared=True)
+    client.upload_adapter("v", make_adapter(tmp_path / "v"))
+    sent = [(r.method, r.url.raw_path.decode()) for r in script.requests]
+    assert sent == [
+        ("POST", "/admin/adapters"),
+        ("POST", "/admin/adapters"),
+        ("PUT", "/admin/aliases/x"),
+        ("GET", "/admin/tenants"),
+        ("PUT", "/admin/tenants/t%2F1"),
+        ("GET", "/admin/tenants/t"),
+        ("DELETE", "/admin/tenants/t"),
+        ("POST", "/admin/tenants/t/keys"),
+        ("DELETE", "/admin/tenants/t/keys/abc%2Fdef"),
+        ("PUT", "/admin/adapters/a/access"),
+        ("POST", "/admin/adapters/upload"),
+        ("POST", "/admin/adapters/upload"),
+    ]
+    bodies = [json.loads(b) if b.startswith(b"{") else b for b in script.bodies]
+    assert bodies[0] == {
+        "name": "a",
+        "source": "/src",
+        "sha256": None,
+        "owner": "t",
+        "shared": True,
+    }
+    # The defaults are not sent: the same bodies as for a server without tenants.
+    assert bodies[1] == {"name": "b", "source": "/src", "sha256": None}
+    assert bodies[2] == {"variants": {"a": 1}, "owner": "t", "shared": True}
+    assert bodies[4] == {"max_concurrent": None, "tokens_per_minute": 600}
+    assert script.bodies[7] == b""
+    assert bodies[9] == {"owner": "t", "shared": False}
+    upload, plain = script.bodies[10], script.bodies[11]
+    assert b'name="owner"\r\n\r\nt\r\n' in upload and b'name="shared"\r\n\r\ntrue\r\n' in upload
+    assert b'name="owner"' not in plain and b'name="shared"' not in plain
+    assert all(h["authorization"] == "Bearer k" for h in script.headers)
 
 
 def test_inference_params_cannot_smuggle_stream() -> None:
@@ -373,6 +470,16 @@ def test_error_fields_and_request_id() -> None:
         ),
         ({"type": "invalid_request_error", "code": "model_not_found"}, NotFoundError, 404),
         ({"type": "server_error", "code": "engine_error"}, InternalServerError, 500),
+        ({"type": "rate_limit_error", "code": "rate_limit_exceeded"}, RateLimitError, 429),
+        ({"type": "rate_limit_error", "code": None}, RateLimitError, 429),
+        (
+            {"type": "service_unavailable_error", "code": "server_overloaded"},
+            ServiceUnavailableError,
+            503,
+        ),
+        # The one code the server uses with two statuses: the type tells them apart.
+        ({"type": "authentication_error", "code": "invalid_api_key"}, AuthenticationError, 401),
+        ({"type": "permission_error", "code": "invalid_api_key"}, PermissionDeniedError, 403),
         ({"type": "invalid_request_error", "code": None}, BadRequestError, 400),
         ({"type": "something_new", "code": "new"}, InternalServerError, 500),
     ],

@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 
 from adapters_registry.records import TenantRecord
 from server.app import create_app
-from server.errors import Overloaded, RateLimited
+from server.errors import InvalidRequest, Overloaded, RateLimited
 from server.quotas import Quotas
 from server.settings import Settings
 from tests.adapters import make_adapter, make_base
@@ -219,7 +219,7 @@ def test_token_bucket_refills_and_refunds() -> None:
     assert info.value.retry_after is not None and info.value.retry_after > 0
     now[0] += 60
     quotas.admit(t, 600)
-    with pytest.raises(RateLimited, match="lower max_tokens"):
+    with pytest.raises(InvalidRequest, match="lower max_tokens"):
         quotas.admit(t, 601)
 
 
@@ -257,3 +257,21 @@ def test_429_over_http_with_retry_after(tmp_path: Path) -> None:
     assert limited.json()["error"]["type"] == "rate_limit_error"
     assert responses[3].status_code == 200  # the slot was released
     assert engine.priorities == [0, 0]
+
+
+def test_revoking_every_key_does_not_reopen_the_server(
+    world: tuple[TestClient, dict[str, str]],
+) -> None:
+    c, keys = world
+    for t in ("a", "b"):
+        key_id = c.get(f"/admin/tenants/{t}", headers=ADMIN).json()["key_ids"][0]
+        assert c.delete(f"/admin/tenants/{t}/keys/{key_id}", headers=ADMIN).status_code == 200
+    assert ask(c, "tiny:a-private", None).status_code == 401
+    assert ask(c, "tiny:a-private", keys["a"]).status_code == 401
+
+
+def test_changing_quotas_keeps_keys(world: tuple[TestClient, dict[str, str]]) -> None:
+    c, keys = world
+    r = c.put("/admin/tenants/a", headers=ADMIN, json={"max_concurrent": 3})
+    assert r.json()["key_ids"]
+    assert ask(c, "tiny:a-private", keys["a"]).status_code == 200
