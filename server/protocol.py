@@ -54,6 +54,9 @@ class _Sampling(_Request):
     return_token_ids: bool = Field(
         False, description="Extension (as in vLLM): include prompt and output token ids."
     )
+    ignore_eos: bool = Field(
+        False, description="Extension (as in vLLM): generate max_tokens even past EOS."
+    )
 
     def stop_list(self) -> tuple[str, ...]:
         if self.stop is None:

@@ -166,6 +166,7 @@ class Serving:
             stop=req.stop_list(),
             seed=req.seed,
             logprobs=logprobs,
+            ignore_eos=req.ignore_eos,
         )
 
     # -- running -----------------------------------------------------------------------

@@ -29,6 +29,7 @@ class SamplingSpec:
     stop: tuple[str, ...] = ()
     seed: int | None = None
     logprobs: int | None = None  # number of top alternatives per token; None = off
+    ignore_eos: bool = False  # benchmarks and tests that need a fixed output length
 
 
 @dataclass(frozen=True)

@@ -230,15 +230,13 @@ class VllmEngine:
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from exc
         except Exception as exc:
-            if self._llm.errored:
-                raise EngineUnavailable("the inference engine is not running") from exc
-            raise EngineFailure("the engine failed to run this request") from exc
+            raise self._failure("the engine failed to run this request") from exc
 
     async def add_lora(self, lora: LoraHandle) -> None:
         try:
             ok = await self._llm.add_lora(self._lora_request(lora))
         except Exception as exc:
-            raise EngineFailure(f"the engine could not load adapter {lora.name!r}") from exc
+            raise self._failure(f"the engine could not load adapter {lora.name!r}") from exc
         if not ok:
             raise EngineFailure(f"the engine could not load adapter {lora.name!r}")
 
@@ -246,13 +244,19 @@ class VllmEngine:
         try:
             await self._llm.remove_lora(lora_id)
         except Exception as exc:
-            raise EngineFailure(f"the engine could not remove LoRA id {lora_id}") from exc
+            raise self._failure(f"the engine could not remove LoRA id {lora_id}") from exc
 
     async def pin_lora(self, lora_id: int) -> None:
         try:
             await self._llm.pin_lora(lora_id)
         except Exception as exc:
-            raise EngineFailure(f"the engine could not pin LoRA id {lora_id}") from exc
+            raise self._failure(f"the engine could not pin LoRA id {lora_id}") from exc
+
+    def _failure(self, message: str) -> EngineFailure | EngineUnavailable:
+        """A dead engine is a 503 (go elsewhere), anything else a 500 (a bug of ours)."""
+        if self._llm.errored:
+            return EngineUnavailable("the inference engine is not running")
+        return EngineFailure(message)
 
     async def check_health(self) -> None:
         if self._llm.errored:
@@ -286,6 +290,7 @@ class VllmEngine:
             stop=list(s.stop) or None,
             seed=s.seed,
             logprobs=s.logprobs,
+            ignore_eos=s.ignore_eos,
             output_kind=RequestOutputKind.DELTA,
         )
 

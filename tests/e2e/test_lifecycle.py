@@ -24,6 +24,7 @@ AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
 RESULTS = Path(os.environ.get("LORASWAP_RESULTS_DIR", "build/results"))
 LONG = {
     "model": "smollm2:pirate",
+    "ignore_eos": True,
     "max_tokens": 400,
     "temperature": 1.0,
     "messages": [{"role": "user", "content": "Tell me a very long story."}],
@@ -64,7 +65,8 @@ def test_disconnects_abort_then_sigterm_drains(
             httpx.Client(timeout=60) as c,
             c.stream("POST", f"{url}/v1/chat/completions", json={**LONG, "stream": True}) as r,
         ):
-            next(r.iter_lines())
+            lines = r.iter_lines()  # keep it referenced: a dropped iterator closes the stream
+            next(lines)
             wait_for(lambda: engine_running(url) == 1, 10)
         # The stream is closed: from here until the engine lets the request go.
         stream_abort = wait_for(lambda: engine_running(url) == 0, 5)
