@@ -28,8 +28,8 @@ USER loraswap
 VOLUME ["/data"]
 EXPOSE 8000
 
-# Bound to 0.0.0.0 the server refuses to run without tenants (anyone could use it):
-# create tenants and keys through the admin API (LORASWAP_ADMIN_KEY), or pass
-# --unsafe-allow-open-network deliberately.
+# Bound to 0.0.0.0 without tenants, the server accepts only the admin key: run with
+# -e LORASWAP_ADMIN_KEY=..., then create tenants and keys through the admin API (or pass
+# --unsafe-allow-open-network deliberately). Without an admin key it refuses to start.
 ENTRYPOINT ["loraswap"]
 CMD ["serve", "--demo"]

@@ -72,14 +72,17 @@ def open_mode_allowed(settings: Settings) -> bool:
 def _refuse_open_network(settings: Settings, registry: Registry) -> None:
     """No tenants means anyone can use the server: fine on loopback, not beyond it.
 
-    Checked at start (refuse to start) and on each request (auth.authenticate), so that
-    deleting the last tenant of a public server does not open it."""
-    if not registry.has_tenants() and not open_mode_allowed(settings):
-        raise RuntimeError(
-            f"refusing to serve on {settings.host} without API keys: anyone could use it. "
-            "Create a tenant key (loraswap tenants ...), bind 127.0.0.1, or pass "
-            "--unsafe-allow-open-network"
-        )
+    Beyond loopback, a server without tenants accepts only the admin key (checked per
+    request in auth.authenticate, so deleting the last tenant never opens it); without an
+    admin key either it would be open or useless, so it refuses to start.
+    """
+    if registry.has_tenants() or open_mode_allowed(settings) or settings.admin_key:
+        return
+    raise RuntimeError(
+        f"refusing to serve on {settings.host} without API keys: anyone could use it. "
+        "Set LORASWAP_ADMIN_KEY and create tenants, bind 127.0.0.1, or pass "
+        "--unsafe-allow-open-network"
+    )
 
 
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:

@@ -1,8 +1,8 @@
 """Who is calling: the operator (admin key), a tenant (API key), or anyone (open mode).
 
 Keys are compared in constant time; tenant keys are checked against stored hashes
-(adapters_registry/keys.py). With no tenant key in the registry the server is open, and
-then refuses to listen beyond loopback unless told to (see app.py).
+(adapters_registry/keys.py). With no tenant in the registry the server is open on loopback;
+beyond loopback it then accepts only the admin key (see app.py).
 """
 
 from __future__ import annotations

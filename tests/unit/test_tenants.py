@@ -166,9 +166,18 @@ def test_tenant_that_owns_things_cannot_be_deleted(
 
 
 def test_open_mode_refuses_non_loopback_bind(tmp_path: Path) -> None:
-    app = create_app(settings(tmp_path, host="0.0.0.0"), engine=FakeEngine())
+    no_admin = settings(tmp_path, host="0.0.0.0").model_copy(update={"admin_key": None})
+    app = create_app(no_admin, engine=FakeEngine())
     with pytest.raises(RuntimeError, match="unsafe-allow-open-network"), TestClient(app):
         pass
+    # With an admin key it starts closed: only the admin key is accepted until tenants exist.
+    with TestClient(create_app(settings(tmp_path, host="0.0.0.0"), engine=FakeEngine())) as c:
+        r = c.post("/v1/completions", json={"model": "tiny", "prompt": "x", "max_tokens": 1})
+        assert r.status_code == 401
+        r = c.post(
+            "/v1/completions", headers=ADMIN, json={"model": "tiny", "prompt": "x", "max_tokens": 1}
+        )
+        assert r.status_code == 200
     app = create_app(
         settings(tmp_path, host="0.0.0.0", unsafe_allow_open_network=True), engine=FakeEngine()
     )
