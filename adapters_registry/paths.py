@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from pathlib import Path
 
-from adapters_registry.errors import PathOutsideRoots
+from adapters_registry.errors import InvalidSource, PathOutsideRoots
 
 
 def confine(path: Path, roots: Iterable[Path]) -> Path:
@@ -14,7 +14,10 @@ def confine(path: Path, roots: Iterable[Path]) -> Path:
     Resolving first is what defeats both `..` segments and symlinks that point out of
     the root: the check is made on the real location, not on the spelling.
     """
-    real = path.resolve(strict=False)
+    try:
+        real = path.resolve(strict=False)
+    except (ValueError, OSError) as exc:  # NUL bytes, symlink loops, names too long
+        raise InvalidSource(f"invalid path {str(path)!r}: {exc}") from exc
     for root in roots:
         if real.is_relative_to(root.resolve(strict=False)):
             return real

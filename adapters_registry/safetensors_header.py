@@ -45,7 +45,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         raise MalformedAdapter(f"{name}: cannot read: {exc.strerror}") from exc
     try:
         header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MalformedAdapter(f"{name}: header is not valid JSON") from exc
     if not isinstance(header, dict):
         raise MalformedAdapter(f"{name}: header is not a JSON object")
@@ -59,8 +59,14 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
         except (KeyError, TypeError, ValueError) as exc:
             raise MalformedAdapter(f"{name}: tensor {key!r} has a malformed entry") from exc
-        if dtype not in _DTYPE_BYTES or not all(isinstance(d, int) and d >= 0 for d in shape):
-            raise MalformedAdapter(f"{name}: tensor {key!r} has bad dtype or shape")
+        if (
+            not isinstance(dtype, str)
+            or dtype not in _DTYPE_BYTES
+            or not isinstance(shape, list)
+            or not all(isinstance(d, int) and d >= 0 for d in shape)
+            or not all(isinstance(o, int) and o >= 0 for o in (begin, end))
+        ):
+            raise MalformedAdapter(f"{name}: tensor {key!r} has bad dtype, shape or offsets")
         count = 1
         for d in shape:
             count *= d

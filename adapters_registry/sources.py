@@ -61,7 +61,10 @@ def copy_capped(src: BinaryIO, dest: Path, cap: int, what: str) -> int:
 
 def download(url: str, dest: Path, *, max_bytes: int, timeout_s: float = 60.0) -> None:
     """Fetch the two adapter files of the folder at `url` into `dest`."""
-    parsed = urllib.parse.urlsplit(url)
+    try:
+        parsed = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
+        raise InvalidSource(f"malformed source URL {url!r}: {exc}") from exc
     if parsed.scheme not in ("http", "https") or not parsed.netloc:
         raise InvalidSource(f"unsupported source URL {url!r}: use http(s)://host/path")
     base = url if url.endswith("/") else url + "/"

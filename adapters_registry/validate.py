@@ -109,10 +109,11 @@ def _refuse_pickles(path: Path, name: str) -> None:
 
 def _read_config(path: Path, name: str) -> dict[str, Any]:
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_text(), parse_constant=_no_constant)
     except FileNotFoundError:
         raise MalformedAdapter(f"adapter {name!r}: missing {CONFIG_FILE}", adapter=name) from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        # ValueError covers JSONDecodeError and NaN/Infinity; RecursionError deep nesting.
         raise MalformedAdapter(
             f"adapter {name!r}: {CONFIG_FILE} is not valid JSON", adapter=name
         ) from exc
@@ -152,6 +153,11 @@ def _read_config(path: Path, name: str) -> dict[str, Any]:
         )
     config["target_modules"] = targets
     return config
+
+
+def _no_constant(name: str) -> Any:
+    # Python's json accepts NaN and Infinity; a LoRA scale of either poisons every output.
+    raise ValueError(f"{name} is not allowed")
 
 
 def _check_tensors(

@@ -11,6 +11,9 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 _MAX_N = 16
+# Token ids are checked against the vocabulary by the engine; this bound keeps absurd
+# values (negative, beyond 32 bits) out of it.
+TokenId = Annotated[int, Field(ge=0, lt=2**31)]
 _MAX_STOP = 4
 
 
@@ -74,7 +77,7 @@ class ChatCompletionRequest(_Sampling):
 class CompletionRequest(_Sampling):
     prompt: (
         str
-        | Annotated[list[int], Field(min_length=1)]
+        | Annotated[list[TokenId], Field(min_length=1)]
         | Annotated[list[str], Field(min_length=1, max_length=1)]
     )
     logprobs: Annotated[int, Field(ge=0, le=20)] | None = None

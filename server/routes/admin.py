@@ -10,6 +10,7 @@ import asyncio
 from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
+from fastapi import Path as PathParam
 from pydantic import BaseModel, ConfigDict, Field
 
 from adapters_registry.errors import AdapterNotFound, InvalidAlias
@@ -50,10 +51,10 @@ class Access(_Body):
 
 
 class TenantBody(_Body):
-    max_concurrent: Annotated[int, Field(ge=1)] | None = Field(
+    max_concurrent: Annotated[int, Field(ge=1, le=_MAX_INT)] | None = Field(
         None, description="Requests running at once; none = no limit."
     )
-    tokens_per_minute: Annotated[int, Field(ge=1)] | None = Field(
+    tokens_per_minute: Annotated[int, Field(ge=1, le=_MAX_INT)] | None = Field(
         None, description="Prompt + completion tokens per minute; none = no limit."
     )
 
@@ -64,8 +65,13 @@ class NewVersion(_Body):
     make_current: bool = Field(True, description="Route new requests to it at once.")
 
 
+# Bounded so that no number the database cannot hold (SQLite: 64-bit) gets that far.
+_MAX_INT = 2**63 - 1
+VersionNumber = Annotated[int, Field(ge=1, le=_MAX_INT)]
+
+
 class SetCurrent(_Body):
-    version: int = Field(ge=1)
+    version: VersionNumber
 
 
 class SetPinned(_Body):
@@ -73,7 +79,7 @@ class SetPinned(_Body):
 
 
 class AliasBody(_Body):
-    variants: dict[str, Annotated[int, Field(ge=0)]] = Field(
+    variants: dict[str, Annotated[int, Field(ge=0, le=1_000_000)]] = Field(
         description='Variant -> weight, e.g. {"pirate@3": 90, "formal": 10}; '
         "`name` follows the adapter's current version, `name@N` pins version N.",
         examples=[{"pirate@3": 90, "formal": 10}],
@@ -132,7 +138,7 @@ def _parse_variants(name: str, raw: dict[str, int]) -> tuple[Variant, ...]:
     out = []
     for key, weight in raw.items():
         adapter, sep, version = key.partition("@")
-        if sep and not version.isdigit():
+        if sep and not (version.isdigit() and 1 <= int(version) <= _MAX_INT):
             raise InvalidAlias(f"alias {name!r}: variant {key!r} must be 'name' or 'name@N'")
         out.append(Variant(adapter=adapter, version=int(version) if sep else None, weight=weight))
     return tuple(out)
@@ -225,7 +231,9 @@ async def set_current(name: str, body: SetCurrent, router_: RouterDep) -> dict[s
 
 
 @router.delete("/adapters/{name}/versions/{version}", summary="Delete a version (409 if routed)")
-async def delete_version(name: str, version: int, router_: RouterDep) -> dict[str, Any]:
+async def delete_version(
+    name: str, version: Annotated[int, PathParam(ge=1, le=_MAX_INT)], router_: RouterDep
+) -> dict[str, Any]:
     record = await asyncio.to_thread(router_.registry.delete_version, name, version)
     await router_.release_unreachable()
     return _version(record)
