@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -62,6 +63,18 @@ def adapters_dir(demo: DemoAssets, tmp_path_factory: pytest.TempPathFactory) -> 
 
 
 ADMIN_KEY = "e2e-admin-key"
+RESULTS = Path(os.environ.get("LORASWAP_RESULTS_DIR", "build/results"))
+
+
+def record_result(name: str, values: object) -> None:
+    """Figures measured by e2e tests, for the record (build/results/e2e.json)."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / "e2e.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[name] = values
+    path.write_text(json.dumps(data, indent=2))
+
+
 MAX_LORAS = ["--max-loras", "3"]
 
 
@@ -88,7 +101,7 @@ def server(
     with running_server(
         demo.base_dir, adapters_dir, state / "server.log", env=env, extra_args=MAX_LORAS
     ) as proc:
-        print(f"server healthy after {proc.start_seconds:.1f}s")
+        record_result("server_start_to_healthy_s_float32", round(proc.start_seconds, 1))
         yield proc
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import httpx
 
 from server.demo import DemoAssets
-from tests.e2e.conftest import ADMIN_KEY, registry_env
+from tests.e2e.conftest import ADMIN_KEY, record_result, registry_env
 from tests.e2e.server_proc import ServerProc, running_server
 
 AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
@@ -30,7 +30,6 @@ PROMPTS = [
     "How do I reverse a list in Python?",
     "Write a haiku about the sea.",
 ]
-RESULTS = Path(os.environ.get("LORASWAP_RESULTS_DIR", "build/results"))
 
 
 def served_by(version: str, text: str) -> bool:
@@ -156,8 +155,7 @@ async def swap_under_load(server: ServerProc, demo: DemoAssets) -> dict[str, obj
 
 def test_hot_swap_under_load_zero_failures(server: ServerProc, demo: DemoAssets) -> None:
     result = asyncio.run(swap_under_load(server, demo))
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "hot_swap.json").write_text(json.dumps(result, indent=2))
+    record_result("hot_swap", result)
     print("hot swap:", json.dumps(result))
 
 

@@ -6,7 +6,6 @@ build/results/lifecycle.json.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import threading
@@ -17,11 +16,10 @@ import httpx
 import psutil
 
 from server.demo import DemoAssets
-from tests.e2e.conftest import ADMIN_KEY, registry_env
+from tests.e2e.conftest import ADMIN_KEY, record_result, registry_env
 from tests.e2e.server_proc import running_server
 
 AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
-RESULTS = Path(os.environ.get("LORASWAP_RESULTS_DIR", "build/results"))
 LONG = {
     "model": "smollm2:pirate",
     "ignore_eos": True,
@@ -42,14 +40,6 @@ def wait_for(predicate, timeout: float) -> float:  # type: ignore[no-untyped-def
             return time.perf_counter() - start
         time.sleep(0.02)
     raise AssertionError(f"condition not met within {timeout}s")
-
-
-def record(name: str, values: dict[str, object]) -> None:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "lifecycle.json"
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[name] = values
-    path.write_text(json.dumps(data, indent=2))
 
 
 def test_disconnects_abort_then_sigterm_drains(
@@ -106,7 +96,7 @@ def test_disconnects_abort_then_sigterm_drains(
         assert results == [200, 200]
         assert srv.proc.wait(timeout=120) == 0
         drain = time.perf_counter() - sent
-    record(
+    record_result(
         "disconnect_and_drain",
         {
             "stream_abort_s": round(stream_abort, 3),
@@ -141,7 +131,7 @@ def test_engine_death_turns_unhealthy_and_fails_fast(
         assert r.status_code == 503
         assert r.json()["error"]["code"] == "engine_unavailable"
         assert fail_fast < 2.0
-    record(
+    record_result(
         "engine_death",
         {
             "kill_to_unhealthy_s": round(unhealthy, 2),

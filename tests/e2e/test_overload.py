@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import statistics
 import time
 from collections import Counter
@@ -20,11 +19,10 @@ import httpx
 import psutil
 
 from server.demo import DemoAssets
-from tests.e2e.conftest import ADMIN_KEY, registry_env
+from tests.e2e.conftest import ADMIN_KEY, record_result, registry_env
 from tests.e2e.server_proc import running_server
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
-RESULTS = Path(os.environ.get("LORASWAP_RESULTS_DIR", "build/results"))
 SHORT = {
     "model": "smollm2",
     "max_tokens": 8,
@@ -141,7 +139,6 @@ def test_overload_and_fairness(demo: DemoAssets, adapters_dir: Path, tmp_path: P
         "b_p50_while_a_floods_s": round(statistics.median(flooded), 3),
         "fairness_ratio": round(ratio, 2),
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "overload.json").write_text(json.dumps(result, indent=2))
+    record_result("overload", result)
     print("overload:", json.dumps(result))
     assert ratio < 6, result

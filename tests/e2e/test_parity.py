@@ -14,7 +14,7 @@ import httpx
 import pytest
 
 from server.demo import DemoAssets
-from tests.e2e.conftest import MAX_LORAS, registry_env
+from tests.e2e.conftest import MAX_LORAS, record_result, registry_env
 from tests.e2e.reference import PeftReference
 from tests.e2e.server_proc import ServerProc, running_server
 
@@ -82,9 +82,13 @@ def test_parity_mixed_concurrent_batch(
 ) -> None:
     cases = _cases(demo.adapter_names)
     # Twice: the second round hits adapters already resident in the engine.
-    for _ in range(2):
+    for round_ in range(2):
         got = _server_outputs(server.url, cases, reference)
-        assert _mismatches(cases, got, expected) == []
+        bad = _mismatches(cases, got, expected)
+        record_result(
+            f"parity_fix_on_round_{round_ + 1}", {"cases": len(cases), "mismatched": len(bad)}
+        )
+        assert bad == []
     assert all(len(w) > 0 for w in expected)
 
 
@@ -106,6 +110,9 @@ def test_parity_fails_without_the_fix(
         cases = _cases(demo.adapter_names)
         got = _server_outputs(srv.url, cases, reference)
     bad = _mismatches(cases, got, expected)
+    record_result(
+        "parity_fix_off", {"cases": len(cases), "mismatched": len(bad), "mismatches": bad}
+    )
     assert bad, "outputs matched PEFT with the fix off: is the switch still effective?"
     # The bug hits base requests (index -1); adapter requests stay correct.
     assert all(line.startswith("base") for line in bad), bad
