@@ -1,0 +1,1 @@
+"""Baselines the load tests compare loraswap with: plain vLLM and a naive PEFT server."""

@@ -1,0 +1,316 @@
+"""Side-by-side comparison on one box and one model, one system after another:
+
+    (d) the base model alone, through our server   (`base`)
+    (a) our server, N registered / K active adapters (`ours`)
+    (b) plain `vllm serve --enable-lora`, the K active names (`vllm`)
+    (c) the naive transformers + PEFT server, the K active names (`peft`)
+
+    python -m loadtests.compare --out build/compare    # the defaults: as below
+    python -m loadtests.compare --home /work/cache/loraswap --out build/compare \\
+        --duration 50 --concurrency 16 --adapters-registered 100 --adapters-active 8 \\
+        --zipf-alpha 1.0 --output-len uniform:16:64 --sweep 1,4 --sweep-duration 20 \\
+        --swap-every 20 --peft-concurrency 4 --peft-duration 60
+
+Each system is started, warmed up (every active adapter loaded, then `--warmup` seconds of
+the same load, unrecorded), measured, and stopped before the next starts, so they never
+share the cores. The N adapter folders are hard links to the demo's three adapters under
+distinct names (`a000`, `a001`, ...); ours pre-registers all N through the admin API, and
+its main phase runs the hot-swap schedule (`--swap-every`; 0 for none) on the most
+popular adapter. Sweep points (`--sweep`) measure ours and vLLM again with fewer active
+adapters. Every system sees the same request sequence (same seed), the naive one a
+shorter, lighter run (`--peft-*`).
+
+Writes `results.json` (after every system: a crash keeps what was measured),
+`results.md`, the PNG plots and `logs/<system>.log` to `--out`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import secrets
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from clients import Client, ConflictError
+from loadtests import servers
+from loadtests.cpu import box_busy_cores
+from loadtests.options import add_workload_args, host_info, jsonable, now_iso, renice, workload
+from loadtests.record import RunRecord, SystemRecord, summarize
+from loadtests.report import write_report
+from loadtests.runner import Target, Workload, print_progress, run_phase, warm_up
+from loadtests.workload import LengthDist, alternating_swaps
+
+SYSTEMS = ("base", "ours", "vllm", "peft")
+# Not run unless named: plain vLLM with our CPU LoRA-op fix plugin left on, which tells
+# how much of a difference to plain vLLM comes from the ops alone.
+EXTRA_SYSTEMS = ("vllm-fix",)
+# Seconds between systems and phases: the engine finishes aborting cut-off requests and
+# the machine settles before the next window starts.
+PAUSE_S = 3.0
+
+
+def _default_home() -> Path:
+    return Path(os.environ.get("LORASWAP_HOME", Path.home() / ".cache" / "loraswap"))
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtests.compare",
+        description="Compare loraswap with plain vLLM, a naive PEFT server and the base alone.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__,
+    )
+    parser.add_argument("--out", type=Path, default=Path("build/compare"), help="output folder")
+    parser.add_argument(
+        "--home", type=Path, default=_default_home(), help="where the demo assets are"
+    )
+    parser.add_argument(
+        "--systems",
+        default=",".join(SYSTEMS),
+        help=f"comma list, run in this order [{','.join(SYSTEMS)}]; also: "
+        f"{', '.join(EXTRA_SYSTEMS)} (plain vLLM with our LoRA-op fix on)",
+    )
+    parser.add_argument("--adapters-registered", type=int, default=100, help="ours [100]")
+    parser.add_argument(
+        "--swap-every",
+        type=float,
+        default=20.0,
+        help="ours: hot-swap the most popular adapter every S seconds (0: never) [20]",
+    )
+    parser.add_argument("--peft-concurrency", type=int, default=4, help="naive server [4]")
+    parser.add_argument("--peft-duration", type=float, default=60.0, help="naive server [60]")
+    parser.add_argument("--peft-warmup", type=float, default=5.0, help="naive server [5]")
+    parser.add_argument(
+        "--peft-rate", type=float, default=None, help="naive server, open loop [--rate]"
+    )
+    parser.add_argument(
+        "--peft-threads",
+        type=int,
+        default=len(os.sched_getaffinity(0)),
+        help="torch threads of the naive server [all cores]",
+    )
+    parser.add_argument("--max-loras", type=int, default=4, help="vLLM max_loras, both [4]")
+    parser.add_argument("--max-cpu-loras", type=int, default=16, help="both [16]")
+    parser.add_argument("--max-num-seqs", type=int, default=32, help="both [32]")
+    parser.add_argument("--nice", type=int, default=10, help="run at this niceness [10]")
+    parser.add_argument(
+        "--quiet-below",
+        type=float,
+        default=0.5,
+        help="before each phase, wait until the rest of the machine uses fewer cores [0.5]",
+    )
+    parser.add_argument(
+        "--quiet-wait", type=float, default=30.0, help="... but at most this many seconds [30]"
+    )
+    parser.add_argument("--keep-work", action="store_true", help="keep the temp adapter pool")
+    add_workload_args(parser)
+    # The target scenario: 100 registered, 8 active (Zipf), 16 users; short enough outputs
+    # that a slow CPU box still completes requests inside the window.
+    parser.set_defaults(
+        duration=50.0,
+        sweep=[1, 4],
+        sweep_duration=20.0,
+        output_len=LengthDist.parse("uniform:16:64"),
+    )
+    args = parser.parse_args(argv)
+    args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
+    unknown = set(args.systems) - set(SYSTEMS) - set(EXTRA_SYSTEMS)
+    if unknown:
+        known = ", ".join(SYSTEMS + EXTRA_SYSTEMS)
+        parser.error(f"unknown systems {sorted(unknown)}; known: {known}")
+    if not 1 <= args.adapters_active <= args.adapters_registered:
+        parser.error("need 1 <= --adapters-active <= --adapters-registered")
+    return args
+
+
+def preregister(target: Target, pool: dict[str, Path]) -> int:
+    """Register every folder of the pool through the admin API (else they would register
+    on first use only): "N registered" is then true of the registry. Returns the count."""
+    with Client(target.url, admin_key=target.admin_key, max_retries=0) as admin:
+        for name, folder in pool.items():
+            with contextlib.suppress(ConflictError):  # registered already
+                admin.register_adapter(name, str(folder))
+        return len(admin.list_adapters())
+
+
+def wait_for_quiet(below: float, at_most_s: float) -> float | None:
+    """Wait (up to `at_most_s`) until the machine, our idle server included, uses fewer
+    than `below` cores: on a shared machine, start windows in a lull. Returns the last
+    reading."""
+    deadline = time.monotonic() + at_most_s
+    busy = box_busy_cores(2.0)
+    while busy is not None and busy >= below and time.monotonic() < deadline:
+        busy = box_busy_cores(2.0)
+    return busy
+
+
+def measure(
+    launch: servers.Launch,
+    port: int,
+    out: Path,
+    phases: Sequence[tuple[str, Workload]],
+    warmup_s: float,
+    setup: Callable[[Target, SystemRecord], None] | None = None,
+    quiet: tuple[float, float] = (0.5, 0.0),
+) -> SystemRecord:
+    """Start one system, warm it up, run its phases, stop it. Failures are recorded, not
+    raised: the other systems still run."""
+    system = SystemRecord(name=launch.name, label=launch.label, notes=list(launch.notes))
+    system.server = {
+        "command": " ".join(launch.cmd),
+        # The admin key is a throwaway, but a record is no place for keys.
+        "env": {k: v for k, v in launch.env.items() if "KEY" not in k},
+    }
+    print_progress(f"[{launch.label}] starting: {' '.join(launch.cmd[:4])} ...")
+    try:
+        with servers.running(launch, port, out / "logs" / f"{launch.name}.log") as srv:
+            system.url = srv.url
+            system.server["startup_s"] = round(srv.start_seconds, 1)
+            print_progress(f"[{launch.label}] healthy after {srv.start_seconds:.0f}s")
+            target = Target(srv.url, admin_key=launch.admin_key, label=launch.label)
+            if setup is not None:
+                setup(target, system)
+            asyncio.run(warm_up(target, replace(phases[0][1], swaps=()), warmup_s))
+            for name, load in phases:
+                time.sleep(PAUSE_S)
+                busy = wait_for_quiet(*quiet)
+                if busy is not None:
+                    system.server[f"cores busy before {name}"] = round(busy, 2)
+                phase = asyncio.run(run_phase(target, load, name, server_sid=srv.proc.pid))
+                system.phases.append(phase)
+                s = summarize(phase)
+                print_progress(
+                    f"[{launch.label}] {name}: {s.output_tok_per_s:.1f} tok/s, "
+                    f"{s.req_per_s:.2f} req/s, {s.ok} ok / {s.errors} err / "
+                    f"{s.cancelled} cut, p50 TTFT {s.ttft_p50_s or float('nan'):.2f}s; "
+                    f"cores: server {phase.cpu.get('server_cores', float('nan')):.2f}, "
+                    f"others {phase.cpu.get('others_cores', float('nan')):.2f}"
+                )
+    except Exception as exc:
+        system.error = f"{type(exc).__name__}: {exc}".strip()[:2000]
+        print_progress(f"[{launch.label}] FAILED: {system.error}")
+    return system
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    args = parse_args(argv)
+    renice(args.nice)
+    from server.demo import demo_assets
+
+    assets = demo_assets(args.home)
+    sources = [assets.adapters_dir / n for n in assets.adapter_names]
+    if not assets.base_dir.is_dir() or not all(s.is_dir() for s in sources):
+        sys.exit(
+            f"demo assets missing under {args.home}/demo: run `loraswap demo prepare` "
+            "or pass --home"
+        )
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    record = RunRecord(
+        created=now_iso(),
+        command=" ".join(["python -m loadtests.compare", *argv]),
+        host=host_info(),
+        config=jsonable(args),
+    )
+    knobs = servers.EngineKnobs(
+        max_loras=args.max_loras,
+        max_cpu_loras=args.max_cpu_loras,
+        max_num_seqs=args.max_num_seqs,
+    )
+    work = Path(tempfile.mkdtemp(prefix="loraswap-compare-"))
+    try:
+        pool = servers.make_adapter_pool(work / "adapters", sources, args.adapters_registered)
+        names = list(pool)
+        active = names[: args.adapters_active]
+        active_pool = {n: pool[n] for n in active}
+        main_load = workload(args, active, args.adapters_registered)
+        sweep = [n for n in args.sweep if n < len(active)]
+        quiet = (args.quiet_below, args.quiet_wait)
+
+        def sweep_phases(load: Workload) -> list[tuple[str, Workload]]:
+            return [
+                (f"active={n}", replace(load.with_active(n), duration_s=args.sweep_duration))
+                for n in sweep
+            ]
+
+        for name in args.systems:
+            port = servers.free_port()
+            if name in ("base", "ours"):
+                launch = servers.ours(
+                    assets.base_dir,
+                    work / "adapters",
+                    port,
+                    knobs,
+                    home=work / f"home-{name}",
+                    admin_key=secrets.token_hex(16),
+                    allowed_roots=[assets.adapters_dir],
+                )
+            if name == "base":
+                launch = replace(launch, name="base", label="(d) base alone, loraswap")
+                launch.notes = ["our server, every request to the base model (no adapter)"]
+                phases = [("main", replace(main_load, adapters=(), registered=0))]
+                system = measure(launch, port, out, phases, args.warmup, quiet=quiet)
+            elif name == "ours":
+                swaps = []
+                if args.swap_every > 0:
+                    # The most popular adapter gets other demo adapters' weights as new
+                    # versions, then rollbacks: every swap changes what it serves.
+                    first = sources[0]
+                    others = [str(s) for s in sources if s != first]
+                    swaps = alternating_swaps(active[0], others, args.swap_every, args.duration)
+                load = replace(main_load, swaps=tuple(swaps))
+                launch.notes = [
+                    f"{args.adapters_registered} adapters registered (admin API, before the "
+                    f"run), {len(active)} active; {len(swaps)} hot swaps of {active[0]} "
+                    "during the main phase (none in sweep points)",
+                ]
+
+                def setup(target: Target, system: SystemRecord) -> None:
+                    count = preregister(target, pool)
+                    system.server["registered"] = count
+                    print_progress(f"[{target.label}] {count} adapters registered")
+
+                phases = [("main", load), *sweep_phases(main_load)]
+                system = measure(launch, port, out, phases, args.warmup, setup, quiet)
+            elif name in ("vllm", "vllm-fix"):
+                launch = servers.vllm(
+                    assets.base_dir, active_pool, port, knobs, lora_fix=name == "vllm-fix"
+                )
+                # It serves the active names only (--lora-modules): that many registered.
+                load = replace(main_load, registered=len(active))
+                phases = [("main", load), *sweep_phases(load)]
+                system = measure(launch, port, out, phases, args.warmup, quiet=quiet)
+            else:
+                launch = servers.peft(assets.base_dir, active_pool, port, knobs, args.peft_threads)
+                load = replace(
+                    main_load,
+                    registered=len(active),
+                    concurrency=args.peft_concurrency,
+                    duration_s=args.peft_duration,
+                    rate=args.peft_rate or args.rate,
+                )
+                system = measure(launch, port, out, [("main", load)], args.peft_warmup, quiet=quiet)
+            record.systems.append(system)
+            record.write(out / "results.json")
+            time.sleep(PAUSE_S)
+    finally:
+        if not args.keep_work:
+            shutil.rmtree(work, ignore_errors=True)
+        if record.systems:
+            record.write(out / "results.json")
+            report = write_report(record, out)
+            print_progress(f"wrote {out / 'results.json'}, {report} and the plots")
+            print(report.read_text())
+
+
+if __name__ == "__main__":
+    main()

