@@ -29,11 +29,16 @@ note() {
   printf 'docker-entrypoint: %s\n' "$*" >&2
 }
 
-# Booleans as pydantic reads them; prints true/false, dies on anything else.
+# Booleans as pydantic reads them; prints true/false (unset: false), dies on anything else.
 bool() {
-  local name="$1" value="${!1:-}"
+  local name="$1"
+  if [[ -z "${!name+x}" ]]; then
+    echo false
+    return
+  fi
+  local value="${!name}"
   case "${value,,}" in
-    "" | 0 | false | f | no | n | off) echo false ;;
+    0 | false | f | no | n | off) echo false ;;
     1 | true | t | yes | y | on) echo true ;;
     *) die "$name=$value: expected true or false (1/0, yes/no, on/off)" ;;
   esac
@@ -76,6 +81,9 @@ except Exception as e:
 }
 
 serve() {
+  if has_arg --help "$@"; then
+    exec loraswap serve "$@"
+  fi
   local -a flags=()
   local demo quantized unsafe
   demo=$(bool LORASWAP_DEMO)
@@ -87,7 +95,7 @@ serve() {
   has_arg --quantized "$@" && quantized=true
   has_arg --unsafe-allow-open-network "$@" && unsafe=true
 
-  if [[ -n "${LORASWAP_PORT:-}" ]]; then
+  if [[ -n "${LORASWAP_PORT+x}" ]]; then
     if [[ ! "$LORASWAP_PORT" =~ ^[0-9]{1,5}$ ]] || ((10#$LORASWAP_PORT < 1 || 10#$LORASWAP_PORT > 65535)); then
       die "LORASWAP_PORT=$LORASWAP_PORT: expected a port number, 1 to 65535"
     fi

@@ -217,6 +217,11 @@ def test_no_admin_key_with_an_existing_registry_may_have_tenants(box: Box) -> No
     assert "starts only if" not in run.stderr
 
 
+def test_help_needs_no_model(box: Box) -> None:
+    assert box.run("--help").argv == ["serve", "--help"]
+    assert box.run("serve", "--help", LORASWAP_PORT="bad").argv == ["serve", "--help"]
+
+
 def test_other_commands_run_without_checks(box: Box) -> None:
     # No model anywhere, no admin key: admin subcommands and shells still run.
     run = box.run("adapters", "list", "--url", "http://server:8000", LORASWAP_ADMIN_KEY=None)
@@ -249,14 +254,11 @@ def test_adapters_dir_missing(box: Box) -> None:
     assert_refused(box.run(LORASWAP_ADAPTERS_DIR=str(missing)), f"LORASWAP_ADAPTERS_DIR={missing}")
 
 
-@pytest.mark.parametrize("port", ["80a", "0", "65536", "-1", ""])
+@pytest.mark.parametrize("port", ["80a", "0", "65536", "-1", "", " 80"])
 def test_bad_port(box: Box, port: str) -> None:
     box.mount_model()
-    run = box.run(LORASWAP_PORT=port)
-    if port == "":
-        assert run.argv == ["serve"]  # unset-like: the server's default
-    else:
-        assert_refused(run, f"LORASWAP_PORT={port}", "1 to 65535")
+    assert_refused(box.run(LORASWAP_PORT=port), f"LORASWAP_PORT={port}", "1 to 65535")
+    assert box.run(LORASWAP_PORT=None).argv == ["serve"]  # unset: the server's default
 
 
 @pytest.mark.parametrize(
@@ -266,6 +268,8 @@ def test_bad_port(box: Box, port: str) -> None:
 def test_bad_boolean(box: Box, name: str) -> None:
     box.mount_model()
     assert_refused(box.run(**{name: "maybe"}), f"{name}=maybe", "true or false")
+    # Set but empty: the server could not parse it either.
+    assert_refused(box.run(**{name: ""}), f"{name}=:", "true or false")
 
 
 def test_contradictions(box: Box) -> None:
