@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Entrypoint of the loraswap images (Dockerfile, deploy/Dockerfile.cuda).
 #
-#   (no arguments), serve [flags], --flag ...   check the environment, prepare the data
-#                                               folders, then exec `loraswap serve ...`
+#   (no arguments), serve [flags], --flag ...   check the environment (every LORASWAP_*
+#                                               value, through the server's Settings),
+#                                               prepare the data folders, then exec
+#                                               `loraswap serve ...`
 #   healthcheck                                 exit 0 when GET /health answers 200
 #   demo | adapters | aliases | tenants ...     exec `loraswap "$@"`
 #   anything else                               exec it as given (e.g. bash)
@@ -19,6 +21,23 @@ set -euo pipefail
 
 model_mount="${LORASWAP_MODEL_MOUNT:-/models}"
 adapters_mount="${LORASWAP_ADAPTERS_MOUNT:-/adapters}"
+
+settings_check='
+import sys
+from pydantic import ValidationError
+from pydantic_settings import SettingsError
+from server.settings import Settings
+try:
+    Settings()
+except ValidationError as e:
+    for err in e.errors():
+        name = "LORASWAP_" + "__".join(str(p) for p in err["loc"]).upper()
+        print(name + ": " + err["msg"])
+    sys.exit(1)
+except SettingsError as e:
+    print(str(e) + " (lists are JSON, e.g. [\"/srv/adapters\"])")
+    sys.exit(1)
+'
 
 die() {
   printf 'docker-entrypoint: error: %s\n' "$*" >&2
@@ -140,6 +159,13 @@ serve() {
   fi
   if [[ -n "${LORASWAP_ADAPTERS_DIR:-}" && ! -d "$LORASWAP_ADAPTERS_DIR" ]]; then
     die "LORASWAP_ADAPTERS_DIR=$LORASWAP_ADAPTERS_DIR: no such directory (is the volume mounted?)"
+  fi
+
+  # Every other LORASWAP_* value, through the server's own Settings: one line per problem
+  # instead of a traceback at start-up.
+  local problems
+  if ! problems=$("${LORASWAP_PYTHON:-python3}" -c "$settings_check" 2>&1); then
+    die "invalid settings: ${problems//$'\n'/; }"
   fi
 
   # Writable state: home (demo assets), the registry database, uploads and downloads.

@@ -59,6 +59,9 @@ class Box:
             "LORASWAP_MODEL_MOUNT": str(self.models),
             "LORASWAP_ADAPTERS_MOUNT": str(self.adapters),
             "LORASWAP_ADMIN_KEY": "admin-secret",
+            # The settings check imports server.settings, from this checkout.
+            "LORASWAP_PYTHON": sys.executable,
+            "PYTHONPATH": str(ENTRYPOINT.parents[1]),
         }
 
     def mount_model(self, path: Path | None = None) -> Path:
@@ -270,6 +273,24 @@ def test_bad_boolean(box: Box, name: str) -> None:
     assert_refused(box.run(**{name: "maybe"}), f"{name}=maybe", "true or false")
     # Set but empty: the server could not parse it either.
     assert_refused(box.run(**{name: ""}), f"{name}=:", "true or false")
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("LORASWAP_ENGINE__MAX_LORA_RANK", "7"),
+        ("LORASWAP_MAX_IN_FLIGHT", "0"),
+        ("LORASWAP_ENGINE__DTYPE", "fp8"),
+        ("LORASWAP_ALLOWED_ROOTS", "/srv/adapters"),  # must be a JSON list
+    ],
+)
+def test_any_setting_the_server_would_reject(box: Box, name: str, value: str) -> None:
+    box.mount_model()
+    run = box.run(**{name: value})
+    field = name.removeprefix("LORASWAP_").lower().replace("__", ".")
+    assert_refused(run, "invalid settings")
+    assert f"{name}:" in run.stderr or f'field "{field}"' in run.stderr, run.stderr
+    assert "Traceback" not in run.stderr
 
 
 def test_contradictions(box: Box) -> None:
