@@ -1,5 +1,5 @@
-"""The registry service: validated registration from any source, kept in SQLite, read from
-an in-memory snapshot (requests never touch the database).
+"""The registry service: validated registration from any source, kept in SQLite or
+PostgreSQL (store.py), read from an in-memory snapshot (requests never touch the database).
 
 Writes go to the database first and then refresh the snapshot, so what a request sees
 is always something that has been durably acknowledged.
@@ -44,7 +44,7 @@ from adapters_registry.validate import Limits, inspect_adapter
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    db_path: Path
+    database: str | Path  # an SQLite file, or a database URL (store.open_database)
     storage_dir: Path  # uploads live here, and the download cache
     allowed_roots: tuple[Path, ...]
     cache_max_bytes: int
@@ -67,7 +67,7 @@ class Registry:
     ) -> None:
         self.config = config
         self.base = base
-        self._store = Store(config.db_path)
+        self._store = Store(config.database)
         self._uploads = config.storage_dir / "uploads"
         self._uploads.mkdir(parents=True, exist_ok=True)
         self.cache = DiskCache(config.storage_dir / "cache", config.cache_max_bytes, in_use)

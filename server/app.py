@@ -29,7 +29,7 @@ _INVALID = "invalid_request_error"
 
 
 def build_router(settings: Settings, engine: Engine, metrics: Metrics) -> AdapterRouter:
-    """The registry (SQLite), the adapters-directory catalog, and the router over both."""
+    """The registry (SQLite or PostgreSQL), the adapters-directory catalog, the router."""
     if settings.model is None:
         raise ValueError("settings.model is required")
     base = BaseModelShapes.from_dir(settings.model, settings.served_model_name)
@@ -38,7 +38,7 @@ def build_router(settings: Settings, engine: Engine, metrics: Metrics) -> Adapte
     if settings.adapters_dir is not None:
         catalog = DirectoryCatalog(settings.adapters_dir, base, limits)
     config = RegistryConfig(
-        db_path=settings.registry_db_path,
+        database=settings.registry_database,
         storage_dir=settings.storage_path,
         allowed_roots=settings.adapter_roots,
         cache_max_bytes=settings.download_cache_bytes,
