@@ -222,34 +222,51 @@ class PostgresDatabase(Database):
                 f"cannot connect to registry database {self.display}: {exc}"
             ) from exc
 
-    def _live(self) -> psycopg.Connection[tuple[Any, ...]]:
-        # A server restart or a dropped TCP connection fails the call that meets it;
-        # the next call reconnects instead of failing forever.
+    def _begin(self, statement: str) -> psycopg.Connection[tuple[Any, ...]]:
+        """Open a transaction, on a new connection if the server dropped the old one.
+
+        An idle connection dies with a server restart, a failover or an idle timeout;
+        the first statement of a call is where that shows, and since nothing has been
+        done yet it is safe to reconnect and start again, once.
+        """
         if self._conn.closed or self._conn.broken:
-            self._conn.close()
             self._conn = self._connect()
+        try:
+            self._conn.execute(statement)
+        except self._psycopg.OperationalError:
+            if not self._conn.broken:
+                raise
+            self._conn = self._connect()
+            self._conn.execute(statement)
         return self._conn
 
     @contextmanager
     def write(self) -> Iterator[Connection]:
         errors = self._psycopg.errors
         with self._lock:
-            conn = self._live()
+            conn = self._begin("BEGIN")
             try:
-                with conn.transaction():
-                    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_WRITE_LOCK,))
-                    yield _PgConnection(conn)
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (_PG_WRITE_LOCK,))
+                yield _PgConnection(conn)
             except errors.IntegrityError as exc:
+                conn.execute("ROLLBACK")
                 unique = isinstance(exc, errors.UniqueViolation)
                 raise _integrity_error(str(exc).splitlines()[0], unique=unique) from exc
+            except BaseException:
+                if not conn.broken:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
         with self._lock:
-            conn = self._live()
-            with conn.transaction():
-                conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            conn = self._begin("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+            try:
                 yield _PgConnection(conn)
+            finally:
+                if not conn.broken:
+                    conn.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
