@@ -76,6 +76,7 @@ class Registry:
         self._aliases: dict[str, AliasRecord] = {}
         self._tenants: dict[str, TenantRecord] = {}
         self._keys: dict[str, KeyRecord] = {}
+        self._generation = self._store.generation()
         self._reload()
 
     def close(self) -> None:
@@ -323,6 +324,17 @@ class Registry:
 
     def _refresh_adapter(self, name: str) -> None:
         self._adapters[name] = self._store.get(name)
+
+    def refresh(self) -> bool:
+        """Reload the snapshot if the database changed since (another replica wrote to
+        it); True if it did. Cheap when nothing changed: one single-row read."""
+        if self._store.generation() == self._generation:
+            return False
+        with self._lock:
+            # Read before reloading: a write landing during the reload is seen next time.
+            self._generation = self._store.generation()
+            self._reload()
+        return True
 
     def _reload(self) -> None:
         self._adapters = {a.name: a for a in self._store.list_adapters()}

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from adapters_registry.database import Connection, Database, open_database
@@ -122,6 +124,23 @@ class Store:
     def database(self) -> Database:
         return self._db
 
+    def generation(self) -> int:
+        """A counter every committed change increments: replicas compare it to notice
+        each other's writes without reading everything."""
+        with self._db.read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+        return 0 if row is None else int(row[0])
+
+    @contextmanager
+    def _write(self) -> Iterator[Connection]:
+        with self._db.write() as db:
+            yield db
+            # Reached only when the change succeeded; commits with it.
+            db.execute(
+                "INSERT INTO meta VALUES ('generation', '1') ON CONFLICT (key) DO UPDATE "
+                "SET value = CAST(CAST(meta.value AS BIGINT) + 1 AS TEXT)"
+            )
+
     def close(self) -> None:
         self._db.close()
 
@@ -140,7 +159,7 @@ class Store:
     ) -> VersionRecord:
         """Record a validated version; `create` registers the adapter itself too."""
         now = time.time()
-        with self._db.write() as db:
+        with self._write() as db:
             exists = db.execute(
                 "SELECT next_version FROM adapters WHERE name=?", (spec.name,)
             ).fetchone()
@@ -209,13 +228,13 @@ class Store:
         return [_adapter(r, by_name.get(str(r[0]), [])) for r in rows]
 
     def set_current(self, name: str, version: int) -> AdapterRecord:
-        with self._db.write() as db:
+        with self._write() as db:
             _require_version(db, name, version)
             db.execute("UPDATE adapters SET current_version=? WHERE name=?", (version, name))
         return self.get(name)
 
     def set_access(self, name: str, *, owner: str | None, shared: bool) -> AdapterRecord:
-        with self._db.write() as db:
+        with self._write() as db:
             _require_adapter(db, name)
             if owner is not None:
                 _require_tenant(db, owner)
@@ -225,14 +244,14 @@ class Store:
         return self.get(name)
 
     def set_pinned(self, name: str, pinned: bool) -> AdapterRecord:
-        with self._db.write() as db:
+        with self._write() as db:
             _require_adapter(db, name)
             db.execute("UPDATE adapters SET pinned=? WHERE name=?", (int(pinned), name))
         return self.get(name)
 
     def delete_version(self, name: str, version: int) -> VersionRecord:
         record = self.get(name).version(version)
-        with self._db.write() as db:
+        with self._write() as db:
             current = _require_version(db, name, version)
             if current == version:
                 raise InUse(
@@ -248,7 +267,7 @@ class Store:
 
     def delete_adapter(self, name: str) -> AdapterRecord:
         record = self.get(name)
-        with self._db.write() as db:
+        with self._write() as db:
             _require_adapter(db, name)
             for alias in _aliases(db):
                 if any(v.adapter == name for v in alias.variants):
@@ -279,7 +298,7 @@ class Store:
             )
         if len({v.key for v in variants}) != len(variants):
             raise InvalidAlias(f"alias {name!r}: a variant is listed twice", adapter=name)
-        with self._db.write() as db:
+        with self._write() as db:
             if db.execute("SELECT 1 FROM adapters WHERE name=?", (name,)).fetchone():
                 raise AlreadyExists(f"{name!r} is already an adapter", adapter=name)
             for v in variants:
@@ -320,7 +339,7 @@ class Store:
             return _aliases(db)
 
     def delete_alias(self, name: str) -> AliasRecord:
-        with self._db.write() as db:
+        with self._write() as db:
             row = _alias_row(db, name)
             if row is None:
                 raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
@@ -332,7 +351,7 @@ class Store:
     def put_tenant(
         self, name: str, *, max_concurrent: int | None, tokens_per_minute: int | None
     ) -> TenantRecord:
-        with self._db.write() as db:
+        with self._write() as db:
             row = db.execute("SELECT created_at FROM tenants WHERE name=?", (name,)).fetchone()
             created = float(row[0]) if row is not None else time.time()
             # An upsert, not INSERT OR REPLACE: a replace deletes the row first, and the
@@ -362,7 +381,7 @@ class Store:
 
     def delete_tenant(self, name: str) -> TenantRecord:
         record = self.tenant(name)
-        with self._db.write() as db:
+        with self._write() as db:
             owned = db.execute(
                 "SELECT name FROM adapters WHERE owner=? UNION SELECT name FROM aliases "
                 "WHERE owner=?",
@@ -379,7 +398,7 @@ class Store:
 
     def add_key(self, tenant: str, key_id: str, secret_sha256: str) -> KeyRecord:
         now = time.time()
-        with self._db.write() as db:
+        with self._write() as db:
             _require_tenant(db, tenant)
             db.execute(
                 "INSERT INTO api_keys VALUES (?,?,?,?)", (key_id, tenant, secret_sha256, now)
@@ -387,7 +406,7 @@ class Store:
         return KeyRecord(key_id=key_id, tenant=tenant, secret_sha256=secret_sha256, created_at=now)
 
     def delete_key(self, tenant: str, key_id: str) -> None:
-        with self._db.write() as db:
+        with self._write() as db:
             gone = db.execute(
                 "DELETE FROM api_keys WHERE tenant=? AND key_id=?", (tenant, key_id)
             ).rowcount

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
+import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,6 +29,7 @@ from server.serving import Serving
 from server.settings import Settings
 
 _INVALID = "invalid_request_error"
+log = logging.getLogger("loraswap.registry")
 
 
 def build_router(settings: Settings, engine: Engine, metrics: Metrics) -> AdapterRouter:
@@ -85,6 +89,17 @@ def _refuse_open_network(settings: Settings, registry: Registry) -> None:
     )
 
 
+async def _follow_registry(router: AdapterRouter, interval_s: float) -> None:
+    """Pick up registry changes made by other replicas sharing the database."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            if await asyncio.to_thread(router.registry.refresh):
+                await router.release_unreachable()
+        except Exception:  # the database away for a moment must not end the polling
+            log.exception("registry refresh failed; retrying in %.1fs", interval_s)
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """The ASGI app. Pass `engine` to reuse one (tests); otherwise vLLM starts in lifespan."""
 
@@ -106,9 +121,18 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         for record in router.registry.adapters():
             if record.pinned:
                 await router.warm(record.name)
+        poll = None
+        if settings.registry.refresh_interval_s > 0:
+            poll = asyncio.create_task(
+                _follow_registry(router, settings.registry.refresh_interval_s)
+            )
         try:
             yield
         finally:
+            if poll is not None:
+                poll.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poll
             router.registry.close()
             if own:
                 eng.shutdown()

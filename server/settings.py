@@ -56,6 +56,11 @@ class RegistrySettings(BaseModel):
         description="Registry database: sqlite:///path/registry.db, or postgresql://... "
         "shared by several replicas [SQLite file registry_db].",
     )
+    refresh_interval_s: float = Field(
+        2.0,
+        ge=0,
+        description="How often to look for other replicas' registry changes; 0 = never.",
+    )
 
 
 class Settings(BaseSettings):

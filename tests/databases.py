@@ -164,11 +164,11 @@ def _run(cmd: list[str], log: Path | None = None) -> None:
         raise PostgresUnavailable(f"{' '.join(cmd)} failed ({done.returncode}): {detail}")
 
 
-def registry_settings(database: str | Path) -> dict[str, object]:
-    """Settings(**...) fields that put the registry in `database`."""
+def registry_settings(database: str | Path, **registry: object) -> dict[str, object]:
+    """Settings(**...) fields that put the registry in `database` (+ `registry` fields)."""
     if isinstance(database, Path):
-        return {"registry_db": database}
-    return {"registry": RegistrySettings(database_url=database)}
+        return {"registry_db": database, "registry": RegistrySettings(**registry)}
+    return {"registry": RegistrySettings(database_url=database, **registry)}
 
 
 def database_contents(database: str | Path) -> bytes:

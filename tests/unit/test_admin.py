@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -271,3 +272,19 @@ def test_openapi_documents_admin(client: TestClient) -> None:
     assert "/admin/adapters/{name}/current" in paths
     assert "/admin/aliases/{name}" in paths
     assert json.dumps(paths)  # serialisable
+
+
+def test_replica_picks_up_admin_changes_made_on_another(
+    tmp_path: Path, database: str | Path
+) -> None:
+    on = registry_settings(database, refresh_interval_s=0.05)
+    path = make_adapter(tmp_path / "allowed" / "p")
+    one = TestClient(create_app(settings(tmp_path, **on), engine=FakeEngine()))
+    two = TestClient(create_app(settings(tmp_path, **on), engine=FakeEngine()))
+    with one, two:
+        assert chat(two, "pirate").status_code == 404
+        assert register(one, "pirate", path).status_code == 201
+        deadline = time.monotonic() + 10
+        while chat(two, "pirate").status_code != 200:
+            assert time.monotonic() < deadline, "replica two never saw the new adapter"
+            time.sleep(0.05)

@@ -322,3 +322,22 @@ def test_download_cache_is_capped_lru(
     assert len(cached) == 2  # the two most recent
     assert reg.adapter("a3").current.sha256 in cached  # type: ignore[union-attr]
     reg.close()
+
+
+def test_replicas_follow_each_others_changes(
+    tmp_path: Path, roots: Path, database: str | Path
+) -> None:
+    one = open_registry(tmp_path, roots, database)
+    two = open_registry(tmp_path, roots, database)
+    assert not two.refresh()  # nothing changed: no reload
+    one.register("pirate", str(make_adapter(roots / "p1")))
+    one.put_tenant("t", max_concurrent=1, tokens_per_minute=None)
+    assert two.adapter("pirate") is None  # requests read the snapshot...
+    assert two.refresh()  # ...until the replica looks for changes
+    assert two.adapter("pirate").current_version == 1  # type: ignore[union-attr]
+    assert two.tenant("t") is not None
+    assert not two.refresh()
+    two.register("pirate", str(make_adapter(roots / "p2", seed=2)), create=False)
+    assert one.refresh() and one.adapter("pirate").current_version == 2  # type: ignore[union-attr]
+    one.close()
+    two.close()
