@@ -252,3 +252,16 @@ def test_postgres_reconnects_after_the_server_drops_it(postgres_server: Postgres
     _drop_connections(url)
     assert add(store, "a", 2) == 2  # and so does a write
     store.close()
+
+
+def test_settings_pick_the_database(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    from server.settings import Settings
+
+    assert Settings(home=tmp_path).registry_database == tmp_path / "registry.db"
+    monkeypatch.setenv("LORASWAP_REGISTRY_DB", str(tmp_path / "old.db"))  # still honoured
+    assert Settings().registry_database == tmp_path / "old.db"
+    monkeypatch.setenv("LORASWAP_REGISTRY__DATABASE_URL", "postgresql://u@h/db")
+    with pytest.raises(ValueError, match="not both"):
+        Settings()
+    monkeypatch.delenv("LORASWAP_REGISTRY_DB")
+    assert Settings().registry_database == "postgresql://u@h/db"
