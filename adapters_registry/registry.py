@@ -1,5 +1,5 @@
-"""The registry service: validated registration from any source, kept in SQLite, read from
-an in-memory snapshot (requests never touch the database).
+"""The registry service: validated registration from any source, kept in SQLite or
+PostgreSQL (store.py), read from an in-memory snapshot (requests never touch the database).
 
 Writes go to the database first and then refresh the snapshot, so what a request sees
 is always something that has been durably acknowledged.
@@ -44,7 +44,7 @@ from adapters_registry.validate import Limits, inspect_adapter
 
 @dataclass(frozen=True)
 class RegistryConfig:
-    db_path: Path
+    database: str | Path  # an SQLite file, or a database URL (store.open_database)
     storage_dir: Path  # uploads live here, and the download cache
     allowed_roots: tuple[Path, ...]
     cache_max_bytes: int
@@ -67,7 +67,7 @@ class Registry:
     ) -> None:
         self.config = config
         self.base = base
-        self._store = Store(config.db_path)
+        self._store = Store(config.database)
         self._uploads = config.storage_dir / "uploads"
         self._uploads.mkdir(parents=True, exist_ok=True)
         self.cache = DiskCache(config.storage_dir / "cache", config.cache_max_bytes, in_use)
@@ -76,6 +76,7 @@ class Registry:
         self._aliases: dict[str, AliasRecord] = {}
         self._tenants: dict[str, TenantRecord] = {}
         self._keys: dict[str, KeyRecord] = {}
+        self._generation = self._store.generation()
         self._reload()
 
     def close(self) -> None:
@@ -323,6 +324,17 @@ class Registry:
 
     def _refresh_adapter(self, name: str) -> None:
         self._adapters[name] = self._store.get(name)
+
+    def refresh(self) -> bool:
+        """Reload the snapshot if the database changed since (another replica wrote to
+        it); True if it did. Cheap when nothing changed: one single-row read."""
+        if self._store.generation() == self._generation:
+            return False
+        with self._lock:
+            # Read before reloading: a write landing during the reload is seen next time.
+            self._generation = self._store.generation()
+            self._reload()
+        return True
 
     def _reload(self) -> None:
         self._adapters = {a.name: a for a in self._store.list_adapters()}

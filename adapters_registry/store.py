@@ -1,24 +1,24 @@
-"""Persistence of the registry in SQLite (stdlib sqlite3).
+"""Persistence of the registry: SQLite by default, PostgreSQL for shared deployments.
 
-Every write is one transaction, committed with `synchronous=FULL` in WAL mode before the
-call returns: once the API has acknowledged a change, neither a restart nor a kill -9
-loses it. Version numbers are per adapter, increasing, and never reused, even after a
-delete, so `pirate@3` always names the same weights.
+Every write is one transaction, committed durably before the call returns: once the API
+has acknowledged a change, neither a restart nor a kill -9 loses it. Version numbers are
+per adapter, increasing, and never reused, even after a delete, so `pirate@3` always names
+the same weights, also when several replicas write to one PostgreSQL database.
 
-Why not SQLAlchemy: five small tables and a dozen statements; one dependency less, and
-the schema version table below is the migration hook if PostgreSQL is ever needed.
+The SQL here is written once for both databases; database.py holds what differs
+(placeholders, transactions, the write lock, driver errors). Why not SQLAlchemy: six small
+tables and a dozen statements, and SQLite must keep working with the stdlib alone.
 """
 
 from __future__ import annotations
 
 import json
-import sqlite3
-import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from adapters_registry.database import Connection, Database, open_database
 from adapters_registry.errors import (
     AdapterNotFound,
     AlreadyExists,
@@ -37,48 +37,58 @@ from adapters_registry.records import (
 from adapters_registry.spec import AdapterSpec
 
 SCHEMA_VERSION = 2
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS adapters (
-    name TEXT PRIMARY KEY,
-    current_version INTEGER,
-    next_version INTEGER NOT NULL DEFAULT 1,
-    pinned INTEGER NOT NULL DEFAULT 0,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS versions (
-    adapter TEXT NOT NULL REFERENCES adapters(name) ON DELETE CASCADE,
-    version INTEGER NOT NULL,
-    sha256 TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL,
-    rank INTEGER NOT NULL,
-    alpha REAL NOT NULL,
-    target_modules TEXT NOT NULL,
-    base_model TEXT NOT NULL,
-    source TEXT NOT NULL,
-    path TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    PRIMARY KEY (adapter, version)
-);
-CREATE TABLE IF NOT EXISTS aliases (
-    name TEXT PRIMARY KEY,
-    variants TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS tenants (
-    name TEXT PRIMARY KEY,
-    max_concurrent INTEGER,
-    tokens_per_minute INTEGER,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS api_keys (
-    key_id TEXT PRIMARY KEY,
-    tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
-    secret_sha256 TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-"""
+# BIGINT and DOUBLE PRECISION, not INTEGER and REAL: the same affinities in SQLite, while
+# PostgreSQL's INTEGER is 32-bit (sizes, quotas) and REAL a 32-bit float (timestamps
+# to ~2 minutes).
+# Databases created before keep their declared types; SQLite stores the same either way.
+_SCHEMA = (
+    """
+    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)""",
+    """
+    CREATE TABLE IF NOT EXISTS adapters (
+        name TEXT PRIMARY KEY,
+        current_version BIGINT,
+        next_version BIGINT NOT NULL DEFAULT 1,
+        pinned INTEGER NOT NULL DEFAULT 0,
+        created_at DOUBLE PRECISION NOT NULL
+    )""",
+    """
+    CREATE TABLE IF NOT EXISTS versions (
+        adapter TEXT NOT NULL REFERENCES adapters(name) ON DELETE CASCADE,
+        version BIGINT NOT NULL,
+        sha256 TEXT NOT NULL,
+        size_bytes BIGINT NOT NULL,
+        rank INTEGER NOT NULL,
+        alpha DOUBLE PRECISION NOT NULL,
+        target_modules TEXT NOT NULL,
+        base_model TEXT NOT NULL,
+        source TEXT NOT NULL,
+        path TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        PRIMARY KEY (adapter, version)
+    )""",
+    """
+    CREATE TABLE IF NOT EXISTS aliases (
+        name TEXT PRIMARY KEY,
+        variants TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL,
+        updated_at DOUBLE PRECISION NOT NULL
+    )""",
+    """
+    CREATE TABLE IF NOT EXISTS tenants (
+        name TEXT PRIMARY KEY,
+        max_concurrent BIGINT,
+        tokens_per_minute BIGINT,
+        created_at DOUBLE PRECISION NOT NULL
+    )""",
+    """
+    CREATE TABLE IF NOT EXISTS api_keys (
+        key_id TEXT PRIMARY KEY,
+        tenant TEXT NOT NULL REFERENCES tenants(name) ON DELETE CASCADE,
+        secret_sha256 TEXT NOT NULL,
+        created_at DOUBLE PRECISION NOT NULL
+    )""",
+)
 
 # Schema upgrades, applied in order to databases created by older versions. Each runs once
 # (the meta table records the version), inside one transaction with the version bump.
@@ -93,36 +103,46 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(str(path), check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', '1')")
+    def __init__(self, target: str | Path | Database) -> None:
+        """`target`: an SQLite file (Path), a database URL, or an open Database."""
+        self._db = target if isinstance(target, Database) else open_database(target)
+        # Schema and migrations in one write transaction: replicas starting together on
+        # one PostgreSQL database take turns (DDL is transactional on both databases).
+        with self._db.write() as db:
+            for statement in _SCHEMA:
+                db.execute(statement)
+            db.execute(
+                "INSERT INTO meta VALUES ('schema_version', '1') ON CONFLICT (key) DO NOTHING"
+            )
             (current,) = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
             for version in sorted(v for v in _MIGRATIONS if v > int(current)):
                 for statement in _MIGRATIONS[version]:
                     db.execute(statement)
                 db.execute("UPDATE meta SET value=? WHERE key='schema_version'", (str(version),))
 
-    def close(self) -> None:
-        with self._lock:
-            self._db.close()
+    @property
+    def database(self) -> Database:
+        return self._db
+
+    def generation(self) -> int:
+        """A counter every committed change increments: replicas compare it to notice
+        each other's writes without reading everything."""
+        with self._db.read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
+        return 0 if row is None else int(row[0])
 
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+    def _write(self) -> Iterator[Connection]:
+        with self._db.write() as db:
+            yield db
+            # Reached only when the change succeeded; commits with it.
+            db.execute(
+                "INSERT INTO meta VALUES ('generation', '1') ON CONFLICT (key) DO UPDATE "
+                "SET value = CAST(CAST(meta.value AS BIGINT) + 1 AS TEXT)"
+            )
+
+    def close(self) -> None:
+        self._db.close()
 
     # -- adapters and versions ---------------------------------------------------------
 
@@ -139,7 +159,7 @@ class Store:
     ) -> VersionRecord:
         """Record a validated version; `create` registers the adapter itself too."""
         now = time.time()
-        with self._tx() as db:
+        with self._write() as db:
             exists = db.execute(
                 "SELECT next_version FROM adapters WHERE name=?", (spec.name,)
             ).fetchone()
@@ -186,39 +206,35 @@ class Store:
         return record
 
     def get(self, name: str) -> AdapterRecord:
-        with self._lock:
-            row = self._db.execute(
+        with self._db.read() as db:
+            row = db.execute(
                 f"SELECT {_ADAPTER_COLUMNS} FROM adapters WHERE name=?",
                 (name,),
             ).fetchone()
             if row is None:
                 raise AdapterNotFound(f"adapter {name!r} not found", adapter=name)
-            versions = self._db.execute(
+            versions = db.execute(
                 "SELECT * FROM versions WHERE adapter=? ORDER BY version", (name,)
             ).fetchall()
         return _adapter(row, versions)
 
     def list_adapters(self) -> list[AdapterRecord]:
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT {_ADAPTER_COLUMNS} FROM adapters ORDER BY name"
-            ).fetchall()
-            versions = self._db.execute(
-                "SELECT * FROM versions ORDER BY adapter, version"
-            ).fetchall()
+        with self._db.read() as db:
+            rows = _by_name(db.execute(f"SELECT {_ADAPTER_COLUMNS} FROM adapters").fetchall())
+            versions = db.execute("SELECT * FROM versions ORDER BY version").fetchall()
         by_name: dict[str, list[tuple[object, ...]]] = {}
         for v in versions:
             by_name.setdefault(str(v[0]), []).append(v)
         return [_adapter(r, by_name.get(str(r[0]), [])) for r in rows]
 
     def set_current(self, name: str, version: int) -> AdapterRecord:
-        with self._tx() as db:
+        with self._write() as db:
             _require_version(db, name, version)
             db.execute("UPDATE adapters SET current_version=? WHERE name=?", (version, name))
         return self.get(name)
 
     def set_access(self, name: str, *, owner: str | None, shared: bool) -> AdapterRecord:
-        with self._tx() as db:
+        with self._write() as db:
             _require_adapter(db, name)
             if owner is not None:
                 _require_tenant(db, owner)
@@ -228,14 +244,14 @@ class Store:
         return self.get(name)
 
     def set_pinned(self, name: str, pinned: bool) -> AdapterRecord:
-        with self._tx() as db:
+        with self._write() as db:
             _require_adapter(db, name)
             db.execute("UPDATE adapters SET pinned=? WHERE name=?", (int(pinned), name))
         return self.get(name)
 
     def delete_version(self, name: str, version: int) -> VersionRecord:
         record = self.get(name).version(version)
-        with self._tx() as db:
+        with self._write() as db:
             current = _require_version(db, name, version)
             if current == version:
                 raise InUse(
@@ -251,7 +267,7 @@ class Store:
 
     def delete_adapter(self, name: str) -> AdapterRecord:
         record = self.get(name)
-        with self._tx() as db:
+        with self._write() as db:
             _require_adapter(db, name)
             for alias in _aliases(db):
                 if any(v.adapter == name for v in alias.variants):
@@ -282,7 +298,7 @@ class Store:
             )
         if len({v.key for v in variants}) != len(variants):
             raise InvalidAlias(f"alias {name!r}: a variant is listed twice", adapter=name)
-        with self._tx() as db:
+        with self._write() as db:
             if db.execute("SELECT 1 FROM adapters WHERE name=?", (name,)).fetchone():
                 raise AlreadyExists(f"{name!r} is already an adapter", adapter=name)
             for v in variants:
@@ -297,7 +313,9 @@ class Store:
             row = _alias_row(db, name)
             created = float(str(row[2])) if row is not None else now
             db.execute(
-                f"INSERT OR REPLACE INTO aliases ({_ALIAS_COLUMNS}) VALUES (?,?,?,?,?,?)",
+                f"INSERT INTO aliases ({_ALIAS_COLUMNS}) VALUES (?,?,?,?,?,?) "
+                "ON CONFLICT (name) DO UPDATE SET variants=excluded.variants, "
+                "updated_at=excluded.updated_at, owner=excluded.owner, shared=excluded.shared",
                 (name, _dump_variants(variants), created, now, owner, int(shared)),
             )
         return AliasRecord(
@@ -310,18 +328,18 @@ class Store:
         )
 
     def get_alias(self, name: str) -> AliasRecord:
-        with self._lock:
-            row = _alias_row(self._db, name)
+        with self._db.read() as db:
+            row = _alias_row(db, name)
         if row is None:
             raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
         return _alias(row)
 
     def list_aliases(self) -> list[AliasRecord]:
-        with self._lock:
-            return _aliases(self._db)
+        with self._db.read() as db:
+            return _aliases(db)
 
     def delete_alias(self, name: str) -> AliasRecord:
-        with self._tx() as db:
+        with self._write() as db:
             row = _alias_row(db, name)
             if row is None:
                 raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
@@ -333,7 +351,7 @@ class Store:
     def put_tenant(
         self, name: str, *, max_concurrent: int | None, tokens_per_minute: int | None
     ) -> TenantRecord:
-        with self._tx() as db:
+        with self._write() as db:
             row = db.execute("SELECT created_at FROM tenants WHERE name=?", (name,)).fetchone()
             created = float(row[0]) if row is not None else time.time()
             # An upsert, not INSERT OR REPLACE: a replace deletes the row first, and the
@@ -347,23 +365,23 @@ class Store:
         return self.tenant(name)
 
     def tenant(self, name: str) -> TenantRecord:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM tenants WHERE name=?", (name,)).fetchone()
+        with self._db.read() as db:
+            row = db.execute("SELECT * FROM tenants WHERE name=?", (name,)).fetchone()
             if row is None:
                 raise TenantNotFound(f"tenant {name!r} not found", adapter=name)
-            keys = self._db.execute(
-                "SELECT key_id FROM api_keys WHERE tenant=? ORDER BY created_at", (name,)
+            keys = db.execute(
+                "SELECT key_id FROM api_keys WHERE tenant=? ORDER BY created_at, key_id", (name,)
             ).fetchall()
         return _tenant(row, tuple(str(k[0]) for k in keys))
 
     def tenants(self) -> list[TenantRecord]:
-        with self._lock:
-            names = [r[0] for r in self._db.execute("SELECT name FROM tenants ORDER BY name")]
-        return [self.tenant(str(n)) for n in names]
+        with self._db.read() as db:
+            names = sorted(str(r[0]) for r in db.execute("SELECT name FROM tenants").fetchall())
+        return [self.tenant(n) for n in names]
 
     def delete_tenant(self, name: str) -> TenantRecord:
         record = self.tenant(name)
-        with self._tx() as db:
+        with self._write() as db:
             owned = db.execute(
                 "SELECT name FROM adapters WHERE owner=? UNION SELECT name FROM aliases "
                 "WHERE owner=?",
@@ -380,7 +398,7 @@ class Store:
 
     def add_key(self, tenant: str, key_id: str, secret_sha256: str) -> KeyRecord:
         now = time.time()
-        with self._tx() as db:
+        with self._write() as db:
             _require_tenant(db, tenant)
             db.execute(
                 "INSERT INTO api_keys VALUES (?,?,?,?)", (key_id, tenant, secret_sha256, now)
@@ -388,7 +406,7 @@ class Store:
         return KeyRecord(key_id=key_id, tenant=tenant, secret_sha256=secret_sha256, created_at=now)
 
     def delete_key(self, tenant: str, key_id: str) -> None:
-        with self._tx() as db:
+        with self._write() as db:
             gone = db.execute(
                 "DELETE FROM api_keys WHERE tenant=? AND key_id=?", (tenant, key_id)
             ).rowcount
@@ -396,8 +414,8 @@ class Store:
                 raise TenantNotFound(f"tenant {tenant!r} has no key {key_id!r}", adapter=tenant)
 
     def list_keys(self) -> list[KeyRecord]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM api_keys").fetchall()
+        with self._db.read() as db:
+            rows = db.execute("SELECT * FROM api_keys").fetchall()
         return [
             KeyRecord(
                 key_id=str(r[0]), tenant=str(r[1]), secret_sha256=str(r[2]), created_at=float(r[3])
@@ -406,7 +424,7 @@ class Store:
         ]
 
 
-def _require_tenant(db: sqlite3.Connection, name: str) -> None:
+def _require_tenant(db: Connection, name: str) -> None:
     if db.execute("SELECT 1 FROM tenants WHERE name=?", (name,)).fetchone() is None:
         raise TenantNotFound(f"tenant {name!r} not found", adapter=name)
 
@@ -422,14 +440,14 @@ def _tenant(row: tuple[object, ...], keys: tuple[str, ...]) -> TenantRecord:
     )
 
 
-def _require_adapter(db: sqlite3.Connection, name: str) -> int | None:
+def _require_adapter(db: Connection, name: str) -> int | None:
     row = db.execute("SELECT current_version FROM adapters WHERE name=?", (name,)).fetchone()
     if row is None:
         raise AdapterNotFound(f"adapter {name!r} not found", adapter=name)
     return None if row[0] is None else int(row[0])
 
 
-def _require_version(db: sqlite3.Connection, name: str, version: int) -> int | None:
+def _require_version(db: Connection, name: str, version: int) -> int | None:
     current = _require_adapter(db, name)
     if (
         db.execute(
@@ -474,16 +492,22 @@ def _version(v: tuple[object, ...]) -> VersionRecord:
     )
 
 
-def _alias_row(db: sqlite3.Connection, name: str) -> tuple[object, ...] | None:
+def _alias_row(db: Connection, name: str) -> tuple[object, ...] | None:
     row: tuple[object, ...] | None = db.execute(
         f"SELECT {_ALIAS_COLUMNS} FROM aliases WHERE name=?", (name,)
     ).fetchone()
     return row
 
 
-def _aliases(db: sqlite3.Connection) -> list[AliasRecord]:
-    rows = db.execute(f"SELECT {_ALIAS_COLUMNS} FROM aliases ORDER BY name").fetchall()
+def _aliases(db: Connection) -> list[AliasRecord]:
+    rows = _by_name(db.execute(f"SELECT {_ALIAS_COLUMNS} FROM aliases").fetchall())
     return [_alias(r) for r in rows]
+
+
+def _by_name(rows: list[tuple[object, ...]]) -> list[tuple[object, ...]]:
+    # Sorted here, not by ORDER BY: PostgreSQL sorts text by the database's collation
+    # (locale-dependent), SQLite by bytes; Python gives the same order on both.
+    return sorted(rows, key=lambda r: str(r[0]))
 
 
 def _alias(row: tuple[object, ...]) -> AliasRecord:

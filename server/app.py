@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import ipaddress
+import logging
 import math
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -26,10 +29,11 @@ from server.serving import Serving
 from server.settings import Settings
 
 _INVALID = "invalid_request_error"
+log = logging.getLogger("loraswap.registry")
 
 
 def build_router(settings: Settings, engine: Engine, metrics: Metrics) -> AdapterRouter:
-    """The registry (SQLite), the adapters-directory catalog, and the router over both."""
+    """The registry (SQLite or PostgreSQL), the adapters-directory catalog, the router."""
     if settings.model is None:
         raise ValueError("settings.model is required")
     base = BaseModelShapes.from_dir(settings.model, settings.served_model_name)
@@ -38,7 +42,7 @@ def build_router(settings: Settings, engine: Engine, metrics: Metrics) -> Adapte
     if settings.adapters_dir is not None:
         catalog = DirectoryCatalog(settings.adapters_dir, base, limits)
     config = RegistryConfig(
-        db_path=settings.registry_db_path,
+        database=settings.registry_database,
         storage_dir=settings.storage_path,
         allowed_roots=settings.adapter_roots,
         cache_max_bytes=settings.download_cache_bytes,
@@ -85,6 +89,17 @@ def _refuse_open_network(settings: Settings, registry: Registry) -> None:
     )
 
 
+async def _follow_registry(router: AdapterRouter, interval_s: float) -> None:
+    """Pick up registry changes made by other replicas sharing the database."""
+    while True:
+        await asyncio.sleep(interval_s)
+        try:
+            if await asyncio.to_thread(router.registry.refresh):
+                await router.release_unreachable()
+        except Exception:  # the database away for a moment must not end the polling
+            log.exception("registry refresh failed; retrying in %.1fs", interval_s)
+
+
 def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     """The ASGI app. Pass `engine` to reuse one (tests); otherwise vLLM starts in lifespan."""
 
@@ -106,9 +121,18 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         for record in router.registry.adapters():
             if record.pinned:
                 await router.warm(record.name)
+        poll = None
+        if settings.registry.refresh_interval_s > 0:
+            poll = asyncio.create_task(
+                _follow_registry(router, settings.registry.refresh_interval_s)
+            )
         try:
             yield
         finally:
+            if poll is not None:
+                poll.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await poll
             router.registry.close()
             if own:
                 eng.shutdown()

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, Field, SecretStr
+from pydantic import BaseModel, Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # vLLM accepts only these LoRA ranks for its preallocated slots.
@@ -45,6 +45,21 @@ class EngineSettings(BaseModel):
         "priority",
         description="'priority' lets a tenant's first request go ahead of another tenant's "
         "queue (fairness); 'fcfs' is vLLM's default.",
+    )
+
+
+class RegistrySettings(BaseModel):
+    """Where the adapter registry lives."""
+
+    database_url: str | None = Field(
+        None,
+        description="Registry database: sqlite:///path/registry.db, or postgresql://... "
+        "shared by several replicas [SQLite file registry_db].",
+    )
+    refresh_interval_s: float = Field(
+        2.0,
+        ge=0,
+        description="How often to look for other replicas' registry changes; 0 = never.",
     )
 
 
@@ -104,11 +119,23 @@ class Settings(BaseSettings):
     download_cache_bytes: int = Field(
         2 * 1024**3, ge=1, description="Cap of the on-disk cache of downloaded adapters."
     )
+    registry: RegistrySettings = Field(default_factory=RegistrySettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+
+    @model_validator(mode="after")
+    def _one_registry_database(self) -> Settings:
+        if self.registry_db is not None and self.registry.database_url is not None:
+            raise ValueError("set registry_db or registry.database_url, not both")
+        return self
 
     @property
     def registry_db_path(self) -> Path:
         return self.registry_db or self.home / "registry.db"
+
+    @property
+    def registry_database(self) -> str | Path:
+        """The registry database URL if one is set, else the SQLite file (a Path)."""
+        return self.registry.database_url or self.registry_db_path
 
     @property
     def storage_path(self) -> Path:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from fastapi.testclient import TestClient
 from server.app import create_app
 from server.settings import Settings
 from tests.adapters import make_adapter, make_base
+from tests.databases import registry_settings
 from tests.fakes import FakeEngine
 
 KEY = "s3cret"
@@ -40,8 +42,10 @@ def engine() -> FakeEngine:
 
 
 @pytest.fixture
-def client(tmp_path: Path, engine: FakeEngine) -> Iterator[TestClient]:
-    with TestClient(create_app(settings(tmp_path), engine=engine)) as c:
+def client(tmp_path: Path, engine: FakeEngine, database: str | Path) -> Iterator[TestClient]:
+    """On each registry backend (conftest.py): every test using it runs on both."""
+    app = create_app(settings(tmp_path, **registry_settings(database)), engine=engine)
+    with TestClient(app) as c:
         yield c
 
 
@@ -204,9 +208,10 @@ def test_aliases(client: TestClient, tmp_path: Path) -> None:
     assert chat(client, "tiny:support-bot").status_code == 404
 
 
-def test_restart_keeps_everything(tmp_path: Path) -> None:
+def test_restart_keeps_everything(tmp_path: Path, database: str | Path) -> None:
     allowed = tmp_path / "allowed"
-    with TestClient(create_app(settings(tmp_path), engine=FakeEngine())) as c:
+    on = registry_settings(database)
+    with TestClient(create_app(settings(tmp_path, **on), engine=FakeEngine())) as c:
         register(c, "pirate", make_adapter(allowed / "p", seed=1))
         c.post(
             "/admin/adapters/pirate/versions",
@@ -217,7 +222,7 @@ def test_restart_keeps_everything(tmp_path: Path) -> None:
         c.put("/admin/aliases/bot", headers=AUTH, json={"variants": {"pirate@2": 1}})
         c.put("/admin/adapters/pirate/pin", headers=AUTH, json={"pinned": True})
     engine = FakeEngine()
-    with TestClient(create_app(settings(tmp_path), engine=engine)) as c:
+    with TestClient(create_app(settings(tmp_path, **on), engine=engine)) as c:
         info = c.get("/admin/adapters/pirate", headers=AUTH).json()
         assert (info["current_version"], info["pinned"]) == (1, True)
         assert engine.pinned  # pinned adapters are warmed at start
@@ -267,3 +272,19 @@ def test_openapi_documents_admin(client: TestClient) -> None:
     assert "/admin/adapters/{name}/current" in paths
     assert "/admin/aliases/{name}" in paths
     assert json.dumps(paths)  # serialisable
+
+
+def test_replica_picks_up_admin_changes_made_on_another(
+    tmp_path: Path, database: str | Path
+) -> None:
+    on = registry_settings(database, refresh_interval_s=0.05)
+    path = make_adapter(tmp_path / "allowed" / "p")
+    one = TestClient(create_app(settings(tmp_path, **on), engine=FakeEngine()))
+    two = TestClient(create_app(settings(tmp_path, **on), engine=FakeEngine()))
+    with one, two:
+        assert chat(two, "pirate").status_code == 404
+        assert register(one, "pirate", path).status_code == 201
+        deadline = time.monotonic() + 10
+        while chat(two, "pirate").status_code != 200:
+            assert time.monotonic() < deadline, "replica two never saw the new adapter"
+            time.sleep(0.05)

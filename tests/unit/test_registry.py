@@ -42,10 +42,12 @@ def roots(tmp_path: Path) -> Path:
     return root
 
 
-def open_registry(tmp_path: Path, roots: Path, cache_bytes: int = 10**7) -> Registry:
+def open_registry(
+    tmp_path: Path, roots: Path, database: str | Path, cache_bytes: int = 10**7
+) -> Registry:
     base = BaseModelShapes.from_dir(make_base(tmp_path / "base"), "tiny")
     config = RegistryConfig(
-        db_path=tmp_path / "home" / "registry.db",
+        database=database,
         storage_dir=tmp_path / "home" / "storage",
         allowed_roots=(roots,),
         cache_max_bytes=cache_bytes,
@@ -55,8 +57,9 @@ def open_registry(tmp_path: Path, roots: Path, cache_bytes: int = 10**7) -> Regi
 
 
 @pytest.fixture
-def registry(tmp_path: Path, roots: Path) -> Iterator[Registry]:
-    reg = open_registry(tmp_path, roots)
+def registry(tmp_path: Path, roots: Path, database: str | Path) -> Iterator[Registry]:
+    """A registry on each backend (conftest.py): every test using it runs on both."""
+    reg = open_registry(tmp_path, roots, database)
     yield reg
     reg.close()
 
@@ -71,8 +74,10 @@ def storage_files(tmp_path: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file())
 
 
-def test_register_versions_current_and_persistence(tmp_path: Path, roots: Path) -> None:
-    reg = open_registry(tmp_path, roots)
+def test_register_versions_current_and_persistence(
+    tmp_path: Path, roots: Path, database: str | Path
+) -> None:
+    reg = open_registry(tmp_path, roots, database)
     v1 = reg.register("pirate", str(make_adapter(roots / "p1", rank=8)))
     v2 = reg.register("pirate", str(make_adapter(roots / "p2", rank=16)), create=False)
     assert (v1.version, v2.version) == (1, 2)
@@ -82,7 +87,7 @@ def test_register_versions_current_and_persistence(tmp_path: Path, roots: Path) 
     reg.set_pinned("pirate", True)
     reg.close()
 
-    again = open_registry(tmp_path, roots)
+    again = open_registry(tmp_path, roots, database)
     record = again.adapter("pirate")
     assert record is not None
     assert (record.current_version, record.pinned) == (1, True)
@@ -303,12 +308,12 @@ def test_bad_urls(registry: Registry) -> None:
 
 
 def test_download_cache_is_capped_lru(
-    tmp_path: Path, roots: Path, http_root: tuple[str, Path]
+    tmp_path: Path, roots: Path, http_root: tuple[str, Path], database: str | Path
 ) -> None:
     url, www = http_root
     one = make_adapter(www / "a0")
     size = sum(p.stat().st_size for p in one.iterdir())
-    reg = open_registry(tmp_path, roots, cache_bytes=int(size * 2.5))
+    reg = open_registry(tmp_path, roots, database, cache_bytes=int(size * 2.5))
     for i in range(4):
         make_adapter(www / f"a{i}", seed=i)  # same size, different weights
         reg.register(f"a{i}", f"{url}/a{i}")
@@ -317,3 +322,22 @@ def test_download_cache_is_capped_lru(
     assert len(cached) == 2  # the two most recent
     assert reg.adapter("a3").current.sha256 in cached  # type: ignore[union-attr]
     reg.close()
+
+
+def test_replicas_follow_each_others_changes(
+    tmp_path: Path, roots: Path, database: str | Path
+) -> None:
+    one = open_registry(tmp_path, roots, database)
+    two = open_registry(tmp_path, roots, database)
+    assert not two.refresh()  # nothing changed: no reload
+    one.register("pirate", str(make_adapter(roots / "p1")))
+    one.put_tenant("t", max_concurrent=1, tokens_per_minute=None)
+    assert two.adapter("pirate") is None  # requests read the snapshot...
+    assert two.refresh()  # ...until the replica looks for changes
+    assert two.adapter("pirate").current_version == 1  # type: ignore[union-attr]
+    assert two.tenant("t") is not None
+    assert not two.refresh()
+    two.register("pirate", str(make_adapter(roots / "p2", seed=2)), create=False)
+    assert one.refresh() and one.adapter("pirate").current_version == 2  # type: ignore[union-attr]
+    one.close()
+    two.close()

@@ -17,6 +17,7 @@ from server.errors import InvalidRequest, Overloaded, RateLimited
 from server.quotas import Quotas
 from server.settings import Settings
 from tests.adapters import make_adapter, make_base
+from tests.databases import database_contents, registry_settings
 from tests.fakes import FakeEngine
 
 ADMIN = {"authorization": "Bearer admin-key"}
@@ -37,10 +38,12 @@ def settings(tmp_path: Path, **extra: object) -> Settings:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
-    """Tenants a and b, each with a private adapter and alias, plus a shared adapter."""
+def world(tmp_path: Path, database: str | Path) -> Iterator[tuple[TestClient, dict[str, str]]]:
+    """Tenants a and b, each with a private adapter and alias, plus a shared adapter;
+    on each registry backend (conftest.py), so every test using it runs on both."""
     allowed = tmp_path / "allowed"
-    with TestClient(create_app(settings(tmp_path), engine=FakeEngine())) as c:
+    app = create_app(settings(tmp_path, **registry_settings(database)), engine=FakeEngine())
+    with TestClient(app) as c:
         keys = {}
         for t in ("a", "b"):
             assert c.put(f"/admin/tenants/{t}", headers=ADMIN, json={}).status_code == 200
@@ -137,9 +140,12 @@ def test_keys_required_once_they_exist(world: tuple[TestClient, dict[str, str]])
     assert ask(c, "tiny", keys["a"]).status_code == 401
 
 
-def test_keys_are_stored_hashed(world: tuple[TestClient, dict[str, str]], tmp_path: Path) -> None:
+def test_keys_are_stored_hashed(
+    world: tuple[TestClient, dict[str, str]], database: str | Path
+) -> None:
     _, keys = world
-    db = (tmp_path / "home" / "registry.db").read_bytes()
+    db = database_contents(database)
+    assert keys["a"].split("_")[1].encode() in db  # the key id is there: we looked right
     secret = keys["a"].rsplit("_", 1)[1]
     assert secret.encode() not in db
 
