@@ -87,33 +87,61 @@ def _kib_field(text: str, key: str) -> int | None:
     return int(m.group(1)) * 1024 if m else None
 
 
-def read_procs(with_pss: bool = True) -> dict[int, Proc]:
-    """Every process of the machine we may read: pid, parent, RSS (and PSS) from /proc."""
-    procs: dict[int, Proc] = {}
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit():
-            continue
+def _parent(pid_dir: str) -> int | None:
+    try:
+        stat = Path(pid_dir, "stat").read_text()
+    except OSError:  # exited meanwhile
+        return None
+    # The command name (field 2) may hold spaces and parentheses: split after it.
+    return int(stat[stat.rfind(")") + 2 :].split()[1])
+
+
+def _proc(pid: int, ppid: int, with_pss: bool) -> Proc | None:
+    try:
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    pss = None
+    if with_pss:
         try:
-            stat = Path(entry.path, "stat").read_text()
-            status = Path(entry.path, "status").read_text()
-        except OSError:  # exited meanwhile
-            continue
-        # The command name (field 2) may hold spaces and parentheses: split after it.
-        fields = stat[stat.rfind(")") + 2 :].split()
-        name = stat[stat.find("(") + 1 : stat.rfind(")")]
-        pss = None
-        if with_pss:
-            try:
-                pss = _kib_field(Path(entry.path, "smaps_rollup").read_text(), "Pss")
-            except OSError:
-                pss = None
-        pid = int(entry.name)
-        procs[pid] = Proc(pid, int(fields[1]), _kib_field(status, "VmRSS") or 0, pss, name)
+            pss = _kib_field(Path(f"/proc/{pid}/smaps_rollup").read_text(), "Pss")
+        except OSError:
+            pss = None
+    name = re.search(r"^Name:\s*(.*)$", status, re.MULTILINE)
+    rss = _kib_field(status, "VmRSS") or 0
+    return Proc(pid, ppid, rss, pss, name.group(1) if name else "")
+
+
+def read_procs(with_pss: bool = True, only_tree_of: int | None = None) -> dict[int, Proc]:
+    """Processes of the machine from /proc: pid, parent, RSS (and PSS). With
+    `only_tree_of`, memory is read only for that process and those below it (reading
+    every process's smaps is slow)."""
+    parents: dict[int, int] = {}
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit() and (ppid := _parent(entry.path)) is not None:
+            parents[int(entry.name)] = ppid
+    wanted: Iterable[int] = parents
+    if only_tree_of is not None:
+        wanted = descendants(only_tree_of, {p: Proc(p, pp, 0) for p, pp in parents.items()})
+    procs = {}
+    for pid in wanted:
+        if (proc := _proc(pid, parents[pid], with_pss)) is not None:
+            procs[pid] = proc
     return procs
 
 
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) process `pid` has used so far (not its children)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
 def process_tree_memory(root: int, with_pss: bool = True) -> dict[str, int]:
-    return tree_memory(root, read_procs(with_pss))
+    return tree_memory(root, read_procs(with_pss, only_tree_of=root))
 
 
 @dataclass
