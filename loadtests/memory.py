@@ -117,6 +117,7 @@ def measure_system(
             out["load"] = {
                 "ok": s.ok,
                 "errors": s.errors,
+                "cut": s.cancelled,
                 "output_tok_per_s": round(s.output_tok_per_s, 1),
             }
             sampler.phase = "after"
@@ -174,17 +175,20 @@ def file_server(root: Path) -> Iterator[str]:
 
 @contextlib.contextmanager
 def watch_dir(path: Path, every_s: float = 0.005) -> Iterator[dict[str, int]]:
-    """Track the largest size seen under `path`: all files (`max_all`) and committed
-    entries only (`max_committed`: not in a `.staging-*` folder)."""
-    seen = {"max_all": 0, "max_committed": 0, "samples": 0}
+    """Track the largest sizes seen under `path`: everything (`max_all`), and the cached
+    adapters' files alone (`max_committed`: not in a `.staging-*` download in progress,
+    not the cache's own `.last-used` marks, counted in `max_marks`)."""
+    seen = {"max_all": 0, "max_committed": 0, "max_marks": 0, "samples": 0}
     stop = threading.Event()
 
     def run() -> None:
         while not stop.is_set():
             total = dir_size(path)
             staged = sum(dir_size(p) for p in path.glob(".staging-*"))
+            marks = sum(p.stat().st_size for p in path.glob("*/.last-used") if p.exists())
             seen["max_all"] = max(seen["max_all"], total)
-            seen["max_committed"] = max(seen["max_committed"], total - staged)
+            seen["max_committed"] = max(seen["max_committed"], total - staged - marks)
+            seen["max_marks"] = max(seen["max_marks"], marks)
             seen["samples"] += 1
             stop.wait(every_s)
 
@@ -269,7 +273,8 @@ def render(record: dict[str, Any]) -> str:
                 i.get("pss_steady_mib"),
                 u.get("pss_steady_mib"),
                 u.get("pss_peak_mib"),
-                f"{s['load']['ok']} ok / {s['load']['errors']} err",
+                f"{s['load']['ok']} ok / {s['load']['errors']} err / {s['load'].get('cut', 0)} "
+                f"cut, {s['load'].get('output_tok_per_s', 0)} tok/s",
             ]
         )
     cfg = record["config"]
@@ -333,13 +338,15 @@ def render(record: dict[str, Any]) -> str:
                 ["measure", "largest seen (B)", "cap (B)", "within cap"],
                 [
                     [
-                        "committed entries",
+                        "cached adapters' files",
                         c["max_committed"],
                         c["cap_bytes"],
                         "yes" if c["committed_within_cap"] else "**no**",
                     ],
                     [
-                        "everything under the cache folder (downloads being staged included)",
+                        "everything under the cache folder (downloads being staged and the "
+                        f"cache's `.last-used` marks, at most {c.get('max_marks', 0)} B, "
+                        "included)",
                         c["max_all"],
                         c["cap_bytes"],
                         "yes" if c["all_within_cap"] else "**no**",

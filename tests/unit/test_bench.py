@@ -326,11 +326,11 @@ def test_memory_render_and_variants(tmp_path: Path) -> None:
     }
     text = memory.render(record)
     assert (
-        "| ours | 3 | 1490.0 | 1490.0 | 1500.0 | 1490.0 | 745.0 | 745.0 | 750.0 | 5 ok / 0 err |"
+        "| ours | 3 | 1490.0 | 1490.0 | 1500.0 | 1490.0 | 745.0 | 745.0 | 750.0 | 5 ok / 0 err / 0 cut, 0 tok/s |"
         in text
     )
     assert "ours − vLLM = 100.0 MiB" in text and "**pass**" in text
-    assert "| committed entries | 300 | 300 | yes |" in text
+    assert "| cached adapters' files | 300 | 300 | yes |" in text
     assert "| 400 | 300 | **no** |" in text
 
 
@@ -342,9 +342,10 @@ def test_file_server_and_watch_dir(tmp_path: Path) -> None:
     with memory.file_server(tmp_path) as url:
         assert httpx.get(f"{url}/a/f.txt").text == "hello"
     with memory.watch_dir(tmp_path, every_s=0.001) as seen:
+        (tmp_path / "a" / ".last-used").write_text("123")
         (tmp_path / ".staging-1").mkdir()
         (tmp_path / ".staging-1" / "big").write_bytes(b"x" * 1000)
         import time
 
         time.sleep(0.05)
-    assert seen["max_all"] >= 1005 and seen["max_committed"] == 5
+    assert seen["max_all"] >= 1008 and seen["max_committed"] == 5 and seen["max_marks"] == 3
