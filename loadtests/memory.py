@@ -54,7 +54,7 @@ from loadtests.runner import Target, Workload, run_phase, warm_up
 from loadtests.workload import LengthDist, Popularity
 
 BUDGET_MIB = 300.0
-SYSTEMS = ("ours", "vllm")
+SYSTEMS = ("ours", "vllm", "vllm-fix")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
@@ -67,7 +67,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     home = Path(os.environ.get("LORASWAP_HOME", "~/.cache/loraswap")).expanduser()
     p.add_argument("--home", type=Path, default=home, help="where the demo assets are")
     p.add_argument("--out", type=Path, default=Path("build/memory"), help="output folder")
-    p.add_argument("--systems", default="ours,vllm", help="[ours,vllm]")
+    p.add_argument(
+        "--systems",
+        default="ours,vllm",
+        help="ours, vllm (plain), vllm-fix (plain + our LoRA-op plugin) [ours,vllm]",
+    )
     p.add_argument("--adapters", type=int, default=8, help="adapters both serve and use [8]")
     p.add_argument("--concurrency", type=int, default=4, help="closed-loop users [4]")
     p.add_argument("--duration", type=float, default=30.0, help="measured seconds [30]")
@@ -405,7 +409,8 @@ def main(argv: list[str] | None = None) -> None:
 
                 result = measure_system(launch, port, args, load, setup)
             else:
-                launch = servers.vllm(assets.base_dir, pool, port, knobs, lora_fix=False)
+                fix = name == "vllm-fix"
+                launch = servers.vllm(assets.base_dir, pool, port, knobs, lora_fix=fix)
                 result = measure_system(launch, port, args, load, None)
             record["systems"].append(result)
         by = {s["name"]: s for s in record["systems"]}
