@@ -76,7 +76,14 @@ class Registry:
         self._aliases: dict[str, AliasRecord] = {}
         self._tenants: dict[str, TenantRecord] = {}
         self._keys: dict[str, KeyRecord] = {}
-        self._generation = self._store.generation()
+        # The database's change counter when this snapshot was read (see `refresh`).
+        self._store_generation = self._store.generation()
+        # (adapter, version) pinned by some alias: kept up to date on alias writes, so that
+        # "can a new request still reach this version?" costs O(1), not O(registry).
+        self._alias_pins: frozenset[tuple[str, int]] = frozenset()
+        # Bumped on every change of adapters or aliases: lets readers cache what they
+        # derive from the snapshot (e.g. the names /v1/models lists).
+        self._generation = 0
         self._reload()
 
     def close(self) -> None:
@@ -95,6 +102,19 @@ class Registry:
 
     def aliases(self) -> list[AliasRecord]:
         return sorted(self._aliases.values(), key=lambda a: a.name)
+
+    @property
+    def generation(self) -> int:
+        """Changes whenever an adapter or alias is added, changed or removed."""
+        return self._generation
+
+    def is_referenced(self, name: str, version: int) -> bool:
+        """Whether new requests can reach version `version` of `name` (it is current, or an
+        alias pins it): `(name, version) in referenced_versions()`, in O(1)."""
+        record = self._adapters.get(name)
+        if record is not None and record.current_version == version:
+            return True
+        return (name, version) in self._alias_pins
 
     def referenced_versions(self) -> set[tuple[str, int]]:
         """Every (adapter, version) that new requests can reach: current ones and pins."""
@@ -269,6 +289,7 @@ class Registry:
         with self._lock:
             record = self._store.delete_adapter(name)
             self._adapters.pop(name, None)
+            self._generation += 1
         for version in record.versions:
             self._forget_files(version)
         return record
@@ -298,18 +319,21 @@ class Registry:
         with self._lock:
             record = self._store.put_alias(name, variants, owner=owner, shared=shared)
             self._aliases[name] = record
+            self._aliases_changed()
         return record
 
     def delete_alias(self, name: str) -> AliasRecord:
         with self._lock:
             record = self._store.delete_alias(name)
             self._aliases.pop(name, None)
+            self._aliases_changed()
         return record
 
     def _write(self, name: str, op: Callable[[], AdapterRecord]) -> AdapterRecord:
         with self._lock:
             record = op()
             self._adapters[name] = record
+            self._generation += 1
         return record
 
     def _forget_files(self, version: VersionRecord) -> None:
@@ -324,21 +348,32 @@ class Registry:
 
     def _refresh_adapter(self, name: str) -> None:
         self._adapters[name] = self._store.get(name)
+        self._generation += 1
+
+    def _aliases_changed(self) -> None:
+        self._alias_pins = frozenset(
+            (v.adapter, v.version)
+            for alias in self._aliases.values()
+            for v in alias.variants
+            if v.version is not None
+        )
+        self._generation += 1
 
     def refresh(self) -> bool:
         """Reload the snapshot if the database changed since (another replica wrote to
         it); True if it did. Cheap when nothing changed: one single-row read."""
-        if self._store.generation() == self._generation:
+        if self._store.generation() == self._store_generation:
             return False
         with self._lock:
             # Read before reloading: a write landing during the reload is seen next time.
-            self._generation = self._store.generation()
+            self._store_generation = self._store.generation()
             self._reload()
         return True
 
     def _reload(self) -> None:
         self._adapters = {a.name: a for a in self._store.list_adapters()}
         self._aliases = {a.name: a for a in self._store.list_aliases()}
+        self._aliases_changed()
         self._tenants = {t.name: t for t in self._store.tenants()}
         self._keys = {k.key_id: k for k in self._store.list_keys()}
 

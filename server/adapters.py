@@ -18,7 +18,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,23 +74,45 @@ class AdapterRouter:
         self._ids = itertools.count(1)
         self._loaded: dict[tuple[str, int], _Loaded] = {}
         self._locks: dict[str, asyncio.Lock] = {}
+        # /v1/models' names of registered adapters and aliases, per tenant, for one
+        # registry generation: listing 10,000 adapters is computed once per change.
+        self._names: dict[str | None, tuple[list[str], list[str], frozenset[str]]] = {}
+        self._names_generation = -1
 
     @property
     def base_name(self) -> str:
         return self._base
 
     def model_names(self, tenant: str | None = None) -> tuple[list[str], list[str]]:
-        """(adapter names, alias names) that /v1/models lists for `tenant`."""
-        registered = self.registry.adapters()
-        adapters = {
-            a.name for a in registered if a.current_version is not None and usable_by(a, tenant)
-        }
-        aliases = [a.name for a in self.registry.aliases() if usable_by(a, tenant)]
+        """(adapter names, alias names) that /v1/models lists for `tenant`. Callers must
+        not modify the lists (they are cached until the registry changes)."""
+        adapters, aliases, taken = self._registered_names(tenant)
         if self._catalog is not None:
             # Folders not registered yet are shared once they are (see _discover).
-            taken = {a.name for a in registered} | {a.name for a in self.registry.aliases()}
-            adapters |= set(self._catalog.names()) - taken
-        return sorted(adapters), aliases
+            folders = set(self._catalog.names()) - taken
+            if folders:
+                adapters = sorted(folders.union(adapters))
+        return adapters, aliases
+
+    def _registered_names(self, tenant: str | None) -> tuple[list[str], list[str], frozenset[str]]:
+        generation = self.registry.generation
+        if generation != self._names_generation or len(self._names) > 1024:
+            self._names, self._names_generation = {}, generation
+        cached = self._names.get(tenant)
+        if cached is None:
+            registered = self.registry.adapters()
+            all_aliases = self.registry.aliases()
+            cached = (
+                [
+                    a.name
+                    for a in registered
+                    if a.current_version is not None and usable_by(a, tenant)
+                ],
+                [a.name for a in all_aliases if usable_by(a, tenant)],
+                frozenset(a.name for a in registered) | {a.name for a in all_aliases},
+            )
+            self._names[tenant] = cached
+        return cached
 
     def loaded(self) -> list[tuple[LoraHandle, int]]:
         """(handle, running requests) of every version held in the engine."""
@@ -202,6 +224,9 @@ class AdapterRouter:
                 await asyncio.to_thread(
                     self.registry.register, name, str(spec.path), sha256=spec.sha256, create=False
                 )
+                # The version it replaces may sit idle in the engine: no lease will end on
+                # it to release it (see lease), so look now, as admin swaps do.
+                await self.release_unreachable()
             record = self.registry.adapter(name)
         if record is None:
             raise _not_found(model)
@@ -265,16 +290,21 @@ class AdapterRouter:
         finally:
             entry.leases -= 1
             if entry.leases == 0:
-                await self.release_unreachable()
+                # Only this version can have become releasable by this request ending: the
+                # others change reachability on registry writes, which release them. O(1),
+                # whatever the size of the registry or of the engine's residents.
+                await self.release_unreachable([key])
 
-    async def release_unreachable(self) -> list[str]:
-        """Remove idle versions that no new request can reach (called after swaps too)."""
-        reachable = self.registry.referenced_versions()
+    async def release_unreachable(self, keys: Iterable[tuple[str, int]] | None = None) -> list[str]:
+        """Remove idle versions that no new request can reach (called after swaps too);
+        `keys` limits the look to those versions (default: every loaded one)."""
         released = []
-        for key, entry in list(self._loaded.items()):
-            record = self.registry.adapter(key[0])
-            pinned = record is not None and record.pinned and key in reachable
-            if entry.leases == 0 and key not in reachable and not pinned:
+        candidates = list(self._loaded) if keys is None else list(keys)
+        for key in candidates:
+            entry = self._loaded.get(key)
+            if entry is None:
+                continue
+            if entry.leases == 0 and not self.registry.is_referenced(*key):
                 del self._loaded[key]
                 try:
                     await self._engine.remove_lora(entry.handle.lora_id)
