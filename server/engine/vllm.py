@@ -36,6 +36,8 @@ log = logging.getLogger("loraswap.engine")
 # and wraps `_get_lora_device` so LoRA works on int8 W8A8 layers whose `weight` is None.
 
 LORA_FIX_ENV = "LORASWAP_LORA_FIX"
+# The step-planned fast path of server/engine/lora_fast.py (on top of the op fix).
+LORA_FAST_ENV = "LORASWAP_LORA_FAST"
 _DISABLED_VALUES = frozenset({"0", "false", "off", "no"})
 
 # Every module that holds `_get_lora_device` by name in vLLM 0.32.0: the defining one
@@ -93,11 +95,17 @@ def register_plugin() -> None:
                 exc_info=True,
             )
 
+    upstream_ops = {name: getattr(punica_cpu, name) for name in lora_ops.OPS}
     patched = lora_ops.install(
         punica_cpu if fix_ops else None,
         device_modules,
         extra_op_modules=[torch_ops, torch_lora_ops],
     )
+    if fix_ops and os.environ.get(LORA_FAST_ENV, "1").strip().lower() not in _DISABLED_VALUES:
+        from server.engine import lora_fast
+
+        lora_fast.install(punica_cpu.PunicaWrapperCPU, punica_cpu, upstream_ops)
+        patched.append("PunicaWrapperCPU.{add_lora_linear,update_metadata} (fast path)")
     if patched:
         lora_fix_log.info(
             "CPU LoRA fix (pid %d%s): patched %s",

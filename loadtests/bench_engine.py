@@ -1,0 +1,240 @@
+"""End-to-end engine benchmark of the CPU multi-LoRA paths, side by side in one engine.
+
+One in-process vLLM engine (LoRA enabled, our plugin loaded) runs, round after round,
+the same batches under each LoRA implementation, switched at run time:
+
+- ``ops``: vLLM's PunicaWrapperCPU driving our fixed per-op replacements (the state
+  before issue 6: correct, one matmul per active slot and per slice);
+- ``fast``: our step-planned wrapper (server/engine/lora_fast.py): one plan per engine
+  step, fused slices, one batched GEMM pair per layer call;
+- ``upstream``: vLLM's own ops, as shipped (wrong for mixed base + adapter batches; for
+  reference only).
+
+Scenarios per round (greedy, ``ignore_eos``, fixed output length):
+- ``base``: N concurrent requests, no adapter;
+- ``mixed``: N concurrent requests spread over the adapters round-robin;
+- ``single-base`` / ``single-lora``: one request alone (decode speed).
+
+Rounds interleave implementations and scenarios, so background load hits all alike; the
+report gives medians and ratios against ``base`` of the same implementation. The model is
+the demo model, or a randomly initialised Qwen2-0.5B-shaped model (built once, cached);
+adapters are random (throughput does not depend on what they say) with ranks and target
+sets given on the command line. A benchmark, not a test.
+
+    python -m loadtests.bench_engine --model demo --requests 16 --rounds 3
+    python -m loadtests.bench_engine --model qwen05 --requests 8 --rounds 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+from loadtests.lora_adapters import TARGET_SETS, make_random_adapter
+
+PROMPT = "Write a long story about a lighthouse keeper who finds a message in a bottle."
+
+
+def make_qwen05(path: Path, tokenizer_from: Path) -> Path:
+    """A randomly initialised model with Qwen2-0.5B's shapes (vocab: the demo tokenizer)."""
+    if (path / "config.json").is_file():
+        return path
+    import shutil
+
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        hidden_size=896,
+        intermediate_size=4864,
+        num_hidden_layers=24,
+        num_attention_heads=14,
+        num_key_value_heads=2,
+        vocab_size=49152,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+        torch_dtype="bfloat16",
+    )
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model.save_pretrained(tmp)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (tokenizer_from / name).is_file():
+            shutil.copy(tokenizer_from / name, tmp / name)
+    tmp.rename(path)
+    return path
+
+
+def _parse_adapters(spec: str) -> list[tuple[int, str]]:
+    out = []
+    for item in spec.split(","):
+        rank, _, targets = item.partition(":")
+        if targets not in TARGET_SETS:
+            raise SystemExit(f"unknown target set {targets!r} in {item!r}: {sorted(TARGET_SETS)}")
+        out.append((int(rank), targets))
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--home", type=Path, default=None, help="LORASWAP_HOME (demo assets)")
+    parser.add_argument("--model", choices=["demo", "qwen05"], default="demo")
+    parser.add_argument(
+        "--adapters",
+        default="8:qv,16:qkvo,32:all,64:all,8:all,16:qv,32:qkvo,64:qv",
+        help="rank:targets,... (targets: qv, qkvo, all) [%(default)s]",
+    )
+    parser.add_argument("--requests", type=int, default=16, help="concurrent requests")
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--single-tokens", type=int, default=48)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--impls", default="ops,fast", help="comma list of ops,fast,upstream")
+    parser.add_argument("--scenarios", default="base,mixed,single-base,single-lora")
+    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--kv-cache-gib", type=int, default=2)
+    parser.add_argument("--profile", default=None, help="cProfile one round of this impl")
+    parser.add_argument("--profile-scenario", default="mixed", help="the round to profile")
+    parser.add_argument("--json", type=Path, default=None, help="write the results here")
+    args = parser.parse_args(argv)
+
+    # In-process engine core, so this process can switch the LoRA implementation.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{len(os.sched_getaffinity(0)) - 1}")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+    from server.demo import demo_assets
+    from server.settings import Settings
+
+    home = args.home or Settings().home
+    assets = demo_assets(home)
+    bench_dir = home / "bench"
+    if args.model == "demo":
+        model_dir = assets.base_dir
+    else:
+        model_dir = make_qwen05(bench_dir / "qwen2-0.5b-shaped", assets.base_dir)
+    config = json.loads((model_dir / "config.json").read_text())
+    specs = _parse_adapters(args.adapters)
+    adapter_dirs = [
+        make_random_adapter(
+            bench_dir / f"{model_dir.name}-r{rank}-{targets}-{i}",
+            config,
+            rank,
+            TARGET_SETS[targets],
+            seed=i,
+        )
+        for i, (rank, targets) in enumerate(specs)
+    ]
+    max_rank = max(rank for rank, _ in specs)
+
+    from vllm import LLM, SamplingParams
+    from vllm.lora.request import LoRARequest
+
+    from server.engine import lora_fast
+
+    llm = LLM(
+        model=str(model_dir),
+        dtype=args.dtype,
+        max_model_len=1024,
+        max_num_seqs=max(args.requests, 16),
+        enable_lora=True,
+        max_loras=len(adapter_dirs),
+        max_cpu_loras=len(adapter_dirs),
+        max_lora_rank=max_rank,
+        disable_log_stats=True,
+    )
+    loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapter_dirs)]
+    batch = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+    single = SamplingParams(temperature=0.0, max_tokens=args.single_tokens, ignore_eos=True)
+
+    def run(scenario: str) -> float:
+        if scenario == "base":
+            prompts, params, reqs = [PROMPT] * args.requests, batch, None
+        elif scenario == "mixed":
+            prompts, params = [PROMPT] * args.requests, batch
+            reqs = [loras[i % len(loras)] for i in range(args.requests)]
+        elif scenario == "single-base":
+            prompts, params, reqs = [PROMPT], single, None
+        else:
+            prompts, params, reqs = [PROMPT], single, [loras[-1]]
+        start = time.perf_counter()
+        outs = llm.generate(prompts, params, lora_request=reqs, use_tqdm=False)
+        elapsed = time.perf_counter() - start
+        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+        return tokens / elapsed
+
+    impls = args.impls.split(",")
+    scenarios = args.scenarios.split(",")
+    # warm-up: loads every adapter into its slot, primes allocator and oneDNN caches
+    lora_fast.set_impl(impls[-1])
+    warm = time.perf_counter()
+    run("mixed")
+    run("base")
+    print(f"warm-up {time.perf_counter() - warm:.1f} s", file=sys.stderr, flush=True)
+    if args.profile:
+        import cProfile
+        import pstats
+
+        lora_fast.set_impl(args.profile)
+        prof = cProfile.Profile()
+        prof.enable()
+        run(args.profile_scenario)
+        prof.disable()
+        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+    results: dict[str, dict[str, list[float]]] = {i: {s: [] for s in scenarios} for i in impls}
+    for rnd in range(args.rounds):
+        for scenario in scenarios:
+            for impl in impls if rnd % 2 == 0 else reversed(impls):
+                lora_fast.set_impl(impl)
+                value = run(scenario)
+                results[impl][scenario].append(value)
+                print(f"  {impl:>8} {scenario:<12} {value:8.1f} tok/s", file=sys.stderr, flush=True)
+        print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
+    lora_fast.set_impl("fast")
+
+    load = os.getloadavg()
+    print(
+        f"\nmodel {args.model} ({model_dir.name}), {args.dtype}, {args.requests} requests x "
+        f"{args.max_tokens} tokens, adapters {args.adapters}, median of {args.rounds} rounds, "
+        f"load avg {load[0]:.1f}/{load[1]:.1f}"
+    )
+    header = (
+        f"| impl | {' | '.join(f'{s} tok/s' for s in scenarios)} | mixed/base | 1-lora/1-base |"
+    )
+    print(header)
+    print("|---" * (len(scenarios) + 3) + "|")
+    summary: dict[str, dict[str, float]] = {}
+    for impl in impls:
+        med = {s: statistics.median(v) for s, v in results[impl].items()}
+        summary[impl] = med
+        ratio = med.get("mixed", 0) / med["base"] if "base" in med else float("nan")
+        single_ratio = (
+            med["single-lora"] / med["single-base"]
+            if "single-lora" in med and "single-base" in med
+            else float("nan")
+        )
+        cells = " | ".join(f"{med[s]:.1f}" for s in scenarios)
+        print(f"| {impl} | {cells} | {ratio:.2f}x | {single_ratio:.2f}x |")
+    if args.json:
+        args.json.write_text(
+            json.dumps(
+                {
+                    "args": vars(args) | {"home": str(home), "json": str(args.json)},
+                    "raw": results,
+                    "median": summary,
+                },
+                indent=2,
+                default=str,
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,294 @@
+"""The step-planned CPU LoRA path (server/engine/lora_fast.py) against a plain reference.
+
+The reference is the definition: for every row t with slot s >= 0 and every output slice
+i, ``y[t, slice_i] += scale * x[t] @ A_i[s].T @ B_i[s].T``; rows with slot -1 untouched.
+"""
+
+from __future__ import annotations
+
+import random
+import types
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import torch
+
+from server.engine import lora_fast, lora_ops
+from server.engine.lora_fast import apply_lora, build_pack, plan_step
+
+
+def _reference(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: Sequence[torch.Tensor],
+    b: Sequence[torch.Tensor],
+    slots: Sequence[int],
+    outs: Sequence[int],
+    scale: float,
+) -> torch.Tensor:
+    want = y.clone().double()
+    off = 0
+    for ai, bi, width in zip(a, b, outs, strict=True):
+        for t, s in enumerate(slots):
+            if s >= 0:
+                h = (x[t].double() @ ai[s, 0].double().T) * scale
+                want[t, off : off + width] += h @ bi[s, 0, :width].double().T
+        off += width
+    return want
+
+
+def _weights(
+    rng: random.Random,
+    num_slots: int,
+    max_rank: int,
+    hidden: int,
+    outs: Sequence[int],
+    dtype: torch.dtype,
+    skip: float = 0.3,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """vLLM's stacked layout: zero-padded to max_rank, zero where a slot skips a slice."""
+    gen = torch.Generator().manual_seed(rng.randrange(1 << 30))
+    a = [torch.zeros(num_slots, 1, max_rank, hidden, dtype=dtype) for _ in outs]
+    b = [torch.zeros(num_slots, 1, w, max_rank, dtype=dtype) for w in outs]
+    for s in range(num_slots):
+        for i, width in enumerate(outs):
+            if rng.random() < skip:
+                continue
+            r = rng.choice([1, 4, max_rank])
+            a[i][s, 0, :r] = torch.randn(r, hidden, generator=gen).to(dtype)
+            b[i][s, 0, :, :r] = torch.randn(width, r, generator=gen).to(dtype)
+    return a, b
+
+
+def _slots(rng: random.Random, rows: int, num_slots: int, layout: str) -> list[int]:
+    choices = list(range(-1, num_slots))
+    if layout == "scattered":
+        return [rng.choice(choices) for _ in range(rows)]
+    out: list[int] = []
+    while len(out) < rows:
+        out += [rng.choice(choices)] * rng.randint(1, 80)
+    return out[:rows]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["scattered", "runs"])
+@pytest.mark.parametrize("seed", range(12))
+def test_matches_the_reference(dtype: torch.dtype, layout: str, seed: int) -> None:
+    rng = random.Random(seed)
+    num_slots = rng.choice([1, 2, 4, 8])
+    outs = rng.choice([[32], [32, 8, 8], [40, 40], [24, 16]])
+    hidden = rng.choice([16, 48])
+    rows = rng.choice([1, 3, 8, 16, 40, 130])
+    a, b = _weights(rng, num_slots, rng.choice([8, 16, 64]), hidden, outs, dtype)
+    slots = _slots(rng, rows, num_slots, layout)
+    x = torch.randn(rows, hidden).to(dtype)
+    y = torch.randn(rows, sum(outs)).to(dtype)
+    scale = rng.choice([1.0, 0.5])
+    want = _reference(y, x, a, b, slots, outs, scale)
+
+    got = y.clone()
+    apply_lora(got, x, build_pack(a, b, outs), plan_step(slots), scale)
+
+    tol = 1e-4 if dtype == torch.float32 else 5e-2
+    err = (got.double() - want).abs().max().item() / (want.abs().max().item() + 1.0)
+    assert err < tol
+    for t, s in enumerate(slots):  # base rows: bit for bit what they were
+        if s < 0:
+            assert torch.equal(got[t], y[t])
+
+
+def test_a_slice_no_adapter_uses_between_used_ones() -> None:
+    # q and v used, k (the middle slice) targeted by nobody: the output gap stays as is
+    outs = [32, 8, 8]
+    a = [torch.zeros(4, 1, 8, 16) for _ in outs]
+    b = [torch.zeros(4, 1, w, 8) for w in outs]
+    for s in range(4):
+        for i in (0, 2):
+            a[i][s, 0] = torch.randn(8, 16)
+            b[i][s, 0] = torch.randn(outs[i], 8)
+    slots = [0, 1, 2, 3, 0, 1, 2, 3]  # scattered: the gathered path
+    plan = plan_step(slots)
+    assert not plan.by_runs
+    x, y = torch.randn(8, 16), torch.randn(8, 48)
+    got = y.clone()
+    apply_lora(got, x, build_pack(a, b, outs), plan, 1.0)
+    assert torch.allclose(got.double(), _reference(y, x, a, b, slots, outs, 1.0), atol=1e-4)
+    assert torch.equal(got[:, 32:40], y[:, 32:40])
+
+
+def test_plan_runs_and_groups() -> None:
+    assert plan_step([-1, -1]).no_lora
+    single = plan_step([-1, 2, 2, 2, -1])
+    assert single.by_runs and single.runs == ((2, 1, 4),)
+    prefill = plan_step([0] * 40 + [1] * 50 + [-1] * 5)
+    assert prefill.by_runs and prefill.runs == ((0, 0, 40), (1, 40, 90))
+    decode = plan_step([1, 3, 1, -1, 3, 0])
+    assert not decode.by_runs
+    grouped = decode.grouped((0, 1, 2, 3))
+    assert grouped is not None
+    # slots 0..3, up to 2 rows each; slot 2 has none (padding only)
+    assert (grouped.first, grouped.count, grouped.per) == (0, 4, 2)
+    assert sorted(grouped.dest.tolist()) == [0, 1, 2, 4, 5]
+    # a class without slot 1: its rows are not in the layout; members are positions
+    only = decode.grouped((2, 3))
+    assert only is not None and sorted(only.dest.tolist()) == [1, 4]
+    assert (only.first, only.count, only.per) == (1, 1, 2)
+    assert decode.grouped((2,)) is None
+
+
+def test_pack_trims_ranks_and_skips_untargeted_slices() -> None:
+    outs = [16, 8]
+    a = [torch.zeros(3, 1, 64, 12) for _ in outs]
+    b = [torch.zeros(3, 1, w, 64) for w in outs]
+    a[0][0, 0, :8] = 1.0  # slot 0: rank 8 on slice 0 only
+    b[0][0, 0, :, :8] = 1.0
+    a[0][2, 0, :4] = 1.0  # slot 2: rank 4 + rank 16
+    a[1][2, 0, :16] = 1.0
+    pack = build_pack(a, b, outs)
+    assert pack.rank == (8, 0, 20)
+    assert pack.has_weights == (True, False, True)
+    assert pack.a.shape == (3, 12, 20)  # compacted: the widest slot, not 2 x 64
+    assert pack.parts[2] == ((0, 4, 0, 16), (4, 20, 16, 24))
+    # slot 1 has no weights here: in no class
+    assert sorted(s for c in pack.classes for s in c.slots) == [0, 2]
+
+
+def test_slots_with_the_same_shapes_share_a_class_and_odd_ones_merge_when_cheap() -> None:
+    hidden, outs = 2048, [2048, 256, 256]
+    a = [torch.zeros(6, 1, 64, hidden) for _ in outs]
+    b = [torch.zeros(6, 1, w, 64) for w in outs]
+    for s in range(4):  # slots 0-3: rank 64 on every slice (a big all-linear adapter)
+        for i in range(3):
+            a[i][s, 0] = 1.0
+    for s in (4, 5):  # slots 4-5: rank 56 on every slice: cheaper padded than apart
+        for i in range(3):
+            a[i][s, 0, :56] = 1.0
+    pack = build_pack(a, b, outs)
+    assert [c.slots for c in pack.classes] == [(0, 1, 2, 3, 4, 5)]
+    for s in (4, 5):  # rank 64 on q only: padding k/v to 64 would read ~1 MB more
+        a[0][s, 0, :] = 1.0
+        a[1][s, 0, :] = 0.0
+        a[2][s, 0, :] = 0.0
+    big = build_pack(a, b, outs)
+    assert [c.slots for c in big.classes] == [(0, 1, 2, 3), (4, 5)]
+    assert big.classes[1].ranks == (64, 0, 0)
+
+
+def test_a_pack_is_rebuilt_when_vllm_writes_a_slot() -> None:
+    """vLLM loads an adapter into a slot with in-place copies: the version counters move."""
+    outs = [8]
+    a = (torch.zeros(2, 1, 8, 4),)
+    b = (torch.zeros(2, 1, 8, 8),)
+    wrapper = types.SimpleNamespace()
+    first = lora_fast._pack_of(wrapper, a, b, outs)
+    assert lora_fast._pack_of(wrapper, a, b, outs) is first
+    a[0][1, 0, :2].copy_(torch.ones(2, 4))
+    second = lora_fast._pack_of(wrapper, a, b, outs)
+    assert second is not first and second.rank == (0, 2)
+
+
+class _FakeWrapper:
+    """The parts of vLLM's PunicaWrapperCPU that the fast path touches."""
+
+    def __init__(self) -> None:
+        self.no_lora = False
+        self.indices = torch.tensor([0, -1, 1])
+        self.fallbacks = 0
+
+    @property
+    def token_lora_indices(self) -> torch.Tensor:
+        return self.indices
+
+    def update_metadata(self, indices: list[int]) -> None:
+        self.indices = torch.tensor(indices)
+        self.no_lora = all(i < 0 for i in indices)
+
+    def add_lora_linear(self, *args: Any, **kwargs: Any) -> None:
+        self.fallbacks += 1
+
+
+@pytest.fixture
+def installed(monkeypatch: pytest.MonkeyPatch) -> tuple[type[_FakeWrapper], types.ModuleType]:
+    monkeypatch.setattr(lora_fast, "_STATE", {})
+    cls = type("Wrapper", (_FakeWrapper,), {})
+    cls.add_lora_linear = _FakeWrapper.add_lora_linear  # type: ignore[method-assign]
+    module = types.ModuleType("fake_punica_cpu")
+    upstream = {name: (lambda *a, **k: None) for name in lora_ops.OPS}
+    for name, fn in upstream.items():
+        setattr(module, name, fn)
+    lora_fast.install(cls, module, upstream)
+    return cls, module
+
+
+def test_install_and_switch(installed: tuple[type[_FakeWrapper], types.ModuleType]) -> None:
+    cls, module = installed
+    assert cls.add_lora_linear is lora_fast.add_lora_linear
+    assert all(getattr(module, n) is fn for n, fn in lora_ops.OPS.items())
+    lora_fast.set_impl("upstream")
+    assert cls.add_lora_linear is _FakeWrapper.add_lora_linear
+    assert module.bgmv_shrink is not lora_ops.bgmv_shrink
+    lora_fast.set_impl("ops")
+    assert module.bgmv_shrink is lora_ops.bgmv_shrink
+    with pytest.raises(ValueError, match="unknown"):
+        lora_fast.set_impl("turbo")
+    lora_fast.set_impl("fast")
+
+
+def test_the_wrapper_replans_each_step_and_falls_back_on_odd_shapes(
+    installed: tuple[type[_FakeWrapper], types.ModuleType],
+) -> None:
+    cls, _ = installed
+    w = cls()
+    a = (torch.randn(2, 1, 4, 6),)
+    b = (torch.randn(2, 1, 5, 4),)
+    x, y = torch.randn(3, 6), torch.zeros(3, 5)
+    w.add_lora_linear(y, x, a, b, 1.0, (5,))
+    assert torch.equal(y[1], torch.zeros(5)) and y[0].abs().sum() > 0
+    w.update_metadata([-1, -1, -1])
+    y2 = torch.zeros(3, 5)
+    w.add_lora_linear(y2, x, a, b, 1.0, (5,))  # no adapter in this step
+    assert torch.equal(y2, torch.zeros(3, 5))
+    w.update_metadata([1, 1, 1, 1])  # 4 mapped rows, 3 given: not ours to guess
+    w.add_lora_linear(torch.zeros(3, 5), x, a, b, 1.0, (5,))
+    assert w.fallbacks == 1
+
+
+def test_a_second_install_changes_nothing(
+    installed: tuple[type[_FakeWrapper], types.ModuleType],
+) -> None:
+    cls, module = installed
+    update = cls.update_metadata
+    lora_fast.install(cls, module, {})
+    assert cls.update_metadata is update
+
+
+@pytest.mark.parametrize(("lo", "hi"), [(0, 6), (2, 5), (0, 3)])
+def test_scatter_add_full_and_partial_width(lo: int, hi: int) -> None:
+    y = torch.randn(5, 6)
+    rows = torch.randn(3, hi - lo)
+    dest = torch.tensor([4, 0, 2])
+    want = y.clone()
+    want[dest, lo:hi] += rows
+    lora_fast._scatter_add(y, lo, hi, dest, rows)
+    assert torch.allclose(y, want)
+
+
+def test_per_slice_expand_with_a_gap_when_weights_are_large() -> None:
+    """Wide slices make the per-slice expand cheaper than the block-diagonal one."""
+    outs = [512, 256, 512]
+    a = [torch.zeros(2, 1, 64, 8) for _ in outs]
+    b = [torch.zeros(2, 1, w, 64) for w in outs]
+    for s in range(2):
+        for i in (0, 2):
+            a[i][s, 0] = torch.randn(64, 8)
+            b[i][s, 0] = torch.randn(outs[i], 64) * 0.01
+    slots = [0, 1, 0, 1, 0, 1]
+    x, y = torch.randn(6, 8), torch.randn(6, sum(outs))
+    pack = build_pack(a, b, outs)
+    (cls,) = pack.classes
+    assert cls.block is None and len(cls.b) == 2  # one expand GEMM per used slice
+    got = y.clone()
+    apply_lora(got, x, pack, plan_step(slots), 1.0)
+    assert torch.allclose(got.double(), _reference(y, x, a, b, slots, outs, 1.0), atol=1e-4)
+    assert torch.equal(got[:, 512:768], y[:, 512:768])
