@@ -72,6 +72,23 @@ def make_qwen05(path: Path, tokenizer_from: Path) -> Path:
     return path
 
 
+def _params(path: Path, skip_embeddings: bool = False) -> int:
+    """Parameters in a folder's safetensors files (headers only)."""
+    from safetensors import safe_open
+
+    total = 0
+    for file in sorted(path.glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                if skip_embeddings and ("embed_tokens" in name or "lm_head" in name):
+                    continue
+                numel = 1
+                for dim in f.get_slice(name).get_shape():
+                    numel *= dim
+                total += numel
+    return total
+
+
 def _parse_adapters(spec: str) -> list[tuple[int, str]]:
     out = []
     for item in spec.split(","):
@@ -80,6 +97,12 @@ def _parse_adapters(spec: str) -> list[tuple[int, str]]:
             raise SystemExit(f"unknown target set {targets!r} in {item!r}: {sorted(TARGET_SETS)}")
         out.append((int(rank), targets))
     return out
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -133,6 +156,9 @@ def main(argv: list[str] | None = None) -> None:
         for i, (rank, targets) in enumerate(specs)
     ]
     max_rank = max(rank for rank, _ in specs)
+    # At decode sizes every active adapter's weights are read once per step, like the
+    # base's: their ratio bounds what LoRA can cost when GEMMs are bandwidth bound.
+    weight_ratio = sum(_params(p) for p in adapter_dirs) / _params(model_dir, True)
 
     from vllm import LLM, SamplingParams
     from vllm.lora.request import LoRARequest
@@ -187,7 +213,9 @@ def main(argv: list[str] | None = None) -> None:
         prof.enable()
         run(args.profile_scenario)
         prof.disable()
-        pstats.Stats(prof, stream=sys.stdout).sort_stats("tottime").print_stats(25)
+        stats = pstats.Stats(prof, stream=sys.stdout)
+        stats.sort_stats("tottime").print_stats(25)
+        stats.sort_stats("cumulative").print_stats("lora|sampl|logits", 25)
     results: dict[str, dict[str, list[float]]] = {i: {s: [] for s in scenarios} for i in impls}
     for rnd in range(args.rounds):
         for scenario in scenarios:
@@ -202,8 +230,9 @@ def main(argv: list[str] | None = None) -> None:
     load = os.getloadavg()
     print(
         f"\nmodel {args.model} ({model_dir.name}), {args.dtype}, {args.requests} requests x "
-        f"{args.max_tokens} tokens, adapters {args.adapters}, median of {args.rounds} rounds, "
-        f"load avg {load[0]:.1f}/{load[1]:.1f}"
+        f"{args.max_tokens} tokens, adapters {args.adapters} (weights: {weight_ratio:.0%} of "
+        f"the base's non-embedding weights), median of {args.rounds} rounds, "
+        f"load avg {load[0]:.1f}/{load[1]:.1f}, torch threads {torch_threads()}"
     )
     header = (
         f"| impl | {' | '.join(f'{s} tok/s' for s in scenarios)} | mixed/base | 1-lora/1-base |"
@@ -223,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
         cells = " | ".join(f"{med[s]:.1f}" for s in scenarios)
         print(f"| {impl} | {cells} | {ratio:.2f}x | {single_ratio:.2f}x |")
     if args.json:
+        summary["_weight_ratio"] = {"adapters/base": weight_ratio}
         args.json.write_text(
             json.dumps(
                 {

@@ -507,6 +507,40 @@ def add_lora_linear(
     apply_lora(y2, x2, pack, plan, scale)
 
 
+def add_lora_logits(
+    self: Any,
+    y: torch.Tensor,
+    x: torch.Tensor,
+    lora_a_stacked: torch.Tensor,
+    lora_b_stacked: torch.Tensor,
+    scale: float,
+    **kwargs: Any,
+) -> Any:
+    """``PunicaWrapperCPU.add_lora_logits``, skipped while no slot has lm_head weights.
+
+    vLLM runs the logits LoRA for every step with an adapter request, although adapters
+    that target lm_head are rare (our registry refuses them): a shrink and an expand
+    over the whole vocabulary (49k x rank weights, ~6 MB read per step for the demo
+    model at rank 64) that add zeros. Whether the slots hold any weights is cached
+    against the tensors' version counters, like the layer packs.
+    """
+    key = (id(lora_b_stacked), lora_a_stacked._version, lora_b_stacked._version)
+    known: dict[int, tuple[tuple[int, int, int], bool]] | None = getattr(
+        self, "_loraswap_logits", None
+    )
+    if known is None:
+        known = self._loraswap_logits = {}
+    cached = known.get(id(lora_b_stacked))
+    if cached is None or cached[0] != key:
+        cached = (key, bool(lora_b_stacked.any()) and bool(lora_a_stacked.any()))
+        known[id(lora_b_stacked)] = cached
+    if not cached[1]:
+        return None
+    return _STATE["orig_add_lora_logits"](
+        self, y, x, lora_a_stacked, lora_b_stacked, scale, **kwargs
+    )
+
+
 def _make_update_metadata(original: Callable[..., Any]) -> Callable[..., Any]:
     def update_metadata(self: Any, *args: Any, **kwargs: Any) -> Any:
         self._loraswap_plan = None
@@ -528,6 +562,7 @@ def install(wrapper_cls: Any, punica_module: ModuleType, upstream_ops: dict[str,
         cls=wrapper_cls,
         module=punica_module,
         orig_add_lora_linear=vars(wrapper_cls)["add_lora_linear"],
+        orig_add_lora_logits=vars(wrapper_cls).get("add_lora_logits"),
         orig_update_metadata=wrapper_cls.update_metadata,  # PunicaWrapperBase's
         upstream_ops=dict(upstream_ops),
     )
@@ -542,8 +577,12 @@ def set_impl(impl: Impl | str) -> None:
     cls, module = _STATE["cls"], _STATE["module"]
     if impl == "fast":
         cls.add_lora_linear = add_lora_linear
+        if _STATE["orig_add_lora_logits"] is not None:
+            cls.add_lora_logits = add_lora_logits
     elif impl in ("ops", "upstream"):
         cls.add_lora_linear = _STATE["orig_add_lora_linear"]
+        if _STATE["orig_add_lora_logits"] is not None:
+            cls.add_lora_logits = _STATE["orig_add_lora_logits"]
     else:
         raise ValueError(f"unknown LoRA implementation {impl!r}")
     ops = _STATE["upstream_ops"] if impl == "upstream" else lora_ops.OPS

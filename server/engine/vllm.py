@@ -105,7 +105,9 @@ def register_plugin() -> None:
         from server.engine import lora_fast
 
         lora_fast.install(punica_cpu.PunicaWrapperCPU, punica_cpu, upstream_ops)
-        patched.append("PunicaWrapperCPU.{add_lora_linear,update_metadata} (fast path)")
+        patched.append(
+            "PunicaWrapperCPU.{add_lora_linear,add_lora_logits,update_metadata} (fast path)"
+        )
     if patched:
         lora_fix_log.info(
             "CPU LoRA fix (pid %d%s): patched %s",
@@ -158,6 +160,7 @@ def _configure_env(settings: EngineSettings) -> None:
     else:
         os.environ["VLLM_CPU_OMP_THREADS_BIND"] = settings.cpu_threads_bind
     os.environ[LORA_FIX_ENV] = "1" if settings.lora_fix else "0"
+    os.environ[LORA_FAST_ENV] = "1" if settings.lora_fast else "0"
     os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "1")
 
 

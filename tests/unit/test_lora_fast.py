@@ -207,12 +207,16 @@ class _FakeWrapper:
     def add_lora_linear(self, *args: Any, **kwargs: Any) -> None:
         self.fallbacks += 1
 
+    def add_lora_logits(self, *args: Any, **kwargs: Any) -> None:
+        self.logits_calls = getattr(self, "logits_calls", 0) + 1
+
 
 @pytest.fixture
 def installed(monkeypatch: pytest.MonkeyPatch) -> tuple[type[_FakeWrapper], types.ModuleType]:
     monkeypatch.setattr(lora_fast, "_STATE", {})
     cls = type("Wrapper", (_FakeWrapper,), {})
     cls.add_lora_linear = _FakeWrapper.add_lora_linear  # type: ignore[method-assign]
+    cls.add_lora_logits = _FakeWrapper.add_lora_logits  # type: ignore[method-assign]
     module = types.ModuleType("fake_punica_cpu")
     upstream = {name: (lambda *a, **k: None) for name in lora_ops.OPS}
     for name, fn in upstream.items():
@@ -292,3 +296,21 @@ def test_per_slice_expand_with_a_gap_when_weights_are_large() -> None:
     apply_lora(got, x, pack, plan_step(slots), 1.0)
     assert torch.allclose(got.double(), _reference(y, x, a, b, slots, outs, 1.0), atol=1e-4)
     assert torch.equal(got[:, 512:768], y[:, 512:768])
+
+
+def test_logits_lora_runs_only_when_a_slot_has_lm_head_weights(
+    installed: tuple[type[_FakeWrapper], types.ModuleType],
+) -> None:
+    cls, _ = installed
+    w = cls()
+    a, b = torch.zeros(2, 1, 4, 6), torch.zeros(2, 1, 10, 4)
+    y, x = torch.zeros(3, 10), torch.randn(3, 6)
+    w.add_lora_logits(y, x, a, b, 1.0)
+    assert getattr(w, "logits_calls", 0) == 0  # all zero: skipped
+    b[1, 0, :, :2] = 1.0  # vLLM loads an lm_head adapter into slot 1 (version bump)
+    a[1, 0, :2] = 1.0
+    w.add_lora_logits(y, x, a, b, 1.0)
+    assert w.logits_calls == 1
+    lora_fast.set_impl("ops")
+    assert cls.add_lora_logits is _FakeWrapper.add_lora_logits
+    lora_fast.set_impl("fast")
