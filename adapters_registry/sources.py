@@ -27,7 +27,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from adapters_registry.errors import AdapterTooLarge, InvalidSource, MalformedAdapter
+from adapters_registry.errors import AdapterTooLarge, CacheFull, InvalidSource, MalformedAdapter
 from adapters_registry.validate import CONFIG_FILE, WEIGHTS_FILE
 
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
@@ -120,7 +120,8 @@ class DiskCache:
     ) -> None:
         self.root = root
         self.max_bytes = max_bytes
-        self._in_use = in_use
+        # Replaceable: the server's adapter router connects itself here.
+        self.in_use = in_use
         # A sibling by default: same filesystem, so `put` moves a download in atomically.
         self.staging_root = staging_root or root.with_name("staging")
         self._lock = threading.Lock()  # evict + move in, one download at a time
@@ -155,14 +156,25 @@ class DiskCache:
                 return self.path(sha256)
             self._evict(need=size, keep={sha256})
             if self.usage() + size > self.max_bytes:
-                raise AdapterTooLarge(
-                    f"the download cache ({self.max_bytes} bytes) is full of adapters in use"
+                raise CacheFull(
+                    f"the download cache ({self.max_bytes} bytes) is full of adapters in "
+                    "use; try again shortly"
                 )
             target = self.path(sha256)
             shutil.rmtree(target, ignore_errors=True)  # a partial entry, if any
             os.replace(staged, target)
             _touch(target)
         return target
+
+    def has(self, sha256: str) -> bool:
+        """Whether entry `sha256` is cached (without marking it used)."""
+        return (self.path(sha256) / WEIGHTS_FILE).is_file()
+
+    def fits(self, size: int) -> bool:
+        """Whether `size` more bytes would fit once every entry not in use is evicted."""
+        protected = self.in_use()
+        held = sum(_size(p) for p in self._entries() if p.name in protected)
+        return held + size <= self.max_bytes
 
     def remove(self, sha256: str) -> None:
         shutil.rmtree(self.path(sha256), ignore_errors=True)
@@ -176,7 +188,7 @@ class DiskCache:
             return self._evict(need=need, keep=keep)
 
     def _evict(self, *, need: int, keep: set[str] | None) -> list[str]:
-        protected = (keep or set()) | self._in_use()
+        protected = (keep or set()) | self.in_use()
         entries = sorted(self._entries(), key=_last_used)
         total = sum(_size(p) for p in entries)
         evicted = []
