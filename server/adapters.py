@@ -26,7 +26,7 @@ import contextlib
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,6 +49,9 @@ from server.errors import ModelNotFound
 from server.metrics import Metrics
 
 log = logging.getLogger("loraswap.adapters")
+
+# Encoded /v1/models bodies kept (one per tenant asking; ~110 bytes per adapter each).
+_MAX_BODIES = 64
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,10 @@ class AdapterRouter:
         # registry generation: listing 10,000 adapters is computed once per change.
         self._names: dict[str | None, tuple[list[str], list[str], frozenset[str]]] = {}
         self._names_generation = -1
+        # /v1/models' encoded bodies for this generation, least recently used first, keyed
+        # by tenant and the adapters-directory folders not registered yet.
+        self._bodies: OrderedDict[tuple[str | None, tuple[str, ...]], bytes] = OrderedDict()
+        self._bodies_generation = -1
 
     @property
     def base_name(self) -> str:
@@ -105,13 +112,39 @@ class AdapterRouter:
     def model_names(self, tenant: str | None = None) -> tuple[list[str], list[str]]:
         """(adapter names, alias names) that /v1/models lists for `tenant`. Callers must
         not modify the lists (they are cached until the registry changes)."""
-        adapters, aliases, taken = self._registered_names(tenant)
-        if self._catalog is not None:
-            # Folders not registered yet are shared once they are (see _discover).
-            folders = set(self._catalog.names()) - taken
-            if folders:
-                adapters = sorted(folders.union(adapters))
+        adapters, aliases, _ = self._registered_names(tenant)
+        folders = self._unregistered_folders(tenant)
+        if folders:
+            adapters = sorted(set(folders).union(adapters))
         return adapters, aliases
+
+    def models_body(
+        self, tenant: str | None, render: Callable[[list[str], list[str]], bytes]
+    ) -> bytes:
+        """/v1/models' encoded body for `tenant`: `render(*model_names(tenant))`, computed
+        once per registry generation (and set of unregistered folders), so that listing
+        10,000 adapters again costs a dictionary lookup; at most _MAX_BODIES are kept."""
+        generation = self.registry.generation
+        if generation != self._bodies_generation:
+            self._bodies.clear()
+            self._bodies_generation = generation
+        key = (tenant, self._unregistered_folders(tenant))
+        body = self._bodies.get(key)
+        if body is None:
+            body = self._bodies[key] = render(*self.model_names(tenant))
+            while len(self._bodies) > _MAX_BODIES:
+                self._bodies.popitem(last=False)
+        else:
+            self._bodies.move_to_end(key)
+        return body
+
+    def _unregistered_folders(self, tenant: str | None) -> tuple[str, ...]:
+        """Adapters-directory folders not registered yet (shared once they are: see
+        _discover), sorted; they change without the registry changing."""
+        if self._catalog is None:
+            return ()
+        taken = self._registered_names(tenant)[2]
+        return tuple(name for name in self._catalog.names() if name not in taken)
 
     def _registered_names(self, tenant: str | None) -> tuple[list[str], list[str], frozenset[str]]:
         generation = self.registry.generation
