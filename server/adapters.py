@@ -334,10 +334,17 @@ class AdapterRouter:
         give theirs up (least recently used first) before it starts, and after it if that
         was not enough; with every cached adapter in use, CacheFull (503, Retry-After)."""
         cache = self.registry.cache
-        if is_url(version.source) and not cache.has(version.sha256):
-            fits = version.size_bytes > cache.max_bytes  # too large anyway: 413 follows
-            while not fits and not await asyncio.to_thread(cache.fits, version.size_bytes):
-                fits = not await self._release_idle(keep=key, cached_only=True)
+        size = version.size_bytes
+        # (Larger than the whole cache: local_files refuses it with 413.)
+        if is_url(version.source) and size <= cache.max_bytes and not cache.has(version.sha256):
+            while not await asyncio.to_thread(cache.fits, size):
+                if not await self._release_idle(keep=key, cached_only=True):
+                    # No download: its weights alone would not fit beside those in use.
+                    raise CacheFull(
+                        f"the download cache ({cache.max_bytes} bytes) is full of adapters "
+                        "in use; try again shortly",
+                        adapter=version.adapter,
+                    )
         while True:
             try:
                 return await asyncio.to_thread(self.registry.local_files, version)
