@@ -10,6 +10,7 @@
     │   ├── InUse                an alias (or the current pointer) still routes to it
     │   └── SourceChanged        files on disk no longer match the registered sha256
     ├── InvalidSource            a source we cannot fetch (bad URL, scheme, download error)
+    ├── CacheFull                the download cache holds only adapters in use (transient)
     ├── InvalidAlias             weights or variants of an alias are not valid
     └── InvalidAdapter           the files exist but cannot be served as-is
         ├── UnsafeFormat         pickle / non-safetensors weights
@@ -72,6 +73,17 @@ class SourceChanged(Conflict):
 
 class InvalidSource(AdapterError):
     pass
+
+
+class CacheFull(AdapterError):
+    """No room in the download cache right now: every cached adapter is in use. Transient
+    (room comes back as requests end); `retry_after` is a hint in seconds."""
+
+    def __init__(
+        self, message: str, *, adapter: str | None = None, retry_after: float = 1.0
+    ) -> None:
+        super().__init__(message, adapter=adapter)
+        self.retry_after = retry_after
 
 
 class InvalidAlias(AdapterError):

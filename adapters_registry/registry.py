@@ -193,8 +193,8 @@ class Registry:
             spec = self._inspect(cached, name, sha256)
             created = False
         else:
-            with staging(self.cache.root) as tmp:
-                download(url, tmp, max_bytes=self.config.limits.max_bytes)
+            with self.cache.staging() as tmp:
+                download(url, tmp, max_bytes=self._download_cap())
                 spec = self._inspect(tmp, name, sha256)
                 created = self.cache.get(spec.sha256) is None
                 cached = self.cache.put(tmp, spec.sha256)
@@ -204,6 +204,11 @@ class Registry:
             if created and not self._sha_referenced(spec.sha256):
                 self.cache.remove(spec.sha256)
             raise
+
+    def _download_cap(self) -> int:
+        """Weights above the adapter cap, or above the whole cache's, are refused (413)
+        as soon as the download passes it."""
+        return min(self.config.limits.max_bytes, self.cache.max_bytes)
 
     def _precheck(self, name: str, how: _Placement) -> None:
         # Refuse before any download: a doomed registration must not fetch anything.
@@ -249,8 +254,8 @@ class Registry:
         if is_url(version.source):
             path = self.cache.get(version.sha256)
             if path is None:
-                with staging(self.cache.root) as tmp:
-                    download(version.source, tmp, max_bytes=self.config.limits.max_bytes)
+                with self.cache.staging() as tmp:
+                    download(version.source, tmp, max_bytes=self._download_cap())
                     self._verify(tmp, version)
                     path = self.cache.put(tmp, version.sha256)
                 return path

@@ -6,14 +6,18 @@
 - uploaded files, kept in the registry's own storage (they have no other home)
 
 Downloads and uploads are written to a private staging folder first and only moved into
-place after validation, so a failure leaves no stray files behind.
+place after validation, so a failure leaves no stray files behind. Downloads are staged
+outside the capped cache folder (in a sibling, on the same filesystem, so moving one in
+is a rename), and room is made before one moves in: the cache folder never holds more
+than its cap.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
-import time
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -23,13 +27,14 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO
 
-from adapters_registry.errors import AdapterTooLarge, InvalidSource, MalformedAdapter
+from adapters_registry.errors import AdapterTooLarge, CacheFull, InvalidSource, MalformedAdapter
 from adapters_registry.validate import CONFIG_FILE, WEIGHTS_FILE
 
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
 _CONFIG_MAX_BYTES = 1024 * 1024
 _CHUNK = 1 << 20
-_USED_MARK = ".last-used"
+# Older versions kept each entry's last use in this file; now it is the folder's mtime.
+_LEGACY_USED_MARK = ".last-used"
 
 
 def is_url(source: str) -> bool:
@@ -101,13 +106,31 @@ class DiskCache:
 
     `in_use` names entries that must survive eviction (adapters the engine may reload
     from disk); an entry that alone exceeds the cap is refused before it is stored.
+    Every byte under `root` is a cached adapter file (downloads are staged in
+    `staging_root`, last use is the entry folder's mtime), so `usage()` is what the
+    folder holds, and it never exceeds `max_bytes`.
     """
 
-    def __init__(self, root: Path, max_bytes: int, in_use: Callable[[], set[str]]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        max_bytes: int,
+        in_use: Callable[[], set[str]],
+        staging_root: Path | None = None,
+    ) -> None:
         self.root = root
         self.max_bytes = max_bytes
-        self._in_use = in_use
+        # Replaceable: the server's adapter router connects itself here.
+        self.in_use = in_use
+        # A sibling by default: same filesystem, so `put` moves a download in atomically.
+        self.staging_root = staging_root or root.with_name("staging")
+        self._lock = threading.Lock()  # evict + move in, one download at a time
         root.mkdir(parents=True, exist_ok=True)
+        self.staging_root.mkdir(parents=True, exist_ok=True)
+
+    def staging(self) -> contextlib.AbstractContextManager[Path]:
+        """A private folder to download into, outside the capped folder."""
+        return staging(self.staging_root)
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256
@@ -120,23 +143,38 @@ class DiskCache:
         return path
 
     def put(self, staged: Path, sha256: str) -> Path:
+        """Move the folder `staged` (under `staging_root`) in as entry `sha256`, evicting
+        least recently used entries first so that the cap holds at every moment."""
         size = _size(staged)
         if size > self.max_bytes:
             raise AdapterTooLarge(
                 f"adapter is {size} bytes, above the download cache cap of {self.max_bytes}"
             )
-        self.evict(need=size, keep={sha256})
-        if self.usage() + size > self.max_bytes and self.get(sha256) is None:
-            raise AdapterTooLarge(
-                f"the download cache ({self.max_bytes} bytes) is full of adapters in use"
-            )
-        target = self.path(sha256)
-        if target.exists():
-            shutil.rmtree(staged, ignore_errors=True)
-        else:
+        with self._lock:
+            if self.get(sha256) is not None:  # already there (a concurrent download)
+                shutil.rmtree(staged, ignore_errors=True)
+                return self.path(sha256)
+            self._evict(need=size, keep={sha256})
+            if self.usage() + size > self.max_bytes:
+                raise CacheFull(
+                    f"the download cache ({self.max_bytes} bytes) is full of adapters in "
+                    "use; try again shortly"
+                )
+            target = self.path(sha256)
+            shutil.rmtree(target, ignore_errors=True)  # a partial entry, if any
             os.replace(staged, target)
-        _touch(target)
+            _touch(target)
         return target
+
+    def has(self, sha256: str) -> bool:
+        """Whether entry `sha256` is cached (without marking it used)."""
+        return (self.path(sha256) / WEIGHTS_FILE).is_file()
+
+    def fits(self, size: int) -> bool:
+        """Whether `size` more bytes would fit once every entry not in use is evicted."""
+        protected = self.in_use()
+        held = sum(_size(p) for p in self._entries() if p.name in protected)
+        return held + size <= self.max_bytes
 
     def remove(self, sha256: str) -> None:
         shutil.rmtree(self.path(sha256), ignore_errors=True)
@@ -146,7 +184,11 @@ class DiskCache:
 
     def evict(self, *, need: int = 0, keep: set[str] | None = None) -> list[str]:
         """Remove least recently used entries until `need` more bytes fit under the cap."""
-        protected = (keep or set()) | self._in_use()
+        with self._lock:
+            return self._evict(need=need, keep=keep)
+
+    def _evict(self, *, need: int, keep: set[str] | None) -> list[str]:
+        protected = (keep or set()) | self.in_use()
         entries = sorted(self._entries(), key=_last_used)
         total = sum(_size(p) for p in entries)
         evicted = []
@@ -165,15 +207,18 @@ class DiskCache:
 
 
 def _touch(path: Path) -> None:
-    (path / _USED_MARK).write_text(str(time.time()))
+    """Mark `path` as just used: its mtime (no file of its own, so no byte over the cap)."""
+    with contextlib.suppress(OSError):
+        (path / _LEGACY_USED_MARK).unlink(missing_ok=True)
+    os.utime(path)
 
 
 def _last_used(path: Path) -> float:
     try:
-        return (path / _USED_MARK).stat().st_mtime
+        return path.stat().st_mtime
     except OSError:
         return 0.0
 
 
 def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file() and p.name != _USED_MARK)
+    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())

@@ -141,8 +141,9 @@ class InternalServerError(APIStatusError):
 
 class ServiceUnavailableError(InternalServerError):
     """503: the inference engine is not running (starting, draining or dead:
-    `engine_unavailable`), or the server has as many requests in flight as it takes
-    (`server_overloaded`); `retry_after` says when to try again."""
+    `engine_unavailable`), the server has as many requests in flight as it takes
+    (`server_overloaded`), or its download cache holds only adapters in use
+    (`adapter_cache_full`); `retry_after` says when to try again."""
 
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {
@@ -187,6 +188,7 @@ _STATUS_BY_CODE = {
     "engine_error": 500,
     "engine_unavailable": 503,
     "server_overloaded": 503,
+    "adapter_cache_full": 503,
 }
 _STATUS_BY_TYPE = {
     "invalid_request_error": 400,

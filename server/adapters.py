@@ -10,6 +10,13 @@ lease on it until its last token; a version that is no longer reachable (not cur
 pinned by an alias) is removed from the engine when its last lease ends. Every version
 gets its own vLLM LoRA id, never reused, so the engine can never serve old weights under a
 new version's name.
+
+Residency: the engine keeps at most `max_cpu_loras` adapters (vLLM's own LRU beyond), so
+the router holds no more (`max_resident`): loading one more removes the least recently
+used idle version first, never one a request is running on. What the router holds is
+what the download cache protects from eviction; when the cache has no room for a
+download, idle versions give theirs up, and if every cached adapter is in use the
+request gets 503 `adapter_cache_full` with Retry-After.
 """
 
 from __future__ import annotations
@@ -18,7 +25,8 @@ import asyncio
 import contextlib
 import itertools
 import logging
-from collections.abc import AsyncIterator, Iterable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +35,7 @@ from adapters_registry import (
     AdapterError,
     AdapterNotFound,
     AlreadyExists,
+    CacheFull,
     DirectoryCatalog,
     InvalidAdapterName,
     PathOutsideRoots,
@@ -34,11 +43,15 @@ from adapters_registry import (
 from adapters_registry.ab import choose
 from adapters_registry.records import AdapterRecord, VersionRecord
 from adapters_registry.registry import Registry, usable_by
+from adapters_registry.sources import is_url
 from server.engine.base import Engine, LoraHandle
 from server.errors import ModelNotFound
 from server.metrics import Metrics
 
 log = logging.getLogger("loraswap.adapters")
+
+# Encoded /v1/models bodies kept (one per tenant asking; ~110 bytes per adapter each).
+_MAX_BODIES = 64
 
 
 @dataclass(frozen=True)
@@ -65,19 +78,32 @@ class AdapterRouter:
         catalog: DirectoryCatalog | None,
         engine: Engine,
         metrics: Metrics | None = None,
+        max_resident: int | None = None,
     ) -> None:
+        """`max_resident`: versions held in the engine at most (the engine's
+        `max_cpu_loras`); None = no bound."""
         self._base = base_name
         self._metrics = metrics or Metrics()
         self.registry = registry
         self._catalog = catalog
         self._engine = engine
+        self._max_resident = max_resident
         self._ids = itertools.count(1)
-        self._loaded: dict[tuple[str, int], _Loaded] = {}
+        # Versions in the engine, least recently used first.
+        self._loaded: OrderedDict[tuple[str, int], _Loaded] = OrderedDict()
+        # sha256 -> loads under way: their downloads must survive until they are loaded.
+        self._loading: dict[str, int] = {}
+        # The download cache keeps what the engine may still read: what this router holds.
+        registry.cache.in_use = self.in_use_shas
         self._locks: dict[str, asyncio.Lock] = {}
         # /v1/models' names of registered adapters and aliases, per tenant, for one
         # registry generation: listing 10,000 adapters is computed once per change.
         self._names: dict[str | None, tuple[list[str], list[str], frozenset[str]]] = {}
         self._names_generation = -1
+        # /v1/models' encoded bodies for this generation, least recently used first, keyed
+        # by tenant and the adapters-directory folders not registered yet.
+        self._bodies: OrderedDict[tuple[str | None, tuple[str, ...]], bytes] = OrderedDict()
+        self._bodies_generation = -1
 
     @property
     def base_name(self) -> str:
@@ -86,13 +112,39 @@ class AdapterRouter:
     def model_names(self, tenant: str | None = None) -> tuple[list[str], list[str]]:
         """(adapter names, alias names) that /v1/models lists for `tenant`. Callers must
         not modify the lists (they are cached until the registry changes)."""
-        adapters, aliases, taken = self._registered_names(tenant)
-        if self._catalog is not None:
-            # Folders not registered yet are shared once they are (see _discover).
-            folders = set(self._catalog.names()) - taken
-            if folders:
-                adapters = sorted(folders.union(adapters))
+        adapters, aliases, _ = self._registered_names(tenant)
+        folders = self._unregistered_folders(tenant)
+        if folders:
+            adapters = sorted(set(folders).union(adapters))
         return adapters, aliases
+
+    def models_body(
+        self, tenant: str | None, render: Callable[[list[str], list[str]], bytes]
+    ) -> bytes:
+        """/v1/models' encoded body for `tenant`: `render(*model_names(tenant))`, computed
+        once per registry generation (and set of unregistered folders), so that listing
+        10,000 adapters again costs a dictionary lookup; at most _MAX_BODIES are kept."""
+        generation = self.registry.generation
+        if generation != self._bodies_generation:
+            self._bodies.clear()
+            self._bodies_generation = generation
+        key = (tenant, self._unregistered_folders(tenant))
+        body = self._bodies.get(key)
+        if body is None:
+            body = self._bodies[key] = render(*self.model_names(tenant))
+            while len(self._bodies) > _MAX_BODIES:
+                self._bodies.popitem(last=False)
+        else:
+            self._bodies.move_to_end(key)
+        return body
+
+    def _unregistered_folders(self, tenant: str | None) -> tuple[str, ...]:
+        """Adapters-directory folders not registered yet (shared once they are: see
+        _discover), sorted; they change without the registry changing."""
+        if self._catalog is None:
+            return ()
+        taken = self._registered_names(tenant)[2]
+        return tuple(name for name in self._catalog.names() if name not in taken)
 
     def _registered_names(self, tenant: str | None) -> tuple[list[str], list[str], frozenset[str]]:
         generation = self.registry.generation
@@ -119,7 +171,11 @@ class AdapterRouter:
         return [(entry.handle, entry.leases) for entry in self._loaded.values()]
 
     def in_use_shas(self) -> set[str]:
-        return {entry.version.sha256 for entry in self._loaded.values()}
+        """Downloads the engine may read: held versions and those being loaded. Called
+        from the cache's worker thread: reads copies, taken in one step each."""
+        return {entry.version.sha256 for entry in list(self._loaded.values())} | set(
+            list(self._loading)
+        )
 
     # -- resolution --------------------------------------------------------------------
 
@@ -238,26 +294,98 @@ class AdapterRouter:
         key = (version.adapter, version.version)
         entry = self._loaded.get(key)
         if entry is not None:
+            self._loaded.move_to_end(key)
             return entry.handle
         # One lock per adapter: concurrent first requests load it once.
         async with self._lock(version.adapter):
             entry = self._loaded.get(key)
             if entry is None:
-                done = self._metrics.load_timer(version.adapter)
-                try:
-                    path = await asyncio.to_thread(self.registry.local_files, version)
-                    handle = LoraHandle(
-                        name=f"{version.adapter}@{version.version}",
-                        lora_id=next(self._ids),
-                        path=str(path),
-                    )
-                    await self._engine.add_lora(handle)
-                except Exception as exc:
-                    done(exc)
-                    raise
-                done(None)
-                entry = self._loaded[key] = _Loaded(handle=handle, version=version)
+                entry = await self._load(key, version)
+                await self._trim(keep=key)
+            else:
+                self._loaded.move_to_end(key)
         return entry.handle
+
+    async def _load(self, key: tuple[str, int], version: VersionRecord) -> _Loaded:
+        done = self._metrics.load_timer(version.adapter)
+        sha = version.sha256
+        self._loading[sha] = self._loading.get(sha, 0) + 1
+        try:
+            path = await self._local_files(key, version)
+            handle = LoraHandle(
+                name=f"{version.adapter}@{version.version}",
+                lora_id=next(self._ids),
+                path=str(path),
+            )
+            await self._engine.add_lora(handle)
+            entry = self._loaded[key] = _Loaded(handle=handle, version=version)
+        except Exception as exc:
+            done(exc)
+            raise
+        finally:
+            self._loading[sha] -= 1
+            if not self._loading[sha]:
+                del self._loading[sha]
+        done(None)
+        return entry
+
+    async def _local_files(self, key: tuple[str, int], version: VersionRecord) -> Path:
+        """The version's verified folder. A download needs room in the cache: idle versions
+        give theirs up (least recently used first) before it starts, and after it if that
+        was not enough; with every cached adapter in use, CacheFull (503, Retry-After)."""
+        cache = self.registry.cache
+        size = version.size_bytes
+        # (Larger than the whole cache: local_files refuses it with 413.)
+        if is_url(version.source) and size <= cache.max_bytes and not cache.has(version.sha256):
+            while not await asyncio.to_thread(cache.fits, size):
+                if not await self._release_idle(keep=key, cached_only=True):
+                    # No download: its weights alone would not fit beside those in use.
+                    raise CacheFull(
+                        f"the download cache ({cache.max_bytes} bytes) is full of adapters "
+                        "in use; try again shortly",
+                        adapter=version.adapter,
+                    )
+        while True:
+            try:
+                return await asyncio.to_thread(self.registry.local_files, version)
+            except CacheFull:
+                if not await self._release_idle(keep=key, cached_only=True):
+                    raise
+
+    async def _trim(self, keep: tuple[str, int]) -> None:
+        """Hold at most `max_resident` versions (what the engine keeps)."""
+        if self._max_resident is None:
+            return
+        while len(self._loaded) > self._max_resident:
+            if not await self._release_idle(keep=keep):
+                return  # the rest run requests (or are pinned): they stay
+
+    async def _release_idle(self, *, keep: tuple[str, int], cached_only: bool = False) -> bool:
+        """Remove the least recently used idle, unpinned version (other than `keep`; with
+        `cached_only`, one whose files are in the download cache) from the engine."""
+        for key, entry in self._loaded.items():
+            if key == keep or entry.leases:
+                continue
+            record = self.registry.adapter(key[0])
+            if record is not None and record.pinned:
+                continue
+            if cached_only and not (
+                is_url(entry.version.source) and self.registry.cache.has(entry.version.sha256)
+            ):
+                continue
+            await self._remove(key, entry)
+            return True
+        return False
+
+    async def _remove(self, key: tuple[str, int], entry: _Loaded) -> None:
+        # Out of the table first: a request arriving meanwhile loads it again, afresh.
+        del self._loaded[key]
+        try:
+            await self._engine.remove_lora(entry.handle.lora_id)
+        except Exception:
+            # An adapter left resident only costs memory, and vLLM's own LRU will evict it.
+            log.warning("could not remove %s from the engine", entry.handle.name, exc_info=True)
+        self._metrics.adapter_evictions.inc()
 
     async def warm(self, name: str) -> LoraHandle:
         record = self.registry.adapter(name)
@@ -285,6 +413,7 @@ class AdapterRouter:
             await self._ensure_loaded(target.version)
             entry = self._loaded.get(key)
         entry.leases += 1
+        self._loaded.move_to_end(key)
         try:
             yield entry.handle
         finally:
@@ -305,17 +434,9 @@ class AdapterRouter:
             if entry is None:
                 continue
             if entry.leases == 0 and not self.registry.is_referenced(*key):
-                del self._loaded[key]
-                try:
-                    await self._engine.remove_lora(entry.handle.lora_id)
-                except Exception:
-                    # The registry change it follows is already committed; an adapter left
-                    # resident only costs memory, and vLLM's own LRU will evict it.
-                    log.warning(
-                        "could not remove %s from the engine", entry.handle.name, exc_info=True
-                    )
+                # The registry change it follows is already committed.
+                await self._remove(key, entry)
                 released.append(entry.handle.name)
-                self._metrics.adapter_evictions.inc()
         return released
 
     def _lock(self, name: str) -> asyncio.Lock:

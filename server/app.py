@@ -48,12 +48,13 @@ def build_router(settings: Settings, engine: Engine, metrics: Metrics) -> Adapte
         cache_max_bytes=settings.download_cache_bytes,
         limits=limits,
     )
-    # The router tells the disk cache which downloads the engine may still read.
-    holder: list[AdapterRouter] = []
-    registry = Registry(config, base, in_use=lambda: holder[0].in_use_shas() if holder else set())
-    router = AdapterRouter(settings.served_model_name, registry, catalog, engine, metrics)
-    holder.append(router)
-    return router
+    registry = Registry(config, base)
+    # The router holds no more versions than the engine keeps in memory, and tells the
+    # download cache which of them the engine may still read.
+    resident = max(settings.engine.max_cpu_loras, settings.engine.max_loras)
+    return AdapterRouter(
+        settings.served_model_name, registry, catalog, engine, metrics, max_resident=resident
+    )
 
 
 def start_engine(settings: Settings) -> Engine:

@@ -16,7 +16,8 @@
     └── EngineFailure            500  the engine failed on a request (a bug)
 
 Registry errors (adapters_registry.errors) are mapped in the same table, so an
-adapter problem reaches the client with the status and message of its exact class.
+adapter problem reaches the client with the status and message of its exact class
+(e.g. CacheFull: 503 `adapter_cache_full`, with Retry-After, like the 503s above).
 """
 
 from __future__ import annotations
@@ -120,6 +121,7 @@ ERROR_TABLE: dict[type[Exception], ErrorKind] = {
     reg.SourceChanged: ErrorKind(409, _INVALID, "source_changed"),
     reg.Conflict: ErrorKind(409, _INVALID, "conflict"),
     reg.InvalidSource: ErrorKind(400, _INVALID, "invalid_source"),
+    reg.CacheFull: ErrorKind(503, "service_unavailable_error", "adapter_cache_full"),
     reg.InvalidAlias: ErrorKind(422, _INVALID, "invalid_alias"),
     reg.ChecksumMismatch: ErrorKind(422, _INVALID, "checksum_mismatch"),
     reg.InvalidAdapterName: ErrorKind(422, _INVALID, "invalid_adapter_name"),

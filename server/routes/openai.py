@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from server.deps import PrincipalDep, RequestIdDep, RouterDep, ServingDep
 from server.metrics import RequestInfo
@@ -45,13 +46,25 @@ async def completions(
 
 
 @router.get("/models", summary="The base model, every adapter and every alias")
-async def list_models(router_: RouterDep, principal: PrincipalDep) -> dict[str, Any]:
+async def list_models(router_: RouterDep, principal: PrincipalDep) -> Response:
+    # The whole list, as OpenAI's /v1/models (no paging there); encoded once per registry
+    # change and tenant: 1.1 MB at 10,000 adapters, served again as the same bytes.
     base = router_.base_name
-    data: list[dict[str, Any]] = [_model(base, None)]
-    adapters, aliases = router_.model_names(principal.tenant_name)
-    data += [_model(f"{base}:{name}", base) for name in adapters]
-    data += [{**_model(f"{base}:{name}", base), "kind": "alias"} for name in aliases]
-    return {"object": "list", "data": data}
+
+    def render(adapters: list[str], aliases: list[str]) -> bytes:
+        data: list[dict[str, Any]] = [_model(base, None)]
+        data += [_model(f"{base}:{name}", base) for name in adapters]
+        data += [{**_model(f"{base}:{name}", base), "kind": "alias"} for name in aliases]
+        # As JSONResponse encodes.
+        return json.dumps(
+            {"object": "list", "data": data},
+            ensure_ascii=False,
+            allow_nan=False,
+            separators=(",", ":"),
+        ).encode()
+
+    body = router_.models_body(principal.tenant_name, render)
+    return Response(body, media_type="application/json")
 
 
 def _model(model_id: str, parent: str | None) -> dict[str, Any]:

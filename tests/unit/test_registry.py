@@ -341,3 +341,65 @@ def test_replicas_follow_each_others_changes(
     assert one.refresh() and one.adapter("pirate").current_version == 2  # type: ignore[union-attr]
     one.close()
     two.close()
+
+
+def _bytes_under(root: Path) -> int:
+    """Every byte under `root`, whatever it is (cached files, staged downloads, marks)."""
+    return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
+
+
+def test_download_cache_folder_never_exceeds_its_cap(
+    tmp_path: Path,
+    roots: Path,
+    http_root: tuple[str, Path],
+    database: str | Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """loadtests memory.md: downloads were staged inside the cache folder before room was
+    made, so it held cap + one adapter. They are staged in a sibling folder (same
+    filesystem, so moving in is a rename) and room is made before they move in."""
+    import adapters_registry.registry as registry_module
+
+    url, www = http_root
+    one = make_adapter(www / "a0")
+    size = sum(p.stat().st_size for p in one.iterdir())
+    reg = open_registry(tmp_path, roots, database, cache_bytes=2 * size)  # exactly 2
+    real_download = registry_module.download
+    seen: list[int] = []
+
+    def download(source: str, dest: Path, **kwargs: int) -> None:
+        real_download(source, dest, **kwargs)
+        assert dest.parent == reg.config.storage_dir / "staging"
+        seen.append(_bytes_under(reg.cache.root))
+
+    monkeypatch.setattr(registry_module, "download", download)
+    try:
+        for i in range(4):
+            make_adapter(www / f"a{i}", seed=i)  # same size, different weights
+            v = reg.register(f"a{i}", f"{url}/a{i}")
+            seen.append(_bytes_under(reg.cache.root))
+        # An evicted version comes back (downloaded again, sha256 checked) within the cap.
+        first = reg.adapter("a0").current  # type: ignore[union-attr]
+        assert first is not None and reg.cache.get(first.sha256) is None
+        assert reg.local_files(first).parent == reg.cache.root
+        seen.append(_bytes_under(reg.cache.root))
+        assert v.sha256 in {p.name for p in reg.cache.root.iterdir()}
+        assert len(seen) == 10 and max(seen) <= reg.cache.max_bytes, seen
+        assert list((reg.config.storage_dir / "staging").iterdir()) == []
+    finally:
+        reg.close()
+
+
+def test_adapter_larger_than_the_cache_is_413(
+    tmp_path: Path, roots: Path, http_root: tuple[str, Path], database: str | Path
+) -> None:
+    url, www = http_root
+    one = make_adapter(www / "a0")
+    size = sum(p.stat().st_size for p in one.iterdir())
+    reg = open_registry(tmp_path, roots, database, cache_bytes=size // 2)
+    try:
+        with pytest.raises(AdapterTooLarge):
+            reg.register("a0", f"{url}/a0")
+        assert storage_files(tmp_path) == []
+    finally:
+        reg.close()
