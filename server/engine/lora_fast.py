@@ -210,24 +210,37 @@ class SlotClass:
 
 
 @dataclass(frozen=True)
+class SlotAlone:
+    """One slot's weights for rows computed on their own (single-stream decode, prefill).
+
+    Only the rank rows the adapter uses, slice after slice, in fp32: at a few rows a bf16
+    GEMM call costs ~30 us here against ~8 us in fp32 (oneDNN's bf16 set-up), while
+    reading the weights costs about the same either way (bandwidth bound).
+    a: [in, rank]; expands: (col0, col1, out0, out1, B^T) per GEMM: one block-diagonal
+    GEMM over all its slices, or one per slice, whichever the cost model prefers.
+    """
+
+    a: torch.Tensor
+    expands: tuple[tuple[int, int, int, int, torch.Tensor], ...]
+
+
+@dataclass(frozen=True)
 class LayerPack:
     """One LoRA layer's slot weights, fused across slices, for the current slot contents.
 
-    Per slot, compacted (rows computed run by run: single-stream decode, prefill): the
-    rank rows its adapter uses, slice after slice, and nothing else:
-        a: [slots, in, R], slot s's A^T in columns [0, rank[s]); b: [slots, R, width],
-        the matching B^T rows, block-diagonal over slices; rank: per slot (0: no weights
-        in this layer); parts: per slot, per slice it uses: (col0, col1, out0, out1).
-    Gathered batches (several adapters interleaved) use `classes`: slots with the same
-    per-slice ranks form a class, and classes are merged while the padding a merge adds
-    costs less than the calls it saves, so the weights read stay close to what the
-    adapters really have (vLLM pads every slot to max_lora_rank and to every slice).
+    alone: per slot (None: no weights in this layer), the compact layout for rows done
+        run by run; rank / parts: per slot, its used rank over all slices and, per slice
+        it uses, (col0, col1, out0, out1).
+    classes: for gathered batches (several adapters interleaved), slots with the same
+        per-slice ranks form a class, and classes are merged while the padding a merge
+        adds costs less than the calls it saves, so the weights read stay close to what
+        the adapters really have (vLLM pads every slot to max_lora_rank and to every
+        slice).
     Rebuilt whenever vLLM writes slot weights.
     """
 
     versions: tuple[int, ...]
-    a: torch.Tensor
-    b: torch.Tensor
+    alone: tuple[SlotAlone | None, ...]
     rank: tuple[int, ...]
     parts: tuple[tuple[tuple[int, int, int, int], ...], ...]
     width: int
@@ -302,18 +315,20 @@ def _build_class(
     for i, (r, out_w) in enumerate(zip(ranks, output_slices, strict=True)):
         if r:
             a[:, :, col : col + r] = a3[i].index_select(0, index)[:, :r, :].transpose(1, 2)
-            b.append(b3[i].index_select(0, index)[:, :out_w, :r].transpose(1, 2).contiguous())
+            b.append(
+                b3[i].index_select(0, index)[:, :out_w, :r].transpose(1, 2).float().contiguous()
+            )
             cols.append((col, col + r))
             outs.append((off, off + out_w))
             col += r
         off += out_w
     span = (outs[0][0], outs[-1][1])
     used = [(c1 - c0, o1 - o0) for (c0, c1), (o0, o1) in zip(cols, outs, strict=True)]
-    block_bytes = col * (span[1] - span[0])
-    split_bytes = sum(r * o for r, o in used) + _OP_BYTES // 2 * (len(used) - 1)
+    block_bytes = col * (span[1] - span[0]) * 4
+    split_bytes = sum(r * o for r, o in used) * 4 + _OP_BYTES * (len(used) - 1)
     block: torch.Tensor | None = None
     if len(used) > 1 and block_bytes < split_bytes:
-        block = torch.zeros(len(slots), col, span[1] - span[0], dtype=dtype)
+        block = torch.zeros(len(slots), col, span[1] - span[0], dtype=torch.float32)
         for (c0, c1), (o0, o1), bi in zip(cols, outs, b, strict=True):
             block[:, c0:c1, o0 - span[0] : o1 - span[0]] = bi
     return SlotClass(tuple(slots), ranks, a, tuple(b), block, tuple(cols), tuple(outs), span)
@@ -335,28 +350,52 @@ def build_pack(
     used = [_used_ranks(a) for a in a3]  # [slice][slot]
     rank = tuple(sum(u[s] for u in used) for s in range(slots))
     width = sum(output_slices)
-    dtype = b3[0].dtype
-    a = torch.zeros(slots, depth, max(rank, default=0), dtype=dtype)
-    b = torch.zeros(slots, max(rank, default=0), width, dtype=dtype)
     parts: list[tuple[tuple[int, int, int, int], ...]] = []
+    alone: list[SlotAlone | None] = []
     for s in range(slots):
         col = off = 0
         mine: list[tuple[int, int, int, int]] = []
+        a_cols: list[torch.Tensor] = []
+        b_parts: list[torch.Tensor] = []
         for i, out_w in enumerate(output_slices):
             r = used[i][s]
             if r:
-                a[s, :, col : col + r] = a3[i][s, :r, :].t()
-                b[s, col : col + r, off : off + out_w] = b3[i][s, :out_w, :r].t()
+                a_cols.append(a3[i][s, :r, :].t().float())
+                b_parts.append(b3[i][s, :out_w, :r].t().float())
                 mine.append((col, col + r, off, off + out_w))
                 col += r
             off += out_w
         parts.append(tuple(mine))
+        alone.append(_slot_alone(mine, a_cols, b_parts) if mine else None)
     signatures = {s: tuple(u[s] for u in used) for s in range(slots) if rank[s]}
     classes = tuple(
         _build_class(members, ranks, a3, b3, output_slices)
         for members, ranks in _choose_classes(signatures, depth, output_slices)
     )
-    return LayerPack(versions, a, b, rank, tuple(parts), width, classes)
+    return LayerPack(versions, tuple(alone), rank, tuple(parts), width, classes)
+
+
+def _slot_alone(
+    parts: Sequence[tuple[int, int, int, int]],
+    a_cols: Sequence[torch.Tensor],
+    b_parts: Sequence[torch.Tensor],
+) -> SlotAlone:
+    a = torch.cat(list(a_cols), dim=1).contiguous()
+    sizes = [(c1 - c0, o1 - o0) for c0, c1, o0, o1 in parts]
+    block_cost, split_cost = _per_slice_cost(sizes, 4)
+    if len(parts) > 1 and split_cost < block_cost:
+        return SlotAlone(
+            a,
+            tuple(
+                (c0, c1, o0, o1, b.contiguous())
+                for (c0, c1, o0, o1), b in zip(parts, b_parts, strict=True)
+            ),
+        )
+    lo, hi = parts[0][2], parts[-1][3]
+    block = torch.zeros(a.shape[1], hi - lo, dtype=torch.float32)
+    for (c0, c1, o0, o1), b in zip(parts, b_parts, strict=True):
+        block[c0:c1, o0 - lo : o1 - lo] = b
+    return SlotAlone(a, ((0, a.shape[1], lo, hi, block),))
 
 
 # --------------------------------------------------------------------------- compute
@@ -377,29 +416,23 @@ def apply_lora(
     """``y[t] += scale * x[t] @ A[slot(t)] @ B[slot(t)]`` for every adapter row t."""
     if plan.no_lora or not pack.classes:
         return
-    dtype = pack.a.dtype
-    xc = x if x.dtype == dtype else x.to(dtype)
     if plan.by_runs:
-        out = y[:, : pack.width]
-        itemsize = pack.a.element_size()
+        xf = x if x.dtype == torch.float32 else x.float()
         for slot, start, stop in plan.runs:
-            r = pack.rank[slot] if slot < len(pack.rank) else 0
-            if not r:
+            alone = pack.alone[slot] if slot < len(pack.alone) else None
+            if alone is None:
                 continue
-            h = torch.mm(xc[start:stop], pack.a[slot, :, :r])
+            whole = start == 0 and stop == plan.rows
+            h = torch.mm(xf if whole else xf[start:stop], alone.a)
             if scale != 1.0:
                 h.mul_(scale)
-            parts = pack.parts[slot]
-            sizes = [(c1 - c0, o1 - o0) for c0, c1, o0, o1 in parts]
-            block, split = _per_slice_cost(sizes, itemsize)
-            if split < block:
-                for c0, c1, o0, o1 in parts:
-                    d = torch.mm(h[:, c0:c1], pack.b[slot, c0:c1, o0:o1])
-                    y[start:stop, o0:o1].add_(d if d.dtype == y.dtype else d.to(y.dtype))
-            else:
-                d = torch.mm(h, pack.b[slot, :r])
-                out[start:stop].add_(d if d.dtype == y.dtype else d.to(y.dtype))
+            rows = y if whole else y[start:stop]
+            for c0, c1, o0, o1, b in alone.expands:
+                part = h if c0 == 0 and c1 == h.shape[1] else h[:, c0:c1]
+                rows[:, o0:o1].add_(torch.mm(part, b))  # fp32 into the layer dtype
         return
+    dtype = pack.classes[0].a.dtype
+    xc = x if x.dtype == dtype else x.to(dtype)
     for cls in pack.classes:
         g = plan.grouped(cls.slots)
         if g is not None:
@@ -411,7 +444,11 @@ def _apply_class(
 ) -> None:
     sel = slice(g.first, g.first + g.count)  # member positions with rows in this step
     xg = xc.index_select(0, g.gather).view(g.count, g.per, -1)
-    h = torch.bmm(xg, cls.a[sel])
+    # Shrink in the layer's dtype, expand in fp32: measured here at 1-2 rows per slot,
+    # oneDNN's bf16 batched GEMM reads [rank, out] weights at ~3.5 GB/s against ~10-15
+    # GB/s in fp32 (so fp32 is faster despite twice the bytes), while for the [in, rank]
+    # shrink both run at ~6 GB/s and bf16 reads half as much.
+    h = torch.bmm(xg, cls.a[sel]).float()
     if scale != 1.0:
         h.mul_(scale)
     if cls.block is not None:

@@ -148,7 +148,9 @@ def test_pack_trims_ranks_and_skips_untargeted_slices() -> None:
     pack = build_pack(a, b, outs)
     assert pack.rank == (8, 0, 20)
     assert pack.has_weights == (True, False, True)
-    assert pack.a.shape == (3, 12, 20)  # compacted: the widest slot, not 2 x 64
+    alone = pack.alone[2]
+    assert alone is not None and alone.a.shape == (12, 20)  # compact: not 2 x 64
+    assert pack.alone[1] is None
     assert pack.parts[2] == ((0, 4, 0, 16), (4, 20, 16, 24))
     # slot 1 has no weights here: in no class
     assert sorted(s for c in pack.classes for s in c.slots) == [0, 2]
