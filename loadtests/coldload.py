@@ -25,7 +25,6 @@ the histogram is the engine's add_lora.
 from __future__ import annotations
 
 import argparse
-import os
 import secrets
 import shutil
 import statistics
@@ -39,8 +38,17 @@ import httpx
 
 from clients import Client
 from loadtests import servers
-from loadtests.bench import md_table, metric_value, progress, stats_ms, write_outputs
-from loadtests.options import host_info, now_iso, renice
+from loadtests.bench import (
+    bench_parser,
+    demo_adapter,
+    md_table,
+    metric_value,
+    new_record,
+    progress,
+    stats_ms,
+    write_outputs,
+)
+from loadtests.options import renice
 
 LOAD_SUM = "loraswap_adapter_load_seconds_sum"
 LOAD_COUNT = "loraswap_adapter_load_seconds_count"
@@ -49,18 +57,9 @@ TARGET_P99_MS = 150.0
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m loadtests.coldload",
-        description="Cold adapter load time (rank-16 adapter from local disk).",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
+    p = bench_parser(
+        "coldload", "Cold adapter load time (rank-16 adapter from local disk).", __doc__
     )
-    p.add_argument(
-        "--home",
-        type=Path,
-        default=Path(os.environ.get("LORASWAP_HOME", "~/.cache/loraswap")).expanduser(),
-    )
-    p.add_argument("--out", type=Path, default=Path("build/coldload"), help="output folder")
     p.add_argument("--adapters", type=int, default=40, help="distinct adapters loaded [40]")
     p.add_argument("--source", default="shout", help="demo adapter to copy [shout, rank 16]")
     p.add_argument("--max-loras", type=int, default=2, help="engine slots [2]")
@@ -180,15 +179,10 @@ def main(argv: list[str] | None = None) -> None:
     renice(args.nice)
     from server.demo import demo_assets
 
+    source = demo_adapter(args.home, args.source)
     assets = demo_assets(args.home)
-    source = assets.adapters_dir / args.source
-    if not (source / "adapter_model.safetensors").is_file():
-        sys.exit(f"no demo adapter {source}: run `loraswap demo prepare` or pass --home")
     record: dict[str, Any] = {
-        "created": now_iso(),
-        "command": " ".join(["python -m loadtests.coldload", *argv]),
-        "host": host_info(),
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **new_record("coldload", argv, args),
     }
     import json
 

@@ -27,7 +27,6 @@ import asyncio
 import contextlib
 import functools
 import http.server
-import os
 import secrets
 import shutil
 import sys
@@ -42,13 +41,15 @@ from clients import Client
 from loadtests import servers
 from loadtests.bench import (
     MemorySampler,
+    bench_parser,
     dir_size,
     md_table,
     memory_summary,
+    new_record,
     progress,
     write_outputs,
 )
-from loadtests.options import host_info, now_iso, renice
+from loadtests.options import renice
 from loadtests.record import summarize
 from loadtests.runner import Target, Workload, run_phase, warm_up
 from loadtests.workload import LengthDist, Popularity
@@ -58,15 +59,9 @@ SYSTEMS = ("ours", "vllm", "vllm-fix")
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m loadtests.memory",
-        description="Memory of our server vs plain vLLM; the download cache's cap.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
+    p = bench_parser(
+        "memory", "Memory of our server vs plain vLLM; the download cache's cap.", __doc__
     )
-    home = Path(os.environ.get("LORASWAP_HOME", "~/.cache/loraswap")).expanduser()
-    p.add_argument("--home", type=Path, default=home, help="where the demo assets are")
-    p.add_argument("--out", type=Path, default=Path("build/memory"), help="output folder")
     p.add_argument(
         "--systems",
         default="ours,vllm",
@@ -375,10 +370,7 @@ def main(argv: list[str] | None = None) -> None:
     assets = demo_assets(args.home)
     sources = [assets.adapters_dir / n for n in assets.adapter_names]
     record: dict[str, Any] = {
-        "created": now_iso(),
-        "command": " ".join(["python -m loadtests.memory", *argv]),
-        "host": host_info(),
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **new_record("memory", argv, args),
         "systems": [],
     }
     knobs = servers.EngineKnobs()

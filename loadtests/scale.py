@@ -34,7 +34,10 @@ import httpx
 from clients import AsyncClient, Client
 from loadtests import servers
 from loadtests.bench import (
+    bench_parser,
+    demo_adapter,
     md_table,
+    new_record,
     proc_cpu_s,
     process_tree_memory,
     progress,
@@ -42,7 +45,7 @@ from loadtests.bench import (
     write_outputs,
 )
 from loadtests.cpu import CpuMeter
-from loadtests.options import host_info, now_iso, renice
+from loadtests.options import renice
 
 PROMPT = [{"role": "user", "content": "Say hello."}]
 RSS_BUDGET_MIB = 50.0
@@ -56,15 +59,11 @@ def _counts(value: str) -> list[int]:
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        prog="python -m loadtests.scale",
-        description="Latency, /v1/models and memory against the number of registered adapters.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
+    p = bench_parser(
+        "scale",
+        "Latency, /v1/models and memory against the number of registered adapters.",
+        __doc__,
     )
-    home = Path(os.environ.get("LORASWAP_HOME", "~/.cache/loraswap")).expanduser()
-    p.add_argument("--home", type=Path, default=home, help="where the demo assets are")
-    p.add_argument("--out", type=Path, default=Path("build/scale"), help="output folder")
     p.add_argument(
         "--counts", type=_counts, default=[1, 100, 1000, 10000], help="[1,100,1000,10000]"
     )
@@ -264,15 +263,10 @@ def main(argv: list[str] | None = None) -> None:
     renice(args.nice)
     from server.demo import demo_assets
 
+    source = demo_adapter(args.home, args.source)
     assets = demo_assets(args.home)
-    source = assets.adapters_dir / args.source
-    if not (source / "adapter_model.safetensors").is_file():
-        sys.exit(f"no demo adapter {source}: run `loraswap demo prepare` or pass --home")
     record: dict[str, Any] = {
-        "created": now_iso(),
-        "command": " ".join(["python -m loadtests.scale", *argv]),
-        "host": host_info(),
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        **new_record("scale", argv, args),
         "points": [],
     }
     work = Path(tempfile.mkdtemp(prefix="loraswap-scale-"))

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import httpx
 import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
@@ -59,3 +61,43 @@ class PeftReference:
             if tok in self.eos_ids:
                 return ids[:i]
         return ids
+
+
+Case = tuple[str | None, str]  # (adapter or None for the base model, user prompt)
+
+
+def server_greedy_ids(
+    url: str, base: str, cases: list[Case], reference: PeftReference, max_tokens: int
+) -> list[list[int]]:
+    """Greedy token ids from our server for every case, all sent at once so that the
+    engine batches base and adapter tokens together (trimmed like the reference)."""
+
+    def one(case: Case) -> list[int]:
+        adapter, prompt = case
+        r = httpx.post(
+            f"{url}/v1/chat/completions",
+            timeout=300,
+            json={
+                "model": base if adapter is None else f"{base}:{adapter}",
+                "messages": [{"role": "user", "content": prompt}],
+                "temperature": 0,
+                "max_tokens": max_tokens,
+                "return_token_ids": True,
+            },
+        )
+        r.raise_for_status()
+        body = r.json()
+        assert body["prompt_token_ids"] == reference.chat_prompt_ids(prompt)
+        return reference.trim(body["choices"][0]["token_ids"])
+
+    with ThreadPoolExecutor(len(cases)) as pool:
+        return list(pool.map(one, cases))
+
+
+def mismatches(cases: list[Case], got: list[list[int]], want: list[list[int]]) -> list[str]:
+    """One line per case whose tokens differ ("base / 'prompt': server [...] != peft [...]")."""
+    return [
+        f"{a or 'base'} / {p!r}: server {g} != peft {w}"
+        for (a, p), g, w in zip(cases, got, want, strict=True)
+        if g != w
+    ]

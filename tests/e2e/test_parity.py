@@ -7,15 +7,13 @@ LoRA tokens get the last adapter slot): test_parity_fails_without_the_fix proves
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 
 from server.demo import DemoAssets
 from tests.e2e.conftest import MAX_LORAS, record_result, registry_env
-from tests.e2e.reference import PeftReference
+from tests.e2e.reference import PeftReference, mismatches, server_greedy_ids
 from tests.e2e.server_proc import ServerProc, running_server
 
 BASE = "smollm2"
@@ -35,28 +33,7 @@ def _cases(adapter_names: tuple[str, ...]) -> list[tuple[str | None, str]]:
 def _server_outputs(
     url: str, cases: list[tuple[str | None, str]], trim: PeftReference
 ) -> list[list[int]]:
-    """All cases at once, so the engine batches base and adapter tokens together."""
-
-    def one(case: tuple[str | None, str]) -> list[int]:
-        adapter, prompt = case
-        r = httpx.post(
-            f"{url}/v1/chat/completions",
-            timeout=300,
-            json={
-                "model": BASE if adapter is None else f"{BASE}:{adapter}",
-                "messages": [{"role": "user", "content": prompt}],
-                "temperature": 0,
-                "max_tokens": MAX_TOKENS,
-                "return_token_ids": True,
-            },
-        )
-        r.raise_for_status()
-        body = r.json()
-        assert body["prompt_token_ids"] == trim.chat_prompt_ids(prompt)
-        return trim.trim(body["choices"][0]["token_ids"])
-
-    with ThreadPoolExecutor(len(cases)) as pool:
-        return list(pool.map(one, cases))
+    return server_greedy_ids(url, BASE, cases, trim, MAX_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -67,16 +44,6 @@ def expected(reference: PeftReference, demo: DemoAssets) -> list[list[int]]:
     ]
 
 
-def _mismatches(
-    cases: list[tuple[str | None, str]], got: list[list[int]], want: list[list[int]]
-) -> list[str]:
-    return [
-        f"{a or 'base'} / {p!r}: server {g} != peft {w}"
-        for (a, p), g, w in zip(cases, got, want, strict=True)
-        if g != w
-    ]
-
-
 def test_parity_mixed_concurrent_batch(
     server: ServerProc, reference: PeftReference, demo: DemoAssets, expected: list[list[int]]
 ) -> None:
@@ -84,7 +51,7 @@ def test_parity_mixed_concurrent_batch(
     # Twice: the second round hits adapters already resident in the engine.
     for round_ in range(2):
         got = _server_outputs(server.url, cases, reference)
-        bad = _mismatches(cases, got, expected)
+        bad = mismatches(cases, got, expected)
         record_result(
             f"parity_fix_on_round_{round_ + 1}", {"cases": len(cases), "mismatched": len(bad)}
         )
@@ -109,7 +76,7 @@ def test_parity_fails_without_the_fix(
     ) as srv:
         cases = _cases(demo.adapter_names)
         got = _server_outputs(srv.url, cases, reference)
-    bad = _mismatches(cases, got, expected)
+    bad = mismatches(cases, got, expected)
     record_result(
         "parity_fix_off", {"cases": len(cases), "mismatched": len(bad), "mismatches": bad}
     )

@@ -11,16 +11,14 @@ all exercised, and base rows sit in the same batches.
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-import httpx
 import pytest
 
 from loadtests.lora_adapters import TARGET_SETS, make_random_adapter
 from server.demo import DemoAssets
 from tests.e2e.conftest import record_result, registry_env
-from tests.e2e.reference import PeftReference
+from tests.e2e.reference import PeftReference, mismatches, server_greedy_ids
 from tests.e2e.server_proc import ServerProc, running_server
 
 BASE = "smollm2"
@@ -79,23 +77,6 @@ def _cases() -> list[tuple[str | None, str]]:
     return [(m, p) for p in PROMPTS for m in models]
 
 
-def _ask(url: str, case: tuple[str | None, str], reference: PeftReference) -> list[int]:
-    adapter, prompt = case
-    r = httpx.post(
-        f"{url}/v1/chat/completions",
-        timeout=300,
-        json={
-            "model": BASE if adapter is None else f"{BASE}:{adapter}",
-            "messages": [{"role": "user", "content": prompt}],
-            "temperature": 0,
-            "max_tokens": MAX_TOKENS,
-            "return_token_ids": True,
-        },
-    )
-    r.raise_for_status()
-    return reference.trim(r.json()["choices"][0]["token_ids"])
-
-
 def test_every_rank_and_target_set_matches_peft(
     rank_server: ServerProc, rank_reference: PeftReference
 ) -> None:
@@ -112,22 +93,17 @@ def test_every_rank_and_target_set_matches_peft(
 
     # mixed: every case at once (base and six adapters share engine batches), twice
     for round_ in range(2):
-        with ThreadPoolExecutor(len(cases)) as pool:
-            got = list(pool.map(lambda c: _ask(rank_server.url, c, rank_reference), cases))
-        bad = [
-            f"{a or 'base'} / {p!r}: server {g} != peft {w}"
-            for (a, p), g, w in zip(cases, got, want, strict=True)
-            if g != w
-        ]
+        got = server_greedy_ids(rank_server.url, BASE, cases, rank_reference, MAX_TOKENS)
+        bad = mismatches(cases, got, want)
         record_result(
             f"parity_ranks_mixed_round_{round_ + 1}", {"cases": len(cases), "mismatched": bad}
         )
         assert bad == []
 
     # alone: one request at a time (the single-adapter path of every step)
-    alone = [_ask(rank_server.url, c, rank_reference) for c in cases]
-    bad = [
-        f"{a or 'base'} / {p!r}" for (a, p), g, w in zip(cases, alone, want, strict=True) if g != w
+    alone = [
+        server_greedy_ids(rank_server.url, BASE, [c], rank_reference, MAX_TOKENS)[0] for c in cases
     ]
+    bad = mismatches(cases, alone, want)
     record_result("parity_ranks_alone", {"cases": len(cases), "mismatched": bad})
     assert bad == []
