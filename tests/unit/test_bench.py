@@ -95,7 +95,12 @@ def test_memory_sampler_and_summary() -> None:
     sampler.phase = "load"
     import time
 
-    time.sleep(0.05)
+    # One sample reads /proc for the whole tree: on a loaded box that can take longer
+    # than any fixed sleep, so wait for the first sample of the phase instead.
+    deadline = time.monotonic() + 30
+    while not any(s["phase"] == "load" for s in list(sampler.samples)):
+        assert time.monotonic() < deadline, "no sample in 30 s"
+        time.sleep(0.01)
     sampler.stop()
     assert {s["phase"] for s in sampler.samples} <= {"idle", "load"}
     assert memory_summary(sampler.samples, "load")["rss_peak_mib"] > 0
