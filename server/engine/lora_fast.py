@@ -75,10 +75,9 @@ Impl = Literal["fast", "ops", "upstream"]
 # A run of rows [start, stop) that all use adapter slot `slot` (>= 0).
 _Run = tuple[int, int, int]
 
-# Runs at least this long (prefill chunks) are computed in place, one GEMM pair per run,
-# as long as there are few of them; otherwise the batch is gathered slot by slot.
+# Runs at least this long (prefill chunks) are computed in place, one GEMM pair per run;
+# shorter ones (decode rows) are gathered slot by slot when there are several.
 _LONG_RUN_ROWS: Final = 32
-_MAX_RUNS: Final = 4
 
 
 # --------------------------------------------------------------------------- plan
@@ -108,9 +107,12 @@ class StepPlan:
     """How the rows of one engine step map to adapter slots, for every layer of the step.
 
     rows: the number of rows (tokens) the mapping covers.
-    runs: maximal runs of rows sharing a slot, adapter rows only, in row order.
-    by_runs: compute run by run (one adapter, or a few long prefill runs) rather than
-        gathered slot by slot.
+    runs: runs of rows sharing a slot that are computed on their own (one GEMM pair on
+        views each): a lone run (single-stream decode) and long runs (prefill chunks).
+    scattered: the other adapter runs (decode rows of interleaved adapters), gathered
+        slot by slot. Keeping long runs out of the gather matters under continuous
+        batching: a 50-row prefill chunk among 1-row decodes would otherwise pad every
+        slot of its class to 50 rows.
     Layers group slots differently (an adapter that targets q/v only has no weights in
     the MLP; see `LayerPack`), so the gathered layout is made per slot class, once per
     step, and cached here.
@@ -118,17 +120,21 @@ class StepPlan:
 
     rows: int
     runs: tuple[_Run, ...]
-    by_runs: bool
+    scattered: tuple[_Run, ...]
     _grouped: dict[tuple[int, ...], Grouped | None] = field(default_factory=dict)
 
     @property
     def no_lora(self) -> bool:
-        return not self.runs
+        return not self.runs and not self.scattered
+
+    @property
+    def by_runs(self) -> bool:
+        return not self.scattered
 
     def grouped(self, members: tuple[int, ...]) -> Grouped | None:
-        """The gathered layout of the rows of these slots (None: none in this step)."""
+        """The gathered layout of the scattered rows of these slots (None: none here)."""
         if members not in self._grouped:
-            self._grouped[members] = _group(self.runs, members)
+            self._grouped[members] = _group(self.scattered, members)
         return self._grouped[members]
 
 
@@ -142,12 +148,11 @@ def plan_step(slots: Sequence[int]) -> StepPlan:
             if slots[start] >= 0:
                 runs.append((slots[start], start, pos))
             start = pos
-    lora_rows = sum(stop - begin for _, begin, stop in runs)
-    distinct = {slot for slot, _, _ in runs}
-    by_runs = len(runs) <= 1 or (
-        len(runs) <= _MAX_RUNS * len(distinct) and lora_rows >= _LONG_RUN_ROWS * len(runs)
-    )
-    return StepPlan(n, tuple(runs), by_runs)
+    long = [r for r in runs if r[2] - r[1] >= _LONG_RUN_ROWS]
+    short = [r for r in runs if r[2] - r[1] < _LONG_RUN_ROWS]
+    if len(short) <= 1:  # nothing worth a gather
+        return StepPlan(n, tuple(runs), ())
+    return StepPlan(n, tuple(long), tuple(short))
 
 
 def _group(runs: Sequence[_Run], members: tuple[int, ...]) -> Grouped | None:
@@ -228,27 +233,56 @@ class SlotAlone:
 class LayerPack:
     """One LoRA layer's slot weights, fused across slices, for the current slot contents.
 
-    alone: per slot (None: no weights in this layer), the compact layout for rows done
-        run by run; rank / parts: per slot, its used rank over all slices and, per slice
-        it uses, (col0, col1, out0, out1).
+    rank / parts: per slot, its used rank over all slices and, per slice it uses,
+        (col0, col1, out0, out1); 0 / () when the slot has no weights in this layer.
+    alone(slot): the compact layout for that slot's rows done run by run (None: no
+        weights here).
     classes: for gathered batches (several adapters interleaved), slots with the same
         per-slice ranks form a class, and classes are merged while the padding a merge
         adds costs less than the calls it saves, so the weights read stay close to what
         the adapters really have (vLLM pads every slot to max_lora_rank and to every
         slice).
-    Rebuilt whenever vLLM writes slot weights.
+    A pack is replaced whenever vLLM writes slot weights, which can happen every few
+    steps when more adapters are in demand than there are slots: so both layouts are
+    built on first use, and only the parts a step needs (measured: building everything
+    for the 120 LoRA layers of the demo model took 254 ms, blocking that step).
     """
 
     versions: tuple[int, ...]
-    alone: tuple[SlotAlone | None, ...]
     rank: tuple[int, ...]
     parts: tuple[tuple[tuple[int, int, int, int], ...], ...]
     width: int
-    classes: tuple[SlotClass, ...]
+    a3: tuple[torch.Tensor, ...]
+    b3: tuple[torch.Tensor, ...]
+    used: tuple[tuple[int, ...], ...]
+    slices: tuple[int, ...]
+    _built: dict[object, Any] = field(default_factory=dict)
 
     @property
     def has_weights(self) -> tuple[bool, ...]:
         return tuple(r > 0 for r in self.rank)
+
+    def alone(self, slot: int) -> SlotAlone | None:
+        if slot >= len(self.rank) or not self.rank[slot]:
+            return None
+        if slot not in self._built:
+            self._built[slot] = _slot_alone(self, slot)
+        built: SlotAlone = self._built[slot]
+        return built
+
+    @property
+    def classes(self) -> tuple[SlotClass, ...]:
+        if "classes" not in self._built:
+            depth = self.a3[0].shape[2]
+            signatures = {
+                s: tuple(u[s] for u in self.used) for s in range(len(self.rank)) if self.rank[s]
+            }
+            self._built["classes"] = tuple(
+                _build_class(members, ranks, self.a3, self.b3, self.slices)
+                for members, ranks in _choose_classes(signatures, depth, self.slices)
+            )
+        classes: tuple[SlotClass, ...] = self._built["classes"]
+        return classes
 
 
 def _versions(tensors: Sequence[torch.Tensor]) -> tuple[int, ...]:
@@ -346,40 +380,41 @@ def build_pack(
     for bi, out_w in zip(b3, output_slices, strict=True):
         if bi.shape[1] < out_w:
             raise ValueError(f"LoRA B of {bi.shape[1]} rows for an output slice of {out_w}")
-    slots, depth = a3[0].shape[0], a3[0].shape[2]
+    slots = a3[0].shape[0]
     used = [_used_ranks(a) for a in a3]  # [slice][slot]
     rank = tuple(sum(u[s] for u in used) for s in range(slots))
     width = sum(output_slices)
     parts: list[tuple[tuple[int, int, int, int], ...]] = []
-    alone: list[SlotAlone | None] = []
     for s in range(slots):
         col = off = 0
         mine: list[tuple[int, int, int, int]] = []
-        a_cols: list[torch.Tensor] = []
-        b_parts: list[torch.Tensor] = []
         for i, out_w in enumerate(output_slices):
             r = used[i][s]
             if r:
-                a_cols.append(a3[i][s, :r, :].t().float())
-                b_parts.append(b3[i][s, :out_w, :r].t().float())
                 mine.append((col, col + r, off, off + out_w))
                 col += r
             off += out_w
         parts.append(tuple(mine))
-        alone.append(_slot_alone(mine, a_cols, b_parts) if mine else None)
-    signatures = {s: tuple(u[s] for u in used) for s in range(slots) if rank[s]}
-    classes = tuple(
-        _build_class(members, ranks, a3, b3, output_slices)
-        for members, ranks in _choose_classes(signatures, depth, output_slices)
+    return LayerPack(
+        versions,
+        rank,
+        tuple(parts),
+        width,
+        tuple(a3),
+        tuple(b3),
+        tuple(tuple(u) for u in used),
+        tuple(output_slices),
     )
-    return LayerPack(versions, tuple(alone), rank, tuple(parts), width, classes)
 
 
-def _slot_alone(
-    parts: Sequence[tuple[int, int, int, int]],
-    a_cols: Sequence[torch.Tensor],
-    b_parts: Sequence[torch.Tensor],
-) -> SlotAlone:
+def _slot_alone(pack: LayerPack, slot: int) -> SlotAlone:
+    parts = pack.parts[slot]
+    a_cols: list[torch.Tensor] = []
+    b_parts: list[torch.Tensor] = []
+    for i, r in enumerate(u[slot] for u in pack.used):
+        if r:
+            a_cols.append(pack.a3[i][slot, :r, :].t().float())
+            b_parts.append(pack.b3[i][slot, : pack.slices[i], :r].t().float())
     a = torch.cat(list(a_cols), dim=1).contiguous()
     sizes = [(c1 - c0, o1 - o0) for c0, c1, o0, o1 in parts]
     block_cost, split_cost = _per_slice_cost(sizes, 4)
@@ -414,12 +449,12 @@ def apply_lora(
     y: torch.Tensor, x: torch.Tensor, pack: LayerPack, plan: StepPlan, scale: float
 ) -> None:
     """``y[t] += scale * x[t] @ A[slot(t)] @ B[slot(t)]`` for every adapter row t."""
-    if plan.no_lora or not pack.classes:
+    if plan.no_lora or not any(pack.rank):
         return
-    if plan.by_runs:
+    if plan.runs:
         xf = x if x.dtype == torch.float32 else x.float()
         for slot, start, stop in plan.runs:
-            alone = pack.alone[slot] if slot < len(pack.alone) else None
+            alone = pack.alone(slot)
             if alone is None:
                 continue
             whole = start == 0 and stop == plan.rows
@@ -430,6 +465,7 @@ def apply_lora(
             for c0, c1, o0, o1, b in alone.expands:
                 part = h if c0 == 0 and c1 == h.shape[1] else h[:, c0:c1]
                 rows[:, o0:o1].add_(torch.mm(part, b))  # fp32 into the layer dtype
+    if not plan.scattered:
         return
     dtype = pack.classes[0].a.dtype
     xc = x if x.dtype == dtype else x.to(dtype)

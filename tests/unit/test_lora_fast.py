@@ -123,6 +123,15 @@ def test_plan_runs_and_groups() -> None:
     assert single.by_runs and single.runs == ((2, 1, 4),)
     prefill = plan_step([0] * 40 + [1] * 50 + [-1] * 5)
     assert prefill.by_runs and prefill.runs == ((0, 0, 40), (1, 40, 90))
+    # a prefill chunk among decode rows: computed on its own, the decode rows gathered
+    mixed = plan_step([0] * 40 + [1, 2, -1, 1])
+    assert mixed.runs == ((0, 0, 40),) and mixed.scattered == (
+        (1, 40, 41),
+        (2, 41, 42),
+        (1, 43, 44),
+    )
+    g = mixed.grouped((0, 1, 2))
+    assert g is not None and g.per == 2 and sorted(g.dest.tolist()) == [40, 41, 43]
     decode = plan_step([1, 3, 1, -1, 3, 0])
     assert not decode.by_runs
     grouped = decode.grouped((0, 1, 2, 3))
@@ -148,9 +157,9 @@ def test_pack_trims_ranks_and_skips_untargeted_slices() -> None:
     pack = build_pack(a, b, outs)
     assert pack.rank == (8, 0, 20)
     assert pack.has_weights == (True, False, True)
-    alone = pack.alone[2]
+    alone = pack.alone(2)
     assert alone is not None and alone.a.shape == (12, 20)  # compact: not 2 x 64
-    assert pack.alone[1] is None
+    assert pack.alone(1) is None
     assert pack.parts[2] == ((0, 4, 0, 16), (4, 20, 16, 24))
     # slot 1 has no weights here: in no class
     assert sorted(s for c in pack.classes for s in c.slots) == [0, 2]
