@@ -55,6 +55,7 @@ class _Loaded:
     handle: LoraHandle
     version: VersionRecord
     leases: int = 0
+    evict: bool = False  # unload() asked for it: leave the engine when the last lease ends
 
 
 class AdapterRouter:
@@ -117,6 +118,10 @@ class AdapterRouter:
     def loaded(self) -> list[tuple[LoraHandle, int]]:
         """(handle, running requests) of every version held in the engine."""
         return [(entry.handle, entry.leases) for entry in self._loaded.values()]
+
+    def is_loaded(self, adapter: str, version: int) -> bool:
+        entry = self._loaded.get((adapter, version))
+        return entry is not None and not entry.evict
 
     def in_use_shas(self) -> set[str]:
         return {entry.version.sha256 for entry in self._loaded.values()}
@@ -268,6 +273,28 @@ class AdapterRouter:
             await self._engine.pin_lora(handle.lora_id)
         return handle
 
+    async def load(self, adapter: str, version: int) -> LoraHandle:
+        """Put one concrete version in the engine (a placement policy choosing what each
+        replica holds, see server/ray_serve.py); raises AdapterNotFound if it is gone."""
+        record = self.registry.adapter(adapter)
+        found = record.version(version) if record is not None else None
+        if found is None:
+            raise AdapterNotFound(f"adapter {adapter}@{version} not found", adapter=adapter)
+        handle = await self._ensure_loaded(found)
+        self._loaded[(adapter, version)].evict = False
+        return handle
+
+    async def unload(self, adapter: str, version: int) -> None:
+        """Take a version out of the engine even though it is reachable (the placement
+        policy moved it elsewhere): now if idle, else when its last lease ends. A later
+        request for it loads it again."""
+        entry = self._loaded.get((adapter, version))
+        if entry is None:
+            return
+        entry.evict = True
+        if entry.leases == 0:
+            await self._remove((adapter, version), entry)
+
     @asynccontextmanager
     async def lease(self, target: Target) -> AsyncIterator[LoraHandle | None]:
         """Hold `target`'s version in the engine for one request; yields the handle to use.
@@ -289,7 +316,9 @@ class AdapterRouter:
             yield entry.handle
         finally:
             entry.leases -= 1
-            if entry.leases == 0:
+            if entry.leases == 0 and entry.evict:
+                await self._remove(key, entry)
+            elif entry.leases == 0:
                 # Only this version can have become releasable by this request ending: the
                 # others change reachability on registry writes, which release them. O(1),
                 # whatever the size of the registry or of the engine's residents.
@@ -305,18 +334,21 @@ class AdapterRouter:
             if entry is None:
                 continue
             if entry.leases == 0 and not self.registry.is_referenced(*key):
-                del self._loaded[key]
-                try:
-                    await self._engine.remove_lora(entry.handle.lora_id)
-                except Exception:
-                    # The registry change it follows is already committed; an adapter left
-                    # resident only costs memory, and vLLM's own LRU will evict it.
-                    log.warning(
-                        "could not remove %s from the engine", entry.handle.name, exc_info=True
-                    )
+                await self._remove(key, entry)
                 released.append(entry.handle.name)
-                self._metrics.adapter_evictions.inc()
         return released
+
+    async def _remove(self, key: tuple[str, int], entry: _Loaded) -> None:
+        if self._loaded.get(key) is not entry:
+            return
+        del self._loaded[key]
+        try:
+            await self._engine.remove_lora(entry.handle.lora_id)
+        except Exception:
+            # The registry change it follows is already committed; an adapter left
+            # resident only costs memory, and vLLM's own LRU will evict it.
+            log.warning("could not remove %s from the engine", entry.handle.name, exc_info=True)
+        self._metrics.adapter_evictions.inc()
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())

@@ -7,7 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import math
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -32,8 +32,10 @@ _INVALID = "invalid_request_error"
 log = logging.getLogger("loraswap.registry")
 
 
-def build_router(settings: Settings, engine: Engine, metrics: Metrics) -> AdapterRouter:
-    """The registry (SQLite or PostgreSQL), the adapters-directory catalog, the router."""
+def open_registry(
+    settings: Settings, in_use: Callable[[], set[str]] | None = None
+) -> tuple[Registry, DirectoryCatalog | None]:
+    """The registry (SQLite or PostgreSQL) and the adapters-directory catalog."""
     if settings.model is None:
         raise ValueError("settings.model is required")
     base = BaseModelShapes.from_dir(settings.model, settings.served_model_name)
@@ -48,9 +50,16 @@ def build_router(settings: Settings, engine: Engine, metrics: Metrics) -> Adapte
         cache_max_bytes=settings.download_cache_bytes,
         limits=limits,
     )
+    return Registry(config, base, in_use=in_use or set), catalog
+
+
+def build_router(settings: Settings, engine: Engine, metrics: Metrics) -> AdapterRouter:
+    """The registry, the adapters-directory catalog, the router."""
     # The router tells the disk cache which downloads the engine may still read.
     holder: list[AdapterRouter] = []
-    registry = Registry(config, base, in_use=lambda: holder[0].in_use_shas() if holder else set())
+    registry, catalog = open_registry(
+        settings, in_use=lambda: holder[0].in_use_shas() if holder else set()
+    )
     router = AdapterRouter(settings.served_model_name, registry, catalog, engine, metrics)
     holder.append(router)
     return router
