@@ -18,7 +18,8 @@ The only module importing ray. `loraswap serve --ray --replicas N` runs:
 - **Admin changes** go through one replica to the shared registry database; the others,
   and the ingress, poll it every `registry.refresh_interval_s`: every replica serves the
   new state at most `refresh_interval_s` (plus one poll's duration) after the write is
-  acknowledged.
+  acknowledged. Admin calls themselves read the database first, whichever replica
+  answers them: an admin call sees every acknowledged admin write.
 
 `x-loraswap-routing: any` on a request skips the affinity (Ray's default routing): for
 comparisons only.
@@ -122,6 +123,12 @@ def build_app(settings: Settings, replicas: int, adapters_per_replica: int) -> A
             self, request: HttpRequest, key: str | None
         ) -> AsyncIterator[ResponseStart | bytes]:
             headers = [(b"x-loraswap-replica", self._name)]
+            # Read your writes: an admin call right after another one, answered by another
+            # replica, must see it (one single-row read when nothing changed).
+            if request.path.startswith("/admin") and await asyncio.to_thread(
+                self._router.registry.refresh
+            ):
+                await self._router.release_unreachable()
             if key is not None:
                 if serve.get_multiplexed_model_id():
                     await self._multiplexed(key)
