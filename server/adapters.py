@@ -68,6 +68,7 @@ class _Loaded:
     handle: LoraHandle
     version: VersionRecord
     leases: int = 0
+    evict: bool = False  # unload() asked for it: leave the engine when the last lease ends
 
 
 class AdapterRouter:
@@ -169,6 +170,10 @@ class AdapterRouter:
     def loaded(self) -> list[tuple[LoraHandle, int]]:
         """(handle, running requests) of every version held in the engine."""
         return [(entry.handle, entry.leases) for entry in self._loaded.values()]
+
+    def is_loaded(self, adapter: str, version: int) -> bool:
+        entry = self._loaded.get((adapter, version))
+        return entry is not None and not entry.evict
 
     def in_use_shas(self) -> set[str]:
         """Downloads the engine may read: held versions and those being loaded. Called
@@ -378,6 +383,8 @@ class AdapterRouter:
         return False
 
     async def _remove(self, key: tuple[str, int], entry: _Loaded) -> None:
+        if self._loaded.get(key) is not entry:
+            return  # already removed (e.g. unload() and a lease ending raced)
         # Out of the table first: a request arriving meanwhile loads it again, afresh.
         del self._loaded[key]
         try:
@@ -395,6 +402,28 @@ class AdapterRouter:
         if record.pinned:
             await self._engine.pin_lora(handle.lora_id)
         return handle
+
+    async def load(self, adapter: str, version: int) -> LoraHandle:
+        """Put one concrete version in the engine (a placement policy choosing what each
+        replica holds, see server/ray_serve.py); raises AdapterNotFound if it is gone."""
+        record = self.registry.adapter(adapter)
+        found = record.version(version) if record is not None else None
+        if found is None:
+            raise AdapterNotFound(f"adapter {adapter}@{version} not found", adapter=adapter)
+        handle = await self._ensure_loaded(found)
+        self._loaded[(adapter, version)].evict = False
+        return handle
+
+    async def unload(self, adapter: str, version: int) -> None:
+        """Take a version out of the engine even though it is reachable (the placement
+        policy moved it elsewhere): now if idle, else when its last lease ends. A later
+        request for it loads it again."""
+        entry = self._loaded.get((adapter, version))
+        if entry is None:
+            return
+        entry.evict = True
+        if entry.leases == 0:
+            await self._remove((adapter, version), entry)
 
     @asynccontextmanager
     async def lease(self, target: Target) -> AsyncIterator[LoraHandle | None]:
@@ -418,7 +447,9 @@ class AdapterRouter:
             yield entry.handle
         finally:
             entry.leases -= 1
-            if entry.leases == 0:
+            if entry.leases == 0 and entry.evict:
+                await self._remove(key, entry)
+            elif entry.leases == 0:
                 # Only this version can have become releasable by this request ending: the
                 # others change reachability on registry writes, which release them. O(1),
                 # whatever the size of the registry or of the engine's residents.
@@ -434,7 +465,6 @@ class AdapterRouter:
             if entry is None:
                 continue
             if entry.leases == 0 and not self.registry.is_referenced(*key):
-                # The registry change it follows is already committed.
                 await self._remove(key, entry)
                 released.append(entry.handle.name)
         return released

@@ -32,8 +32,8 @@ _INVALID = "invalid_request_error"
 log = logging.getLogger("loraswap.registry")
 
 
-def build_router(settings: Settings, engine: Engine, metrics: Metrics) -> AdapterRouter:
-    """The registry (SQLite or PostgreSQL), the adapters-directory catalog, the router."""
+def open_registry(settings: Settings) -> tuple[Registry, DirectoryCatalog | None]:
+    """The registry (SQLite or PostgreSQL) and the adapters-directory catalog."""
     if settings.model is None:
         raise ValueError("settings.model is required")
     base = BaseModelShapes.from_dir(settings.model, settings.served_model_name)
@@ -48,7 +48,12 @@ def build_router(settings: Settings, engine: Engine, metrics: Metrics) -> Adapte
         cache_max_bytes=settings.download_cache_bytes,
         limits=limits,
     )
-    registry = Registry(config, base)
+    return Registry(config, base), catalog
+
+
+def build_router(settings: Settings, engine: Engine, metrics: Metrics) -> AdapterRouter:
+    """The registry, the adapters-directory catalog, the router."""
+    registry, catalog = open_registry(settings)
     # The router holds no more versions than the engine keeps in memory, and tells the
     # download cache which of them the engine may still read.
     resident = max(settings.engine.max_cpu_loras, settings.engine.max_loras)

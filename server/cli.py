@@ -79,9 +79,18 @@ def serve(
         bool,
         typer.Option(help="Allow serving without API keys on a non-loopback address."),
     ] = False,
+    kv_cache_gib: Annotated[int | None, typer.Option(help="KV cache GiB (CPU).")] = None,
+    ray: Annotated[
+        bool, typer.Option("--ray", help="Serve with Ray Serve: replicas, adapter affinity.")
+    ] = False,
+    replicas: Annotated[int, typer.Option(min=1, help="With --ray: engine replicas.")] = 2,
+    adapters_per_replica: Annotated[
+        int | None,
+        typer.Option(min=1, help="With --ray: adapter versions one replica keeps loaded."),
+    ] = None,
     home: HomeOpt = None,
 ) -> None:
-    """Run the OpenAI-compatible server."""
+    """Run the OpenAI-compatible server (one process, or Ray Serve replicas with --ray)."""
     from server.app import create_app
 
     settings = _settings(
@@ -96,6 +105,7 @@ def serve(
         engine_max_lora_rank=max_lora_rank,
         engine_max_loras=max_loras,
         engine_max_model_len=max_model_len,
+        engine_kv_cache_gib=kv_cache_gib,
     )
     if quantized and not demo:
         raise typer.BadParameter("--quantized selects the demo's quantized base; use with --demo")
@@ -118,6 +128,11 @@ def serve(
     handler.setFormatter(logging.Formatter("%(message)s"))
     requests_log.addHandler(handler)
     requests_log.propagate = False
+    if ray:
+        from server.ray_serve import serve_forever
+
+        serve_forever(settings, replicas, adapters_per_replica or settings.engine.max_cpu_loras)
+        return
     console.print(
         f"serving {settings.served_model_name} from {settings.model} on "
         f"http://{settings.host}:{settings.port}"

@@ -44,8 +44,14 @@ def running_server(
     dtype: str = "float32",
     env: dict[str, str] | None = None,
     extra_args: Sequence[str] = (),
+    stop_timeout_s: float = 30,
+    sigterm_group: bool = True,
 ) -> Iterator[ServerProc]:
-    """`loraswap serve` on a free port; model/adapters None leave them to `extra_args`."""
+    """`loraswap serve` on a free port; model/adapters None leave them to `extra_args`.
+
+    Stopped with SIGTERM to its process group (to the server alone if not
+    `sigterm_group`: it stops its children itself), SIGKILL to the group after
+    `stop_timeout_s`."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -76,7 +82,7 @@ def running_server(
         server.start_seconds = time.perf_counter() - start
         yield server
     finally:
-        _stop(proc)
+        _stop(proc, stop_timeout_s, sigterm_group)
 
 
 def _wait_healthy(server: ServerProc) -> None:
@@ -93,12 +99,15 @@ def _wait_healthy(server: ServerProc) -> None:
     raise TimeoutError(f"server not healthy after {START_TIMEOUT_S}s:\n{server.log_tail()}")
 
 
-def _stop(proc: subprocess.Popen[bytes]) -> None:
+def _stop(proc: subprocess.Popen[bytes], timeout_s: float = 30, group: bool = True) -> None:
     if proc.poll() is not None:
         return
-    os.killpg(proc.pid, signal.SIGTERM)
+    if group:
+        os.killpg(proc.pid, signal.SIGTERM)
+    else:
+        proc.send_signal(signal.SIGTERM)
     try:
-        proc.wait(timeout=30)
+        proc.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(timeout=10)

@@ -1,0 +1,182 @@
+"""Which replica serves a request, without Ray: the routing key, the per-replica residency
+and the in-process ASGI call. server/ray_serve.py wires these into Ray Serve; kept apart so
+that they are unit-tested with the fake engine.
+
+- `routing_key`: `model` (+ the A/B user) -> `"<adapter>@<version>"`, the concrete version
+  the request will run on, resolved exactly as the replica will (registry, aliases,
+  sticky A/B choice). Base-model requests, names the registry does not know yet (adapters
+  folders register on first use) and bad requests get no key: any replica, which answers
+  them (errors included) itself.
+- `Residency`: the versions one replica keeps in its engine, least recently used beyond
+  `capacity`; the replica's own record of hits and cold loads.
+- `call_asgi`: run one HTTP request through a FastAPI app in this process and yield
+  the response start, then its body chunks as they come (streams stay streams).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections import OrderedDict
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from adapters_registry.ab import choose
+from adapters_registry.registry import Registry
+
+INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
+
+
+def routing_key(
+    registry: Registry, base: str, body: bytes, user_header: str | None = None
+) -> str | None:
+    """The multiplexing key of an inference request body, or None (any replica)."""
+    try:
+        payload = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), str):
+        return None
+    model: str = payload["model"]
+    user = payload.get("user")
+    user = user if isinstance(user, str) and user else (user_header or None)
+    if model == base:
+        return None
+    prefix, sep, name = model.partition(":")
+    if sep and prefix != base:
+        return None
+    name = name if sep else model
+    alias = registry.alias(name)
+    if alias is not None:
+        try:
+            variant = choose(alias.name, alias.variants, user)
+        except ValueError:
+            return None
+        if variant.version is not None:
+            return f"{variant.adapter}@{variant.version}"
+        name = variant.adapter
+    record = registry.adapter(name)
+    if record is None or record.current is None:
+        return None
+    return f"{name}@{record.current.version}"
+
+
+def parse_key(key: str) -> tuple[str, int]:
+    adapter, _, version = key.rpartition("@")
+    return adapter, int(version)
+
+
+@dataclass
+class Residency:
+    """The adapter versions one replica holds, LRU beyond `capacity`."""
+
+    capacity: int
+    keys: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    hits: int = 0
+    cold: int = 0
+
+    def touch(self, key: str) -> tuple[bool, list[str]]:
+        """Record a request for `key`: (already held?, keys to evict now)."""
+        hit = key in self.keys
+        if hit:
+            self.hits += 1
+            self.keys.move_to_end(key)
+        else:
+            self.cold += 1
+            self.keys[key] = None
+        evicted = []
+        while len(self.keys) > self.capacity:
+            evicted.append(self.keys.popitem(last=False)[0])
+        return hit, evicted
+
+
+@dataclass
+class HttpRequest:
+    """What crosses from the ingress to a replica: picklable, no sockets."""
+
+    method: str
+    path: str
+    query_string: bytes = b""
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    body: bytes = b""
+    client: tuple[str, int] | None = None
+
+
+@dataclass
+class ResponseStart:
+    status: int
+    headers: list[tuple[bytes, bytes]]
+
+
+async def call_asgi(
+    app: Any,
+    request: HttpRequest,
+    extra_headers: list[tuple[bytes, bytes]] = (),  # type: ignore[assignment]
+) -> AsyncIterator[ResponseStart | bytes]:
+    """Run `request` through the ASGI `app`; yields a ResponseStart, then body chunks.
+
+    Closing the generator early (the client went away) tells the app the client
+    disconnected and cancels it, as a real server would: streams abort in the engine.
+    """
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0", "spec_version": "2.3"},
+        "http_version": "1.1",
+        "method": request.method,
+        "scheme": "http",
+        "path": request.path,
+        "raw_path": request.path.encode(),
+        "root_path": "",
+        "query_string": request.query_string,
+        "headers": list(request.headers),
+        "client": request.client,
+        "server": ("127.0.0.1", 80),
+        "state": {},
+    }
+    sent: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+    disconnected = asyncio.Event()
+    body_given = False
+
+    async def receive() -> dict[str, Any]:
+        nonlocal body_given
+        if not body_given:
+            body_given = True
+            return {"type": "http.request", "body": request.body, "more_body": False}
+        await disconnected.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        await sent.put(message)
+
+    async def run() -> None:
+        try:
+            await app(scope, receive, send)
+        finally:
+            await sent.put(None)
+
+    task = asyncio.create_task(run())
+    finished = False
+    try:
+        while True:
+            message = await sent.get()
+            if message is None:
+                break
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), *extra_headers]
+                yield ResponseStart(message["status"], headers)
+            elif message["type"] == "http.response.body":
+                chunk = message.get("body", b"")
+                if chunk:
+                    yield bytes(chunk)
+                if not message.get("more_body", False):
+                    finished = True
+                    break
+        await task
+    finally:
+        if not finished or not task.done():
+            disconnected.set()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
