@@ -26,10 +26,11 @@ import contextlib
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from adapters_registry import (
     AdapterError,
@@ -58,7 +59,6 @@ _MAX_BODIES = 64
 class Target:
     model: str  # canonical: `<base>` or `<base>:<adapter or alias>`
     version: VersionRecord | None = None
-    lora: LoraHandle | None = None
     alias: str | None = None
     variant: str | None = None  # the alias arm, e.g. "pirate@3"
 
@@ -97,6 +97,7 @@ class AdapterRouter:
         # The download cache keeps what the engine may still read: what this router holds.
         registry.cache.in_use = self.in_use_shas
         self._locks: dict[str, asyncio.Lock] = {}
+        self._tasks: set[asyncio.Task[object]] = set()  # lease endings' engine removals
         # /v1/models' names of registered adapters and aliases, per tenant, for one
         # registry generation: listing 10,000 adapters is computed once per change.
         self._names: dict[str | None, tuple[list[str], list[str], frozenset[str]]] = {}
@@ -198,7 +199,8 @@ class AdapterRouter:
     async def resolve(
         self, model: str, user: str | None = None, tenant: str | None = None
     ) -> Target:
-        """What serves `model` for `tenant` (None: the operator, or open mode).
+        """What serves `model` for `tenant` (None: the operator, or open mode). Nothing is
+        downloaded or loaded here: that waits for admission (see `acquire`).
 
         A tenant asking for another tenant's private adapter or alias gets exactly the
         404 of a name that does not exist: no existence leak.
@@ -212,17 +214,14 @@ class AdapterRouter:
                 raise _not_found(model)
             variant = choose(alias.name, alias.variants, user)
             version = await self._version(variant.adapter, variant.version, model, tenant)
-            lora = await self._ensure_loaded(version)
             return Target(
                 model=f"{self._base}:{alias.name}",
                 version=version,
-                lora=lora,
                 alias=alias.name,
                 variant=variant.key,
             )
         version = await self._version(name, None, model, tenant)
-        lora = await self._ensure_loaded(version)
-        return Target(model=f"{self._base}:{name}", version=version, lora=lora)
+        return Target(model=f"{self._base}:{name}", version=version)
 
     async def _version(
         self, name: str, number: int | None, model: str, tenant: str | None
@@ -425,17 +424,16 @@ class AdapterRouter:
         if entry.leases == 0:
             await self._remove((adapter, version), entry)
 
-    @asynccontextmanager
-    async def lease(self, target: Target) -> AsyncIterator[LoraHandle | None]:
-        """Hold `target`'s version in the engine for one request; yields the handle to use.
+    async def acquire(self, target: Target) -> Lease:
+        """Hold `target`'s version in the engine for one request, loading it if needed;
+        `Lease.release` (synchronous, idempotent) lets it go when the response is over.
 
         The version may have been released between resolve and here (a swap raced us):
         then it is loaded again, under a new id, and the request still runs on exactly
         the version it resolved to.
         """
         if target.version is None:
-            yield None
-            return
+            return Lease(self, None, None)
         key = (target.version.adapter, target.version.version)
         entry = self._loaded.get(key)
         while entry is None:
@@ -443,17 +441,33 @@ class AdapterRouter:
             entry = self._loaded.get(key)
         entry.leases += 1
         self._loaded.move_to_end(key)
+        return Lease(self, key, entry)
+
+    @asynccontextmanager
+    async def lease(self, target: Target) -> AsyncIterator[LoraHandle | None]:
+        """`acquire` and release around a block."""
+        held = await self.acquire(target)
         try:
-            yield entry.handle
+            yield held.handle
         finally:
-            entry.leases -= 1
-            if entry.leases == 0 and entry.evict:
-                await self._remove(key, entry)
-            elif entry.leases == 0:
-                # Only this version can have become releasable by this request ending: the
-                # others change reachability on registry writes, which release them. O(1),
-                # whatever the size of the registry or of the engine's residents.
-                await self.release_unreachable([key])
+            held.release()
+
+    def _end_lease(self, key: tuple[str, int], entry: _Loaded) -> None:
+        entry.leases -= 1
+        if entry.leases:
+            return
+        # Removal awaits the engine. It runs as its own task, so that a cancelled request
+        # (a client gone) cannot interrupt it half-way and leave the router and the engine
+        # disagreeing about what is resident.
+        # Only this version can have become releasable by this request ending (unless
+        # evicted): the others change reachability on registry writes, which release
+        # them. O(1), whatever the size of the registry or of the engine's residents.
+        work: Coroutine[Any, Any, object] = (
+            self._remove(key, entry) if entry.evict else self.release_unreachable([key])
+        )
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def release_unreachable(self, keys: Iterable[tuple[str, int]] | None = None) -> list[str]:
         """Remove idle versions that no new request can reach (called after swaps too);
@@ -471,6 +485,24 @@ class AdapterRouter:
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
+
+
+class Lease:
+    """One request's hold on an adapter version (none for the base)."""
+
+    def __init__(
+        self, router: AdapterRouter, key: tuple[str, int] | None, entry: _Loaded | None
+    ) -> None:
+        self._router = router
+        self._key = key
+        self._entry = entry
+        self.handle = entry.handle if entry is not None else None
+
+    def release(self) -> None:
+        if self._key is not None and self._entry is not None:
+            key, entry = self._key, self._entry
+            self._key = self._entry = None
+            self._router._end_lease(key, entry)
 
 
 def _not_found(model: str) -> ModelNotFound:

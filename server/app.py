@@ -7,6 +7,7 @@ import contextlib
 import ipaddress
 import logging
 import math
+from argparse import Namespace
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -20,12 +21,13 @@ from adapters_registry import AdapterError, BaseModelShapes, DirectoryCatalog, L
 from adapters_registry.registry import Registry, RegistryConfig
 from server.adapters import AdapterRouter
 from server.engine.base import Engine
+from server.engine.openai_layer import OpenAILayer, vllm_args
 from server.errors import ErrorKind, InvalidRequest, ServerError, describe, error_body
 from server.lifecycle import AdmissionMiddleware, Lifecycle
 from server.metrics import Metrics, RequestInfo, log_request
 from server.quotas import Quotas
 from server.routes import admin, health, metrics_route, openai
-from server.serving import Serving
+from server.serving import Gateway
 from server.settings import Settings
 
 _INVALID = "invalid_request_error"
@@ -62,12 +64,10 @@ def build_router(settings: Settings, engine: Engine, metrics: Metrics) -> Adapte
     )
 
 
-def start_engine(settings: Settings) -> Engine:
-    if settings.model is None:
-        raise ValueError("settings.model is required to start the engine")
+def start_engine(settings: Settings, args: Namespace) -> Engine:
     from server.engine.vllm import VllmEngine
 
-    return VllmEngine.start(settings.model, settings.served_model_name, settings.engine)
+    return VllmEngine.start(args, settings.engine)
 
 
 def open_mode_allowed(settings: Settings) -> bool:
@@ -112,7 +112,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         own = engine is None
-        eng = start_engine(settings) if own else engine
+        args = vllm_args(settings)
+        eng = start_engine(settings, args) if own else engine
         assert eng is not None
         router = build_router(settings, eng, metrics)
         app.state.engine = eng
@@ -120,7 +121,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         _refuse_open_network(settings, router.registry)
         app.state.open_mode_allowed = open_mode_allowed(settings)
         app.state.quotas = Quotas(settings.max_in_flight)
-        app.state.serving = Serving(router, eng, app.state.quotas, settings.max_tokens_cap)
+        layer = OpenAILayer(eng.engine_client, args, settings.served_model_name)
+        app.state.gateway = Gateway(router, layer, app.state.quotas, settings.max_tokens_cap)
         app.state.admin_key = (
             settings.admin_key.get_secret_value() if settings.admin_key is not None else None
         )

@@ -10,12 +10,12 @@ from server.adapters import AdapterRouter
 from server.auth import Principal, authenticate
 from server.engine.base import Engine
 from server.quotas import Quotas
-from server.serving import Serving
+from server.serving import Gateway
 
 
-def get_serving(request: Request) -> Serving:
-    serving: Serving = request.app.state.serving
-    return serving
+def get_gateway(request: Request) -> Gateway:
+    gateway: Gateway = request.app.state.gateway
+    return gateway
 
 
 def get_router(request: Request) -> AdapterRouter:
@@ -39,7 +39,7 @@ def get_request_id(request: Request) -> str:
     return request_id
 
 
-ServingDep = Annotated[Serving, Depends(get_serving)]
+GatewayDep = Annotated[Gateway, Depends(get_gateway)]
 RouterDep = Annotated[AdapterRouter, Depends(get_router)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]

@@ -12,8 +12,12 @@
     ├── RequestTooLarge          413  the request body is above the limit
     ├── RateLimited              429  a tenant quota (concurrency or tokens/minute)
     ├── Overloaded               503  the server-wide bound on work in flight
+    ├── NotImplementedByEngine   501  vLLM's OpenAI layer does not support this here
     ├── EngineUnavailable        503  the engine is starting, draining or dead
     └── EngineFailure            500  the engine failed on a request (a bug)
+
+vLLM's OpenAI layer answers with its own errors; server/engine/openai_layer.py turns
+each into one of these classes by its status, so it goes through the same table.
 
 Registry errors (adapters_registry.errors) are mapped in the same table, so an
 adapter problem reaches the client with the status and message of its exact class
@@ -81,6 +85,10 @@ class Overloaded(ServerError):
     pass
 
 
+class NotImplementedByEngine(ServerError):
+    pass
+
+
 class EngineUnavailable(ServerError):
     pass
 
@@ -111,6 +119,7 @@ ERROR_TABLE: dict[type[Exception], ErrorKind] = {
     RequestTooLarge: ErrorKind(413, _INVALID, "request_too_large"),
     RateLimited: ErrorKind(429, "rate_limit_error", "rate_limit_exceeded"),
     Overloaded: ErrorKind(503, "service_unavailable_error", "server_overloaded"),
+    NotImplementedByEngine: ErrorKind(501, _INVALID, "not_implemented"),
     EngineUnavailable: ErrorKind(503, "service_unavailable_error", "engine_unavailable"),
     EngineFailure: ErrorKind(500, "server_error", "engine_error"),
     ServerError: ErrorKind(500, "server_error", None),

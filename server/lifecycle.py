@@ -27,7 +27,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # Paths that stay open while draining, so orchestrators can watch the drain.
 _ALWAYS_OPEN = ("/health", "/metrics")
 # Requests that get a metrics sample and a log line.
-_OBSERVED = ("/v1/chat/completions", "/v1/completions")
+_OBSERVED = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
 
 
 class Lifecycle:

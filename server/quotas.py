@@ -2,8 +2,9 @@
 
 - Concurrency: at most `max_concurrent` requests of a tenant run at once.
 - Tokens: a token bucket of `tokens_per_minute` (prompt + completion). A request reserves
-  prompt + n * max_tokens up front, so a burst can never overshoot the budget, and gets
-  back what it did not use when it ends.
+  n * max_tokens when admitted (before any work is done for it), and the prompt's tokens
+  once vLLM has tokenized it, before the engine sees it; so a burst can never overshoot
+  the budget. It gets back what it did not use when it ends.
 - Global: at most `max_in_flight` requests in the server; past that, 503 at once, so a
   flood costs a few microseconds per refused request and no memory.
 - Fairness: each admitted request gets an engine priority equal to the number of requests
@@ -40,6 +41,11 @@ class Ticket:
     used_tokens: int | None = None  # set by serving when known
     _released: bool = field(default=False, repr=False)
 
+    def reserve(self, total: int) -> None:
+        """Hold `total` tokens in all (prompt + n * max_tokens, once known): takes what
+        admission did not, or raises RateLimited / InvalidRequest, taking nothing."""
+        self.quotas._reserve(self, total)
+
     def release(self) -> None:
         if not self._released:
             self._released = True
@@ -55,6 +61,9 @@ class Quotas:
         self._limits: dict[str, TenantRecord] = {}
 
     def admit(self, tenant: TenantRecord | None, estimate: int) -> Ticket:
+        """Admit one request before any work is done for it, reserving `estimate` tokens
+        (what is known before tokenizing); `Ticket.reserve` takes the rest once the
+        prompt's length is known, still before the engine sees the request."""
         if self.in_flight >= self.max_in_flight:
             raise Overloaded(
                 f"the server is at its limit of {self.max_in_flight} requests in flight",
@@ -70,30 +79,42 @@ class Quotas:
                 f"its limit",
                 retry_after=1,
             )
-        reserved = 0
-        if tenant.tokens_per_minute is not None:
-            rate = tenant.tokens_per_minute / 60.0
-            if estimate > tenant.tokens_per_minute:
-                # Can never pass, however long the client waits: a 400, not a 429.
-                raise InvalidRequest(
-                    f"this request may use {estimate} tokens (prompt + n * max_tokens), above "
-                    f"tenant {tenant.name!r}'s limit of {tenant.tokens_per_minute} per minute; "
-                    "lower max_tokens",
-                    param="max_tokens",
-                )
-            if bucket.tokens < estimate:
-                wait = math.ceil((estimate - bucket.tokens) / rate)
-                raise RateLimited(
-                    f"tenant {tenant.name!r} is over its limit of "
-                    f"{tenant.tokens_per_minute} tokens per minute",
-                    retry_after=wait,
-                )
-            bucket.tokens -= estimate
-            reserved = estimate
+        self._take(tenant, bucket, estimate)
         priority = bucket.in_flight
         bucket.in_flight += 1
         self.in_flight += 1
-        return Ticket(self, tenant.name, reserved, priority=priority)
+        return Ticket(self, tenant.name, estimate, priority=priority)
+
+    def _take(self, tenant: TenantRecord, bucket: _Bucket, tokens: int) -> None:
+        """Take `tokens` from the tenant's bucket, or raise without taking any."""
+        if tenant.tokens_per_minute is None or tokens <= 0:
+            return
+        rate = tenant.tokens_per_minute / 60.0
+        if tokens > tenant.tokens_per_minute:
+            # Can never pass, however long the client waits: a 400, not a 429.
+            raise InvalidRequest(
+                f"this request may use {tokens} tokens (prompt + n * max_tokens), above "
+                f"tenant {tenant.name!r}'s limit of {tenant.tokens_per_minute} per minute; "
+                "lower max_tokens",
+                param="max_tokens",
+            )
+        if bucket.tokens < tokens:
+            wait = math.ceil((tokens - bucket.tokens) / rate)
+            raise RateLimited(
+                f"tenant {tenant.name!r} is over its limit of "
+                f"{tenant.tokens_per_minute} tokens per minute",
+                retry_after=wait,
+            )
+        bucket.tokens -= tokens
+
+    def _reserve(self, ticket: Ticket, total: int) -> None:
+        if ticket.tenant is None or total <= ticket.reserved:
+            return
+        tenant = self._limits[ticket.tenant]
+        if tenant.tokens_per_minute is None:
+            return
+        self._take(tenant, self._bucket(tenant), total - ticket.reserved)
+        ticket.reserved = total
 
     def _bucket(self, tenant: TenantRecord) -> _Bucket:
         now = self._clock()

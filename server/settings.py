@@ -53,6 +53,44 @@ class EngineSettings(BaseModel):
     )
 
 
+class OpenAISettings(BaseModel):
+    """vLLM's OpenAI layer: the same options as `vllm serve`'s flags of the same names."""
+
+    chat_template: str | None = Field(
+        None,
+        description="Chat template (a file, or the template itself) instead of the model's own.",
+    )
+    tool_call_parser: str | None = Field(
+        None,
+        description="vLLM tool-call parser for tool_choice 'auto' (hermes, llama3_json, "
+        "...); named and 'required' tool choice work without one.",
+    )
+    enable_auto_tool_choice: bool = Field(
+        False, description="Let the model call tools by itself (needs tool_call_parser)."
+    )
+    structured_outputs_backend: Literal[
+        "auto", "xgrammar", "guidance", "outlines", "lm-format-enforcer"
+    ] = Field("auto", description="vLLM's structured-outputs backend (JSON schema, ...).")
+    structured_outputs_disable_any_whitespace: bool = Field(
+        False,
+        description="Structured outputs emit compact JSON (no free whitespace): small "
+        "models otherwise tend to pad with newlines until max_tokens.",
+    )
+
+    @model_validator(mode="after")
+    def _auto_tools_need_a_parser(self) -> OpenAISettings:
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice requires tool_call_parser")
+        if self.structured_outputs_disable_any_whitespace and (
+            self.structured_outputs_backend not in ("xgrammar", "guidance")
+        ):
+            raise ValueError(
+                "structured_outputs_disable_any_whitespace needs the xgrammar or guidance "
+                "backend (vLLM's rule)"
+            )
+        return self
+
+
 class RegistrySettings(BaseModel):
     """Where the adapter registry lives."""
 
@@ -126,6 +164,7 @@ class Settings(BaseSettings):
     )
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
+    openai: OpenAISettings = Field(default_factory=OpenAISettings)
 
     @model_validator(mode="after")
     def _one_registry_database(self) -> Settings:

@@ -1,14 +1,14 @@
-"""The engine protocol: what serving needs from an inference engine, and nothing more.
+"""The engine protocol: what the server needs from an inference engine, and nothing more.
 
-server/engine/vllm.py implements it on vLLM; tests may implement it with a fake. Keeping
-vLLM's types out of this file is what lets routing and errors be tested in milliseconds.
+Inference itself goes through vLLM's own OpenAI layer (server/engine/openai_layer.py),
+which talks to `engine_client` (vLLM's EngineClient: a real AsyncLLM, or a fake with the
+same surface in unit tests). What stays ours is adapter residency, health and shutdown.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 
 @dataclass(frozen=True)
@@ -20,69 +20,14 @@ class LoraHandle:
     path: str
 
 
-@dataclass(frozen=True)
-class SamplingSpec:
-    max_tokens: int
-    n: int = 1
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: tuple[str, ...] = ()
-    seed: int | None = None
-    logprobs: int | None = None  # number of top alternatives per token; None = off
-    ignore_eos: bool = False  # benchmarks and tests that need a fixed output length
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    token: str
-    logprob: float
-    top: tuple[tuple[str, float], ...] = ()
-
-
-@dataclass
-class ChoiceDelta:
-    """New output of one choice since the previous chunk."""
-
-    index: int
-    text: str
-    token_ids: list[int]
-    logprobs: list[TokenLogprob] | None = None
-    finish_reason: str | None = None  # "stop" | "length" | "abort" once finished
-
-
-@dataclass
-class EngineChunk:
-    choices: list[ChoiceDelta] = field(default_factory=list)
-    prompt_tokens: int = 0
-
-
-class Tokenizer(Protocol):
-    def encode(self, text: str) -> list[int]: ...
-
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        """The prompt text for `messages`, with the generation prompt appended."""
-        ...
-
-
 class Engine(Protocol):
     @property
-    def tokenizer(self) -> Tokenizer: ...
+    def engine_client(self) -> Any:
+        """vLLM's EngineClient that the OpenAI serving objects run on."""
+        ...
 
     @property
     def max_model_len(self) -> int: ...
-
-    def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        sampling: SamplingSpec,
-        lora: LoraHandle | None,
-        priority: int = 0,
-    ) -> AsyncIterator[EngineChunk]:
-        """Stream deltas. Cancelling the iteration aborts the request in the engine.
-
-        Lower `priority` values are scheduled first (used for tenant fairness)."""
-        ...
 
     async def add_lora(self, lora: LoraHandle) -> None:
         """Load adapter weights into the engine (idempotent per lora_id)."""

@@ -1,8 +1,7 @@
 """The one module that imports vLLM: the in-process async engine, and our vLLM plugin.
 
-Every request carries the LoRARequest of its adapter version (none for the base);
-cancelling the iteration of `generate` (a client disconnect) aborts it in the engine,
-because vLLM's own generator aborts on CancelledError/GeneratorExit.
+Requests reach it through vLLM's OpenAI layer (server/engine/openai_layer.py); here is
+the engine's start, adapter residency and health.
 """
 
 from __future__ import annotations
@@ -10,19 +9,12 @@ from __future__ import annotations
 import importlib
 import logging
 import os
-from collections.abc import AsyncIterator, Sequence
-from pathlib import Path
+from argparse import Namespace
 from types import ModuleType
 from typing import Any
 
-from server.engine.base import (
-    ChoiceDelta,
-    EngineChunk,
-    LoraHandle,
-    SamplingSpec,
-    TokenLogprob,
-)
-from server.errors import EngineFailure, EngineUnavailable, InvalidRequest
+from server.engine.base import LoraHandle
+from server.errors import EngineFailure, EngineUnavailable
 from server.settings import EngineSettings
 
 log = logging.getLogger("loraswap.engine")
@@ -130,26 +122,6 @@ def _summary(patched: list[str]) -> str:
     )
 
 
-class HFTokenizer:
-    """The base model's own tokenizer and chat template (the same files vLLM loads)."""
-
-    def __init__(self, model_dir: Path) -> None:
-        from transformers import AutoTokenizer
-
-        self._tok = AutoTokenizer.from_pretrained(str(model_dir))
-
-    def encode(self, text: str) -> list[int]:
-        ids: list[int] = self._tok.encode(text, add_special_tokens=False)
-        return ids
-
-    def render_chat(self, messages: Sequence[dict[str, str]]) -> str:
-        text = self._tok.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=True
-        )
-        assert isinstance(text, str)
-        return text
-
-
 def _configure_env(settings: EngineSettings) -> None:
     # vLLM reads these at import / engine start; set them before either, and never
     # override what the operator exported explicitly.
@@ -165,87 +137,34 @@ def _configure_env(settings: EngineSettings) -> None:
 
 
 class VllmEngine:
-    def __init__(
-        self, llm: Any, tokenizer: HFTokenizer, max_model_len: int, priority_scheduling: bool
-    ) -> None:
-        self._priority_scheduling = priority_scheduling
+    """vLLM's in-process AsyncLLM, started from the same argument parser as `vllm serve`
+    (server/engine/openai_layer.py builds the arguments), so engine and OpenAI layer read
+    one set of options."""
+
+    def __init__(self, llm: Any, args: Namespace) -> None:
         self._llm = llm
-        self._tokenizer = tokenizer
-        self._max_model_len = max_model_len
+        self.args = args
 
     @classmethod
-    def start(cls, model_dir: Path, served_name: str, settings: EngineSettings) -> VllmEngine:
+    def start(cls, args: Namespace, settings: EngineSettings) -> VllmEngine:
         _configure_env(settings)
         from vllm.engine.arg_utils import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
 
-        args = AsyncEngineArgs(
-            model=str(model_dir),
-            served_model_name=[served_name],
-            dtype=settings.dtype,
-            max_model_len=settings.max_model_len,
-            max_num_seqs=settings.max_num_seqs,
-            enable_lora=True,
-            max_loras=settings.max_loras,
-            max_cpu_loras=max(settings.max_cpu_loras, settings.max_loras),
-            max_lora_rank=settings.max_lora_rank,
-            enforce_eager=settings.enforce_eager,
-            disable_log_stats=True,
-            scheduling_policy=settings.scheduling_policy,
-        )
-        llm = AsyncLLM.from_engine_args(args)
-        return cls(
-            llm,
-            HFTokenizer(model_dir),
-            settings.max_model_len,
-            settings.scheduling_policy == "priority",
-        )
+        llm = AsyncLLM.from_engine_args(AsyncEngineArgs.from_cli_args(args))
+        return cls(llm, args)
 
     @property
-    def tokenizer(self) -> HFTokenizer:
-        return self._tokenizer
+    def engine_client(self) -> Any:
+        return self._llm
 
     @property
     def max_model_len(self) -> int:
-        return self._max_model_len
-
-    async def generate(
-        self,
-        request_id: str,
-        prompt_token_ids: list[int],
-        sampling: SamplingSpec,
-        lora: LoraHandle | None,
-        priority: int = 0,
-    ) -> AsyncIterator[EngineChunk]:
-        from vllm.exceptions import VLLMClientError
-        from vllm.v1.engine.exceptions import EngineDeadError
-
-        params = self._sampling_params(sampling)
-        lora_request = self._lora_request(lora) if lora is not None else None
-        try:
-            async for out in self._llm.generate(
-                {"prompt_token_ids": prompt_token_ids},
-                params,
-                request_id,
-                lora_request=lora_request,
-                priority=priority if self._priority_scheduling else 0,
-            ):
-                yield EngineChunk(
-                    choices=[_delta(c, sampling.logprobs or 0) for c in out.outputs],
-                    prompt_tokens=len(out.prompt_token_ids or ()),
-                )
-        except EngineDeadError as exc:
-            raise EngineUnavailable("the inference engine is not running") from exc
-        except VLLMClientError as exc:
-            raise InvalidRequest(str(exc)) from exc
-        except ValueError as exc:
-            raise InvalidRequest(str(exc)) from exc
-        except Exception as exc:
-            raise self._failure("the engine failed to run this request") from exc
+        return int(self._llm.model_config.max_model_len)
 
     async def add_lora(self, lora: LoraHandle) -> None:
         try:
-            ok = await self._llm.add_lora(self._lora_request(lora))
+            ok = await self._llm.add_lora(lora_request(lora))
         except Exception as exc:
             raise self._failure(f"the engine could not load adapter {lora.name!r}") from exc
         if not ok:
@@ -283,54 +202,9 @@ class VllmEngine:
     def shutdown(self) -> None:
         self._llm.shutdown()
 
-    @staticmethod
-    def _lora_request(lora: LoraHandle) -> Any:
-        from vllm.lora.request import LoRARequest
 
-        return LoRARequest(lora_name=lora.name, lora_int_id=lora.lora_id, lora_path=lora.path)
+def lora_request(lora: LoraHandle) -> Any:
+    """vLLM's LoRARequest for one of our adapter versions."""
+    from vllm.lora.request import LoRARequest
 
-    @staticmethod
-    def _sampling_params(s: SamplingSpec) -> Any:
-        from vllm.sampling_params import RequestOutputKind, SamplingParams
-
-        return SamplingParams(
-            n=s.n,
-            temperature=s.temperature,
-            top_p=s.top_p,
-            max_tokens=s.max_tokens,
-            stop=list(s.stop) or None,
-            seed=s.seed,
-            logprobs=s.logprobs,
-            ignore_eos=s.ignore_eos,
-            output_kind=RequestOutputKind.DELTA,
-        )
-
-
-def _delta(c: Any, top_k: int) -> ChoiceDelta:
-    logprobs = None
-    if c.logprobs is not None:
-        logprobs = [
-            _token_logprob(tid, entry, top_k)
-            for tid, entry in zip(c.token_ids, c.logprobs, strict=True)
-        ]
-    return ChoiceDelta(
-        index=c.index,
-        text=c.text,
-        token_ids=list(c.token_ids),
-        logprobs=logprobs,
-        finish_reason=c.finish_reason,
-    )
-
-
-def _token_logprob(token_id: int, entry: dict[int, Any], top_k: int) -> TokenLogprob:
-    # vLLM returns the top-k by rank plus the sampled token, whatever its rank.
-    chosen = entry[token_id]
-    top = sorted(
-        (lp for lp in entry.values() if lp.rank is not None and lp.rank <= top_k),
-        key=lambda lp: lp.rank,
-    )
-    return TokenLogprob(
-        token=chosen.decoded_token or "",
-        logprob=float(chosen.logprob),
-        top=tuple((lp.decoded_token or "", float(lp.logprob)) for lp in top),
-    )
+    return LoRARequest(lora_name=lora.name, lora_int_id=lora.lora_id, lora_path=lora.path)

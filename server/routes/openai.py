@@ -1,148 +1,101 @@
-"""OpenAI-compatible routes. Thin: parse, hand to Serving, choose JSON or SSE."""
+"""OpenAI-compatible routes. Thin: the body is vLLM's own request model, the Gateway
+(server/serving.py) decides who runs what, vLLM's OpenAI layer does the rest."""
 
 from __future__ import annotations
 
-import asyncio
 import json
-from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 
-from server.deps import PrincipalDep, RequestIdDep, RouterDep, ServingDep
-from server.metrics import RequestInfo
-from server.protocol import ChatCompletionRequest, CompletionRequest
-from server.serving import Caller, Prepared, Serving
+from server.deps import GatewayDep, PrincipalDep, RouterDep
+from server.engine.openai_layer import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ResponsesRequest,
+    TokenizeRequest,
+)
+from server.errors import ModelNotFound
+from server.serving import caller_of
 
-router = APIRouter(prefix="/v1", tags=["openai"])
-
-_DISCONNECT_POLL_S = 0.2
+router = APIRouter(tags=["openai"])
 
 
-@router.post("/chat/completions", summary="Chat completion (OpenAI-compatible)")
+@router.post("/v1/chat/completions", summary="Chat completion (OpenAI-compatible)")
 async def chat_completions(
-    body: ChatCompletionRequest,
-    request: Request,
-    serving: ServingDep,
-    request_id: RequestIdDep,
-    principal: PrincipalDep,
-) -> Any:
-    caller = Caller(tenant=principal.tenant, user=_user(body.user, request))
-    prepared = _on_finish(request, await serving.prepare_chat(body, request_id, caller))
-    return await _respond(serving, prepared, request, stream=body.stream)
+    body: ChatCompletionRequest, request: Request, gateway: GatewayDep, principal: PrincipalDep
+) -> Response:
+    caller = caller_of(principal.tenant, body, request)
+    return await gateway.serve(body, request, caller, gateway.layer.create_chat)
 
 
-@router.post("/completions", summary="Text completion (OpenAI-compatible)")
+@router.post("/v1/completions", summary="Text completion (OpenAI-compatible)")
 async def completions(
-    body: CompletionRequest,
-    request: Request,
-    serving: ServingDep,
-    request_id: RequestIdDep,
-    principal: PrincipalDep,
-) -> Any:
-    caller = Caller(tenant=principal.tenant, user=_user(body.user, request))
-    prepared = _on_finish(request, await serving.prepare_completion(body, request_id, caller))
-    return await _respond(serving, prepared, request, stream=body.stream)
+    body: CompletionRequest, request: Request, gateway: GatewayDep, principal: PrincipalDep
+) -> Response:
+    caller = caller_of(principal.tenant, body, request)
+    return await gateway.serve(body, request, caller, gateway.layer.create_completion)
 
 
-@router.get("/models", summary="The base model, every adapter and every alias")
-async def list_models(router_: RouterDep, principal: PrincipalDep) -> Response:
+@router.post("/v1/responses", summary="Responses API (OpenAI-compatible)")
+async def responses(
+    body: ResponsesRequest, request: Request, gateway: GatewayDep, principal: PrincipalDep
+) -> Response:
+    caller = caller_of(principal.tenant, body, request)
+    return await gateway.serve(body, request, caller, gateway.layer.create_response)
+
+
+@router.post("/tokenize", summary="Tokenize a prompt or conversation (vLLM extension)")
+async def tokenize(
+    body: TokenizeRequest, request: Request, gateway: GatewayDep, principal: PrincipalDep
+) -> Response:
+    caller = caller_of(principal.tenant, body, request)
+    return await gateway.serve(body, request, caller, gateway.layer.tokenize)
+
+
+@router.post("/detokenize", summary="Token ids back to text (vLLM extension)")
+async def detokenize(
+    body: DetokenizeRequest, request: Request, gateway: GatewayDep, principal: PrincipalDep
+) -> Response:
+    caller = caller_of(principal.tenant, body, request)
+    return await gateway.serve(body, request, caller, gateway.layer.detokenize)
+
+
+@router.get("/v1/models", summary="The base model, every adapter and every alias")
+async def list_models(router_: RouterDep, gateway: GatewayDep, principal: PrincipalDep) -> Response:
     # The whole list, as OpenAI's /v1/models (no paging there); encoded once per registry
     # change and tenant: 1.1 MB at 10,000 adapters, served again as the same bytes.
     base = router_.base_name
 
     def render(adapters: list[str], aliases: list[str]) -> bytes:
-        data: list[dict[str, Any]] = [_model(base, None)]
-        data += [_model(f"{base}:{name}", base) for name in adapters]
-        data += [{**_model(f"{base}:{name}", base), "kind": "alias"} for name in aliases]
+        names: list[tuple[str, str | None, str | None]] = [(base, None, None)]
+        names += [(f"{base}:{name}", base, None) for name in adapters]
+        names += [(f"{base}:{name}", base, "alias") for name in aliases]
+        listing = gateway.layer.model_list(names).model_dump()
         # As JSONResponse encodes.
         return json.dumps(
-            {"object": "list", "data": data},
-            ensure_ascii=False,
-            allow_nan=False,
-            separators=(",", ":"),
+            listing, ensure_ascii=False, allow_nan=False, separators=(",", ":")
         ).encode()
 
     body = router_.models_body(principal.tenant_name, render)
     return Response(body, media_type="application/json")
 
 
-def _model(model_id: str, parent: str | None) -> dict[str, Any]:
-    # `root` is the base name, never a filesystem path (vLLM exposes the path there).
-    return {
-        "id": model_id,
-        "object": "model",
-        "created": 0,
-        "owned_by": "loraswap",
-        "root": parent or model_id,
-        "parent": parent,
-    }
-
-
-def _on_finish(request: Request, p: Prepared) -> Prepared:
-    """Release the quota ticket when the response has fully gone (see server/lifecycle.py):
-    the one place that runs whatever happens to the request, disconnects included. Also
-    tell the request's log line and metrics what served it."""
-    if p.ticket is not None:
-        request.state.finalizers = [*getattr(request.state, "finalizers", []), p.ticket.release]
-    info: RequestInfo | None = getattr(request.state, "info", None)
-    if info is not None:
-        p.info = info
-        info.model = p.target.model
-        info.prompt_tokens = len(p.prompt_ids)
-        info.tenant = p.ticket.tenant or "" if p.ticket is not None else ""
-        if p.target.version is not None:
-            info.adapter = p.target.version.adapter
-            info.version = str(p.target.version.version)
-        info.variant = p.target.variant or ""
-    return p
-
-
-def _user(body_user: str | None, request: Request) -> str | None:
-    """Who the request is for, for sticky A/B assignment: `user`, else `x-user-id`."""
-    return body_user or request.headers.get("x-user-id") or None
-
-
-def _headers(p: Prepared) -> dict[str, str]:
-    """Every response says what served it (x-request-id is added by the middleware)."""
-    headers = {}
-    version = p.target.version
-    if version is not None:
-        headers["x-adapter"] = version.adapter
-        headers["x-adapter-version"] = str(version.version)
-    if p.target.alias is not None and p.target.variant is not None:
-        headers["x-alias"] = p.target.alias
-        headers["x-alias-variant"] = p.target.variant
-    return headers
-
-
-async def _respond(serving: Serving, p: Prepared, request: Request, *, stream: bool) -> Any:
-    if stream:
-        # Starlette cancels this generator when the client goes away; the cancellation
-        # reaches vLLM's generate(), which aborts the request in the engine.
-        return StreamingResponse(
-            serving.stream(p), media_type="text/event-stream", headers=_headers(p)
-        )
-    body = await _until_disconnect(serving.complete(p), request)
-    return JSONResponse(body, headers=_headers(p))
-
-
-async def _until_disconnect(work: Any, request: Request) -> Any:
-    """Await `work`, cancelling it (and so aborting it in the engine) if the client leaves.
-
-    Non-streaming responses are not cancelled by the server on disconnect, so without
-    this an abandoned request would keep burning engine time until its last token.
-    """
-    task = asyncio.ensure_future(work)
-    try:
-        while True:
-            done, _ = await asyncio.wait({task}, timeout=_DISCONNECT_POLL_S)
-            if done:
-                return task.result()
-            if await request.is_disconnected():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
-                raise asyncio.CancelledError("client disconnected")
-    finally:
-        if not task.done():
-            task.cancel()
+@router.get("/v1/models/{model:path}", summary="One model, adapter or alias")
+async def retrieve_model(
+    model: str, router_: RouterDep, gateway: GatewayDep, principal: PrincipalDep
+) -> Response:
+    base = router_.base_name
+    name = router_.split(model)
+    if name is None:
+        card = gateway.layer.model_card(base, None, None)
+    else:
+        adapters, aliases = router_.model_names(principal.tenant_name)
+        if name in aliases:
+            card = gateway.layer.model_card(f"{base}:{name}", base, "alias")
+        elif name in adapters:
+            card = gateway.layer.model_card(f"{base}:{name}", base, None)
+        else:
+            raise ModelNotFound(f"The model '{model}' does not exist", param="model")
+    return JSONResponse(card.model_dump())
