@@ -1,4 +1,5 @@
-"""The HTTP API against a fake engine: routing, wire format, errors. Fast, no vLLM."""
+"""The HTTP API against a fake engine: routing, wire format, errors. Fast: vLLM's OpenAI
+layer runs for real, on the demo model's tokenizer, but no model runs (tests/fakes.py)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from openai.types import Completion
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from server.app import create_app
 from server.settings import Settings
@@ -57,27 +60,36 @@ def error_of(response) -> dict[str, object]:
     return err
 
 
+HI = [{"role": "user", "content": "hi"}]
+
+
 @pytest.mark.parametrize(
-    ("model", "served", "text"),
+    ("model", "served", "lora"),
     [
-        ("tiny", "tiny", "base: ok"),
+        ("tiny", "tiny", None),
         ("tiny:pirate", "tiny:pirate", "pirate@1"),
         ("pirate", "tiny:pirate", "pirate@1"),
     ],
 )
-def test_model_names_route(client: TestClient, model: str, served: str, text: str) -> None:
+def test_model_names_route(
+    client: TestClient, engine: FakeEngine, model: str, served: str, lora: str | None
+) -> None:
     r = chat(client, model)
     assert r.status_code == 200, r.text
     body = r.json()
+    ChatCompletion.model_validate(body)
     assert body["model"] == served
     assert body["object"] == "chat.completion"
-    assert body["choices"][0]["message"] == {"role": "assistant", "content": text}
+    message = body["choices"][0]["message"]
+    assert (message["role"], message["content"]) == ("assistant", engine.reply(lora, 8))
     assert body["choices"][0]["finish_reason"] == "length"
-    assert body["usage"] == {
-        "prompt_tokens": len("<user>hi<assistant>"),
-        "completion_tokens": 8,
-        "total_tokens": 27,
-    }
+    prompt_tokens = len(engine.chat_prompt_ids(HI))
+    usage = body["usage"]
+    assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (
+        prompt_tokens,
+        8,
+        prompt_tokens + 8,
+    )
     if served != "tiny":
         assert r.headers["x-adapter"] == "pirate"
         assert r.headers["x-adapter-version"] == "1"
@@ -139,30 +151,41 @@ def test_models_lists_base_and_adapters(client: TestClient) -> None:
     }
 
 
-def test_completions(client: TestClient) -> None:
+def test_completions(client: TestClient, engine: FakeEngine) -> None:
     r = client.post(
         "/v1/completions",
         json={"model": "tiny:formal", "prompt": "abc", "max_tokens": 5, "n": 2, "logprobs": 2},
     )
     assert r.status_code == 200, r.text
     body = r.json()
-    assert body["object"] == "text_completion"
-    assert [c["text"] for c in body["choices"]] == ["forma", "forma"]
-    lp = body["choices"][0]["logprobs"]
-    assert lp["tokens"] == list("forma")
-    assert lp["text_offset"] == [0, 1, 2, 3, 4]
-    assert body["usage"]["completion_tokens"] == 10
+    completion = Completion.model_validate(body)
+    assert completion.object == "text_completion"
+    assert completion.model == "tiny:formal"
+    text = engine.reply("formal@1", 5)
+    assert [c.text for c in completion.choices] == [text, text]
+    lp = completion.choices[0].logprobs
+    assert lp is not None and lp.tokens is not None and lp.text_offset is not None
+    tokens = [engine.tokenizer.decode([t]) for t in engine.reply_ids("formal@1", 5)]
+    assert lp.tokens == tokens
+    assert "".join(lp.tokens) == text
+    assert lp.text_offset == [sum(len(t) for t in tokens[:i]) for i in range(5)]
+    assert lp.top_logprobs is not None
+    assert all(len(top) == 2 for top in lp.top_logprobs)
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens == 10
+    assert completion.usage.prompt_tokens == len(engine.prompt_ids("abc"))
 
 
-def test_token_ids_extension(client: TestClient) -> None:
+def test_token_ids_extension(client: TestClient, engine: FakeEngine) -> None:
     body = chat(client, "tiny", return_token_ids=True, max_tokens=3).json()
-    assert body["prompt_token_ids"] == [ord(c) for c in "<user>hi<assistant>"]
-    assert body["choices"][0]["token_ids"] == [ord(c) for c in "bas"]
+    assert body["prompt_token_ids"] == engine.chat_prompt_ids(HI)
+    assert body["choices"][0]["token_ids"] == engine.reply_ids(None, 3)
 
 
-def test_stop_strings(client: TestClient) -> None:
+def test_stop_strings(client: TestClient, engine: FakeEngine) -> None:
     body = chat(client, "tiny", stop=["e:"], max_tokens=50).json()
     assert body["choices"][0]["finish_reason"] == "stop"
+    assert body["choices"][0]["message"]["content"] == "bas"
 
 
 def sse_events(response) -> list[object]:
@@ -174,7 +197,7 @@ def sse_events(response) -> list[object]:
     return events
 
 
-def test_chat_streaming_with_usage(client: TestClient) -> None:
+def test_chat_streaming_with_usage(client: TestClient, engine: FakeEngine) -> None:
     body = {
         "model": "tiny:pirate",
         "messages": [{"role": "user", "content": "hi"}],
@@ -189,35 +212,38 @@ def test_chat_streaming_with_usage(client: TestClient) -> None:
         events = sse_events(r)
     assert events[-1] == "[DONE]"
     chunks = events[:-1]
-    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
-    text = "".join(c["choices"][0]["delta"].get("content", "") for c in chunks if c["choices"])
-    assert text == "pira"
+    for chunk in chunks:
+        ChatCompletionChunk.model_validate(chunk)
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[0]["choices"][0]["delta"]["content"] == ""
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert text == engine.reply("pirate@1", 4)
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    assert all(c["model"] == "tiny:pirate" for c in chunks)
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
     assert chunks[-1]["choices"] == []
     assert chunks[-1]["usage"]["completion_tokens"] == 4
-    assert all(c["usage"] is None for c in chunks[:-1])
+    assert all(c.get("usage") is None for c in chunks[:-1])
 
 
-def test_completion_streaming_without_usage(client: TestClient) -> None:
+def test_completion_streaming_without_usage(client: TestClient, engine: FakeEngine) -> None:
     body = {"model": "tiny", "prompt": "x", "max_tokens": 3, "stream": True}
     with client.stream("POST", "/v1/completions", json=body) as r:
         events = sse_events(r)
     assert events[-1] == "[DONE]"
-    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == "bas"
-    assert all("usage" not in e for e in events[:-1])
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == engine.reply(None, 3)
+    assert all(e.get("usage") is None for e in events[:-1])
 
 
 @pytest.mark.parametrize(
     ("extra", "param"),
     [
         ({"temperature": 3}, "temperature"),
-        ({"n": 0}, "n"),
         ({"max_tokens": "many"}, "max_tokens"),
-        ({"messages": []}, "messages"),
-        ({"messages": [{"role": "robot", "content": "x"}]}, "messages[0].role"),
         ({"top_p": 0}, "top_p"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
+        ({"n": 17}, "n"),
+        ({"priority": 5}, "priority"),
     ],
 )
 def test_invalid_parameters_name_the_param(
@@ -228,6 +254,24 @@ def test_invalid_parameters_name_the_param(
     err = error_of(r)
     assert err["param"] == param
     assert err["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"n": 0}, "n must be at least 1"),
+        ({"messages": []}, "empty conversation"),
+    ],
+)
+def test_parameters_vllm_refuses_are_400_in_openai_shape(
+    client: TestClient, extra: dict[str, object], message: str
+) -> None:
+    # vLLM's own checks (its messages, no param): still a 400 through our table.
+    r = chat(client, "tiny", **extra)
+    assert r.status_code == 400, r.text
+    err = error_of(r)
+    assert err["type"] == "invalid_request_error"
+    assert message in str(err["message"])
 
 
 def test_malformed_json(client: TestClient) -> None:
@@ -242,18 +286,30 @@ def test_unknown_fields_are_ignored(client: TestClient) -> None:
     assert chat(client, "tiny", frobnicate=True).status_code == 200
 
 
-def test_prompt_longer_than_context(client: TestClient) -> None:
-    r = chat(client, "tiny", messages=[{"role": "user", "content": "x" * 300}])
+def test_prompt_longer_than_context(client: TestClient, engine: FakeEngine) -> None:
+    messages = [{"role": "user", "content": "hello " * 300}]
+    assert len(engine.chat_prompt_ids(messages)) > 200
+    r = chat(client, "tiny", messages=messages)
     assert r.status_code == 400
     err = error_of(r)
     assert err["code"] == "context_length_exceeded"
+    assert err["param"] == "messages"
     assert "maximum context length is 200 tokens" in str(err["message"])
+    assert engine.requests == []  # refused before the engine
 
 
-def test_prompt_plus_max_tokens_over_context(client: TestClient) -> None:
-    r = chat(client, "tiny", messages=[{"role": "user", "content": "x" * 150}], max_tokens=50)
+@pytest.mark.xfail(
+    strict=True,
+    reason="server: vLLM 0.32 clamps max_tokens to the context left (200 OK, fewer tokens); "
+    "README's error table promises 400 context_length_exceeded",
+)
+def test_prompt_plus_max_tokens_over_context(client: TestClient, engine: FakeEngine) -> None:
+    messages = [{"role": "user", "content": "hello " * 150}]
+    assert len(engine.chat_prompt_ids(messages)) + 50 > 200 > len(engine.chat_prompt_ids(messages))
+    r = chat(client, "tiny", messages=messages, max_tokens=50)
     assert r.status_code == 400
     assert error_of(r)["code"] == "context_length_exceeded"
+    assert chat(client, "tiny", messages=messages, max_tokens=5).status_code == 200
 
 
 def test_max_tokens_cap(client: TestClient) -> None:
@@ -282,16 +338,55 @@ def test_health_and_dead_engine(client: TestClient, engine: FakeEngine) -> None:
     r = client.get("/health")
     assert r.status_code == 503
     assert error_of(r)["code"] == "engine_unavailable"
-    assert chat(client, "tiny").status_code == 503
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server bug: vLLM's EngineDeadError maps to 500 engine_error "
+    "(openai_layer._as_error maps by vLLM's status), not 503 engine_unavailable",
+)
+def test_requests_to_a_dead_engine_are_503(client: TestClient, engine: FakeEngine) -> None:
+    engine.dead = True
+    r = chat(client, "tiny")
+    assert r.status_code == 503
+    assert error_of(r)["code"] == "engine_unavailable"
+
+
+def dying_stream(client: TestClient, engine: FakeEngine) -> list[object]:
+    """A completion stream during which the engine dies, after the first token."""
+    engine.token_delay_s = 0.05
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 50, "stream": True}
+    events: list[object] = []
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                data = line.removeprefix("data: ")
+                events.append(data if data == "[DONE]" else json.loads(data))
+                engine.dead = True
+    return events
 
 
 def test_streaming_error_frame_then_done(client: TestClient, engine: FakeEngine) -> None:
-    engine.dead = True
-    body = {"model": "tiny", "prompt": "x", "max_tokens": 3, "stream": True}
-    with client.stream("POST", "/v1/completions", json=body) as r:
-        events = sse_events(r)
+    events = dying_stream(client, engine)
     assert events[-1] == "[DONE]"
-    assert events[0]["error"]["code"] == "engine_unavailable"
+    assert isinstance(events[0], dict)
+    assert events[0]["choices"][0]["text"] == engine.reply(None, 1)
+    assert isinstance(events[-2], dict)
+    assert set(events[-2]["error"]) == {"message", "type", "param", "code"}
+    assert all("error" not in e for e in events[:-2] if isinstance(e, dict))
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="server bug: an error during a stream is framed by vLLM (type "
+    "'InternalServerError', code 500), not through server/errors.py's table",
+)
+def test_streaming_error_frame_uses_our_table(client: TestClient, engine: FakeEngine) -> None:
+    frame = dying_stream(client, engine)[-2]
+    assert isinstance(frame, dict)
+    assert frame["error"]["code"] == "engine_unavailable"
+    assert frame["error"]["type"] == "service_unavailable_error"
 
 
 def test_concurrent_first_requests_load_adapter_once(tmp_path: Path) -> None:
