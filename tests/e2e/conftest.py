@@ -76,6 +76,15 @@ def record_result(name: str, values: object) -> None:
 
 
 MAX_LORAS = ["--max-loras", "3"]
+# vLLM's options for tools and structured outputs (as `vllm serve` flags of the same
+# names): the demo model has no tool-call format of its own, and free whitespace in
+# JSON lets a 135M model pad until max_tokens.
+OPENAI_ENV = {
+    "LORASWAP_OPENAI__TOOL_CALL_PARSER": "pythonic",
+    "LORASWAP_OPENAI__ENABLE_AUTO_TOOL_CHOICE": "true",
+    "LORASWAP_OPENAI__STRUCTURED_OUTPUTS_BACKEND": "xgrammar",
+    "LORASWAP_OPENAI__STRUCTURED_OUTPUTS_DISABLE_ANY_WHITESPACE": "true",
+}
 
 
 def registry_env(demo: DemoAssets, state: Path) -> dict[str, str]:
@@ -94,7 +103,7 @@ def server(
 ) -> Iterator[ServerProc]:
     """The real server, float32 so that greedy outputs are comparable with PEFT exactly."""
     state = tmp_path_factory.mktemp("server")
-    env = registry_env(demo, state)
+    env = {**registry_env(demo, state), **OPENAI_ENV}
     # max_loras = the number of demo adapters: every engine slot holds an adapter, so
     # vLLM's bug (index -1 read as the last slot) would hit base requests (the last slot
     # of a partly empty table holds zeros and would hide it).
