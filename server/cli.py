@@ -138,7 +138,16 @@ def serve(
         f"http://{settings.host}:{settings.port}"
     )
     app_ = create_app(settings)
-    config = uvicorn.Config(app_, host=settings.host, port=settings.port, log_level="info")
+    config = uvicorn.Config(
+        app_,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        limit_concurrency=settings.limit_concurrency,
+        # The peer address must be the TCP peer: open mode decides "local" from it
+        # (server/auth.py), and uvicorn would otherwise take it from X-Forwarded-For.
+        proxy_headers=False,
+    )
     DrainingServer(config, app_.state.lifecycle, settings.drain_timeout_s).run()
 
 
