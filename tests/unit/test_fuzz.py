@@ -29,8 +29,9 @@ Nothing leaves the machine: `urllib.request.urlopen` is replaced, for this modul
 one that refuses, so the registry's real URL parsing and error handling still run.
 
 LORASWAP_FUZZ_EXAMPLES is the number of generated requests, spread evenly over the
-operations (default 300, about 15 s with the edge sweep: the CI run). The long run, >= 1,000
-requests with fresh random inputs, collecting every distinct failure instead of stopping at
+operations (default 1,000, about 20 s with the edge sweep: the CI run; test_totals checks
+that at least 1,000 went out, with and without keys). The long run, more requests with
+fresh random inputs, collecting every distinct failure instead of stopping at
 the first, and writing a JSON summary (status histogram per operation, most frequent error
 messages, failures with a request that shows each):
 
@@ -79,7 +80,7 @@ from tests.fuzz_support import BASE, FRESH, path_pools, pools
 KEY = "fuzz-admin-key"
 ADMIN = {"authorization": f"Bearer {KEY}"}
 TIMEOUT_S = 10.0
-TOTAL_EXAMPLES = int(os.environ.get("LORASWAP_FUZZ_EXAMPLES", "300"))
+TOTAL_EXAMPLES = int(os.environ.get("LORASWAP_FUZZ_EXAMPLES", "1000"))
 SEED = os.environ.get("LORASWAP_FUZZ_SEED", "")
 REPORT = os.environ.get("LORASWAP_FUZZ_REPORT", "")
 KEEP_GOING = os.environ.get("LORASWAP_FUZZ_KEEP_GOING", "") == "1"
@@ -122,6 +123,8 @@ class Stats:
     # (operation, status, problem) -> the shortest request that showed it
     failures: dict[tuple[str, int, str], str] = field(default_factory=dict)
     slowest_s: float = 0.0
+    # generated requests by credentials sent: admin, tenant, wrong, none
+    auth: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
 
     def record(self, label: str, status: int, elapsed_s: float, error: str = "") -> None:
@@ -160,6 +163,7 @@ class Stats:
                 {"operation": op, "status": status, "problem": problem, "request": request}
                 for (op, status, problem), request in self.failures.items()
             ],
+            "auth": dict(self.auth),
             "slowest_s": round(self.slowest_s, 3),
             "wall_s": round(time.monotonic() - self.started, 1),
             "examples_per_operation": PER_OPERATION,
@@ -261,10 +265,16 @@ def _headers(fuzz: Fuzz) -> st.SearchStrategy[dict[str, str]]:
     """Mostly the admin key (past auth, into the handlers); else a tenant's, a wrong one, none."""
     others = ["", f"Bearer {fuzz.tenant_key}", "Bearer nope", "Basic x", "Bearer "]
     auth = st.integers(0, 9).flatmap(
-        lambda i: st.just(f"Bearer {KEY}") if i < 7 else st.sampled_from(others)
+        lambda i: st.just(f"Bearer {KEY}") if i < 6 else st.sampled_from(others)
     )
     extra = st.sampled_from(
-        [{}, {"x-request-id": "fuzz-1"}, {"x-request-id": "bad id"}, {"x-user-id": "u1"}]
+        [
+            {},
+            {"x-request-id": "fuzz-1"},
+            {"x-request-id": "bad id"},
+            {"x-user-id": "u1"},
+            {"x-forwarded-for": "203.0.113.9"},  # relayed: open mode must not apply
+        ]
     )
     return st.builds(lambda a, e: {**({"authorization": a} if a else {}), **e}, auth, extra)
 
@@ -404,6 +414,8 @@ def _check(
     """Send `case`; record it; check the response. A failure raises at once unless
     `keep_going`, when it is recorded, to be reported at the end of the test."""
     request = _reproducer(case, headers)
+    if "[edges]" not in label:
+        fuzz.stats.auth[_credentials(fuzz, headers)] += 1
     try:
         response = case.call(headers=dict(headers), timeout=TIMEOUT_S)  # call() adds to it
     except requests.exceptions.Timeout:
@@ -504,3 +516,23 @@ def _stream_problems(response: schemathesis.Response) -> list[str]:
             if isinstance(event["error"], dict) and event["error"].get("type") == "server_error":
                 problems.append(f"server_error frame in the stream: {frame[:300]}")
     return problems
+
+
+def _credentials(fuzz: Fuzz, headers: dict[str, str]) -> str:
+    given = headers.get("authorization", "")
+    if not given:
+        return "none"
+    if given == f"Bearer {KEY}":
+        return "admin"
+    return "tenant" if given == f"Bearer {fuzz.tenant_key}" else "wrong"
+
+
+def test_totals(fuzz: Fuzz) -> None:
+    """The whole module ran at least 1,000 generated requests (the issue's bar), over every
+    operation, with the admin key, a tenant key, wrong credentials and none."""
+    if set(fuzz.stats.by_operation) < set(OPERATIONS) or TOTAL_EXAMPLES < 1000:
+        pytest.skip("totals are checked when the whole module runs with >= 1,000 examples")
+    assert sum(fuzz.stats.auth.values()) >= 1000, fuzz.stats.auth
+    assert all(fuzz.stats.auth[kind] >= 20 for kind in ("admin", "tenant", "wrong", "none")), (
+        fuzz.stats.auth
+    )
