@@ -6,6 +6,7 @@ documents must be mounted there, not only in a test's own copy of the CLI."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -93,3 +94,37 @@ def test_tenants_command_of_the_real_cli(url: str) -> None:
     for group in ("adapters", "aliases", "tenants", "demo"):
         shown = loraswap(group, "--help")
         assert shown.returncode == 0, (group, shown.stderr)
+
+
+def test_serve_runs_uvicorn_with_the_connection_bound_and_the_real_peer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`loraswap serve` bounds connections (`limit_concurrency`) and keeps the TCP peer as
+    the client address (no X-Forwarded-For rewriting): open mode decides on it."""
+    from typer.testing import CliRunner
+
+    import server.cli as cli
+
+    started: list[uvicorn.Config] = []
+
+    class Recorder:
+        def __init__(self, config: uvicorn.Config, *args: object) -> None:
+            started.append(config)
+
+        def run(self) -> None:
+            pass
+
+    monkeypatch.setattr(cli, "DrainingServer", Recorder)
+    # `serve` sets up the request log (its own handler, no propagation): undone after.
+    requests_log = logging.getLogger("loraswap.requests")
+    monkeypatch.setattr(requests_log, "handlers", [])
+    monkeypatch.setattr(requests_log, "propagate", True)
+    monkeypatch.setenv("LORASWAP_LIMIT_CONCURRENCY", "77")
+    make_base(tmp_path / "base")
+    result = CliRunner().invoke(
+        cli.app, ["serve", "--model", str(tmp_path / "base"), "--home", str(tmp_path / "h")]
+    )
+    assert result.exit_code == 0, result.output
+    (config,) = started
+    assert config.limit_concurrency == 77
+    assert config.proxy_headers is False
