@@ -11,7 +11,8 @@ URLs, hostile safetensors files...; see tests/fuzz_support.py), so fuzzing reach
 handlers' deep code paths, not only their 404s. Most requests carry the admin key; the
 others a tenant key, a wrong key, a malformed header or none.
 
-test_edge_values sends, besides, every edge value of every field of every operation once,
+test_fuzz_open_server fuzzes every operation of a second server configured with no key at
+all (open mode), with no key, an unknown one, or a proxy header. test_edge_values sends, besides, every edge value of every field of every operation once,
 in an otherwise valid request: deterministic, so CI always covers those.
 
 Every response must satisfy:
@@ -525,6 +526,56 @@ def _credentials(fuzz: Fuzz, headers: dict[str, str]) -> str:
     if given == f"Bearer {KEY}":
         return "admin"
     return "tenant" if given == f"Bearer {fuzz.tenant_key}" else "wrong"
+
+
+@pytest.fixture(scope="module")
+def open_fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzz]:
+    """A server configured with no key at all (open mode on loopback, admin API disabled):
+    the other half of "with and without keys"."""
+    root = tmp_path_factory.mktemp("fuzz-open")
+    make_base(root / "base")
+    make_adapter(root / "catalog" / "casual", seed=4)
+    settings = Settings(
+        served_model_name=BASE,
+        model=root / "base",
+        home=root / "home",
+        adapters_dir=root / "catalog",
+    )
+    app = create_app(settings, engine=FakeEngine())
+    config = schemathesis.Config.from_dict({"max-stream-events": 100_000})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(urllib.request, "urlopen", _offline)
+        schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
+        yield Fuzz(app=app, schema=schema, root=root, stats=Stats())
+
+
+OPEN_EXAMPLES = max(1, PER_OPERATION // 3)
+
+
+@pytest.mark.parametrize("label", OPERATIONS)
+def test_fuzz_open_server(label: str, open_fuzz: Fuzz) -> None:
+    """Every operation of a server without keys, with no key, a key it does not know, or
+    relayed by a proxy (which open mode must refuse): no 5xx, no hang, OpenAI-shaped errors."""
+    method, path = label.split(" ", 1)
+    operation = open_fuzz.schema[path][method]
+    cases = st.one_of(
+        operation.as_strategy(generation_mode=GenerationMode.POSITIVE),
+        operation.as_strategy(generation_mode=GenerationMode.NEGATIVE),
+    )
+    headers = st.sampled_from(
+        [{}, {"authorization": "Bearer nope"}, {"x-forwarded-for": "203.0.113.9"}]
+    )
+
+    @hypothesis.settings(_settings(), max_examples=OPEN_EXAMPLES)
+    @given(case=cases, headers=headers)
+    def run(case: schemathesis.Case[Any], headers: dict[str, str]) -> None:
+        _check(open_fuzz, f"{label} [open]", case, headers)
+
+    if SEED and SEED != "random":
+        run = hypothesis.seed(int(SEED))(run)
+    run()
+    found = open_fuzz.stats.failures_of(f"{label} [open]")
+    assert not found, f"{label}: {len(found)} distinct failures:\n" + "\n".join(found)
 
 
 def test_totals(fuzz: Fuzz) -> None:
