@@ -160,6 +160,8 @@ _BY_STATUS: dict[int, type[APIStatusError]] = {
 
 # Only for errors inside a stream, which carry no status: the status the server answers
 # each of them with elsewhere (server/errors.py's table, as documented in the README).
+# A copy, since this package imports httpx only: tests/unit/test_error_tables.py checks it
+# against the server's table, both ways.
 _STATUS_BY_CODE = {
     "context_length_exceeded": 400,
     "invalid_source": 400,
@@ -169,6 +171,7 @@ _STATUS_BY_CODE = {
     "permission_denied": 403,
     "path_outside_roots": 403,
     "model_not_found": 404,
+    "tenant_not_found": 404,
     "already_exists": 409,
     "in_use": 409,
     "source_changed": 409,

@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from adapters_registry import AdapterError, BaseModelShapes, DirectoryCatalog, Limits
 from adapters_registry.registry import Registry, RegistryConfig
 from server.adapters import AdapterRouter
+from server.auth import OpenMode
 from server.engine.base import Engine
 from server.engine.openai_layer import OpenAILayer, vllm_args
 from server.errors import ErrorKind, InvalidRequest, ServerError, describe, error_body
@@ -72,11 +73,21 @@ def start_engine(settings: Settings, args: Namespace) -> Engine:
 
 def open_mode_allowed(settings: Settings) -> bool:
     """Whether serving without tenants (anyone may call) is acceptable on this address."""
+    return open_mode(settings) != "off"
+
+
+def open_mode(settings: Settings) -> OpenMode:
+    """Whom a server without tenants serves: on a loopback bind only local callers (each
+    request's peer is loopback and no proxy header is present: server/auth.py), so that a
+    reverse proxy, sidecar or tunnel on the same host cannot turn it into open access;
+    everyone only when the operator said so."""
+    if settings.unsafe_allow_open_network:
+        return "any"
     try:
         loopback = ipaddress.ip_address(settings.host).is_loopback
     except ValueError:
         loopback = settings.host == "localhost"
-    return loopback or settings.unsafe_allow_open_network
+    return "local" if loopback else "off"
 
 
 def _refuse_open_network(settings: Settings, registry: Registry) -> None:
@@ -119,12 +130,15 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.state.engine = eng
         app.state.router = router
         _refuse_open_network(settings, router.registry)
-        app.state.open_mode_allowed = open_mode_allowed(settings)
+        app.state.open_mode = open_mode(settings)
         app.state.quotas = Quotas(settings.max_in_flight)
         layer = OpenAILayer(eng.engine_client, args, settings.served_model_name)
         app.state.gateway = Gateway(router, layer, app.state.quotas, settings.max_tokens_cap)
         app.state.admin_key = (
             settings.admin_key.get_secret_value() if settings.admin_key is not None else None
+        )
+        app.state.metrics_key = (
+            settings.metrics_key.get_secret_value() if settings.metrics_key is not None else None
         )
         for record in router.registry.adapters():
             if record.pinned:
@@ -165,6 +179,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         max_body_bytes=settings.max_body_bytes,
         # multipart overhead on top of the weights and the config
         max_upload_bytes=settings.max_adapter_bytes + 2 * 1024 * 1024,
+        admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
         observe=observe,
     )
     app.include_router(openai.router)

@@ -14,7 +14,7 @@ import typer
 import uvicorn
 from rich.console import Console
 
-from server.cli_admin import adapters_app, aliases_app
+from server.cli_admin import adapters_app, aliases_app, tenants_app
 from server.lifecycle import Lifecycle
 from server.settings import Settings
 
@@ -23,6 +23,9 @@ demo_app = typer.Typer(help="Offline demo assets (base model, adapters, quantize
 app.add_typer(demo_app, name="demo")
 app.add_typer(adapters_app, name="adapters", help="Manage adapters on a running server.")
 app.add_typer(aliases_app, name="aliases", help="Manage A/B aliases on a running server.")
+app.add_typer(
+    tenants_app, name="tenants", help="Manage tenants, quotas and API keys on a running server."
+)
 console = Console(stderr=True)
 
 HomeOpt = Annotated[
@@ -138,7 +141,16 @@ def serve(
         f"http://{settings.host}:{settings.port}"
     )
     app_ = create_app(settings)
-    config = uvicorn.Config(app_, host=settings.host, port=settings.port, log_level="info")
+    config = uvicorn.Config(
+        app_,
+        host=settings.host,
+        port=settings.port,
+        log_level="info",
+        limit_concurrency=settings.limit_concurrency,
+        # The peer address must be the TCP peer: open mode decides "local" from it
+        # (server/auth.py), and uvicorn would otherwise take it from X-Forwarded-For.
+        proxy_headers=False,
+    )
     DrainingServer(config, app_.state.lifecycle, settings.drain_timeout_s).run()
 
 

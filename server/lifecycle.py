@@ -2,7 +2,21 @@
 
 A pure ASGI middleware rather than FastAPI's decorator style, so that it sees streaming
 responses through to their last byte (an in-flight request is one whose response has
-not finished, not one whose handler has returned).
+not finished, not one whose handler has returned), and decides on a request before
+anything reads its body:
+
+- Body limits are enforced while the app reads the body: bytes are counted as they are
+  pulled from the client, and the 413 goes out as soon as the count passes the limit
+  (the rest is never read). Nothing is buffered here; a declared Content-Length above
+  the limit is refused before reading at all.
+- The large limit (an adapter upload) is only for the two upload routes, and only once
+  the admin key checked out: without it the admin error is answered here, before the
+  multipart body is parsed or spooled to disk.
+- Early replies (413, draining 503) carry `x-request-id` and get a log line like any.
+- Metrics: a request is observed under the template of the route it matched
+  (`scope["route"].path`, set by routing), so the series are bounded by the app's routes;
+  a path no route matches (404, 405) is no series. Health, metrics, admin and the API
+  docs are not observed.
 """
 
 from __future__ import annotations
@@ -15,8 +29,9 @@ import uuid
 from collections.abc import Awaitable, Callable, MutableMapping
 from typing import Any
 
+from server.auth import admin_refusal, bearer
 from server.errors import EngineUnavailable, RequestTooLarge, describe
-from server.metrics import RequestInfo
+from server.metrics import RequestInfo, log_request
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -25,9 +40,57 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 # Paths that stay open while draining, so orchestrators can watch the drain.
-_ALWAYS_OPEN = ("/health", "/metrics")
-# Requests that get a metrics sample and a log line.
-_OBSERVED = ("/v1/chat/completions", "/v1/completions", "/v1/responses")
+_ALWAYS_OPEN = frozenset({"/health", "/metrics"})
+# The routes that take an adapter upload (multipart): the only ones with the large limit.
+_UPLOAD = re.compile(r"/admin/adapters/(?:[^/]+/versions/)?upload")
+# Route templates under these are not inference: no metrics sample, no request log line.
+_NOT_OBSERVED = ("/admin", "/health", "/metrics", "/docs", "/redoc", "/openapi.json")
+# Multipart framing and the config file on top of the weights (max_adapter_bytes).
+UPLOAD_OVERHEAD_BYTES = 2 * 1024 * 1024
+
+
+def is_upload(method: str, path: str) -> bool:
+    """Whether this request is one of the two adapter upload routes."""
+    return method == "POST" and _UPLOAD.fullmatch(path) is not None
+
+
+def body_limit(
+    method: str,
+    path: str,
+    headers: list[tuple[bytes, bytes]],
+    *,
+    admin_key: str | None,
+    max_body_bytes: int,
+    max_upload_bytes: int,
+) -> tuple[int, Exception | None]:
+    """The body limit of a request, or the error to answer at once (its admin refusal on
+    an upload route, or a declared length above the limit), before reading the body."""
+    limit = max_body_bytes
+    if is_upload(method, path):
+        refused = admin_refusal(bearer(headers), admin_key)
+        if refused is not None:
+            return limit, refused
+        limit = max(max_upload_bytes, max_body_bytes)
+    declared = content_length(headers)
+    if declared is not None and declared > limit:
+        return limit, too_large(limit, declared)
+    return limit, None
+
+
+def route_label(scope: Scope) -> str | None:
+    """The label of the route this request matched (after routing), None if not observed:
+    `/v1/chat/completions` -> `chat/completions`, `/tokenize` -> `tokenize`."""
+    route = scope.get("route")
+    template = getattr(route, "path", None)
+    if not isinstance(template, str):
+        return None
+    # Routing records the route on a method mismatch too (405): not a request it served.
+    methods = getattr(route, "methods", None)
+    if methods is not None and scope.get("method") not in methods:
+        return None
+    if any(template == p or template.startswith(p + "/") for p in _NOT_OBSERVED):
+        return None
+    return template.removeprefix("/v1").lstrip("/") or "/"
 
 
 class Lifecycle:
@@ -67,51 +130,58 @@ class AdmissionMiddleware:
         max_body_bytes: int,
         max_upload_bytes: int,
         observe: Callable[[RequestInfo], None],
+        admin_key: str | None = None,
     ) -> None:
         self.app = app
         self.observe = observe
         self.lifecycle = lifecycle
         self.max_body_bytes = max_body_bytes
         self.max_upload_bytes = max_upload_bytes
+        self.admin_key = admin_key
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
         path: str = scope.get("path", "")
-        if self.lifecycle.draining and not path.startswith(_ALWAYS_OPEN):
-            await _reply(
+        method: str = scope.get("method", "")
+        request_id = _request_id(scope)
+        info = RequestInfo(
+            request_id=request_id, method=method, path=path, started=time.perf_counter()
+        )
+        if self.lifecycle.draining and path not in _ALWAYS_OPEN:
+            await _refuse(
                 send,
+                info,
                 EngineUnavailable("the server is shutting down; retry elsewhere"),
                 headers=[(b"retry-after", b"1"), (b"connection", b"close")],
             )
             return
-        limit = self.max_upload_bytes if path.endswith("/upload") else self.max_body_bytes
-        declared = _content_length(scope)
-        if declared is not None and declared > limit:
-            await _reply(send, _too_large(limit, declared))
-            return
-        if declared is None and scope.get("method") in ("POST", "PUT", "PATCH"):
-            # No length announced (chunked): read the body here, bounded, and replay it.
-            buffered = await _read_bounded(receive, limit)
-            if buffered is None:
-                await _reply(send, _too_large(limit, None))
-                return
-            receive = _replay(buffered, receive)
-        request_id = _request_id(scope)
-        info = RequestInfo(
-            request_id=request_id,
-            method=scope.get("method", ""),
-            path=path,
-            started=time.perf_counter(),
+        limit, refused = body_limit(
+            method,
+            path,
+            scope.get("headers", []),
+            admin_key=self.admin_key,
+            max_body_bytes=self.max_body_bytes,
+            max_upload_bytes=self.max_upload_bytes,
         )
+        if refused is not None:
+            await _refuse(send, info, refused)
+            return
         state = scope.setdefault("state", {})
         state["request_id"] = request_id
         state["info"] = info
+        started = False  # the response has started
+        cut = False  # we answered 413 ourselves: whatever the app sends after is dropped
+        received = 0
 
         async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if cut:
+                return
             # Every response, errors included, carries the id the logs know it by.
             if message["type"] == "http.response.start":
+                started = True
                 info.status = message["status"]
                 message["headers"] = [
                     *message.get("headers", []),
@@ -119,9 +189,25 @@ class AdmissionMiddleware:
                 ]
             await send(message)
 
+        async def counted_receive() -> Message:
+            nonlocal received, cut
+            if cut:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    # Read no further; to the app the client is gone (its body parsing
+                    # fails, its answer is dropped), to the client it is a 413 now.
+                    if not started:
+                        cut = True
+                        await _refuse(send, info, too_large(limit, None), log=False)
+                    return {"type": "http.disconnect"}
+            return message
+
         self.lifecycle.enter()
         try:
-            await self.app(scope, receive, send_with_id)
+            await self.app(scope, counted_receive, send_with_id)
         finally:
             self.lifecycle.leave()
             # Handlers register here what must run once the response is over, whatever
@@ -129,44 +215,38 @@ class AdmissionMiddleware:
             for finalize in state.get("finalizers", ()):
                 finalize()
             info.ended = time.perf_counter()
-            if path.startswith(_OBSERVED):
+            label = route_label(scope)
+            if label is not None:
+                info.route = label
                 if info.status == 0:
                     info.status = 499  # the client left before any response started
                 self.observe(info)
+            elif cut:
+                log_request(info)
 
 
-def _too_large(limit: int, size: int | None) -> RequestTooLarge:
+def too_large(limit: int, size: int | None) -> RequestTooLarge:
     what = f"request body of {size} bytes" if size is not None else "request body"
     return RequestTooLarge(f"{what} is above the limit of {limit} bytes")
 
 
-async def _read_bounded(receive: Receive, limit: int) -> bytes | None:
-    chunks, total = [], 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            break
-        chunk = message.get("body", b"")
-        total += len(chunk)
-        if total > limit:
-            return None
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
-
-
-def _replay(body: bytes, receive: Receive) -> Receive:
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()  # later: http.disconnect when the client leaves
-
-    return replay
+async def _refuse(
+    send: Send,
+    info: RequestInfo,
+    exc: Exception,
+    headers: list[tuple[bytes, bytes]] | None = None,
+    *,
+    log: bool = True,
+) -> None:
+    """Answer `exc` from here, before (or instead of) the app: with the request id, and
+    logged like any request (`log=False`: the caller logs it when the request ends)."""
+    status = await _reply(
+        send, exc, [*(headers or []), (b"x-request-id", info.request_id.encode())]
+    )
+    info.status = status
+    if log:
+        info.ended = time.perf_counter()
+        log_request(info)
 
 
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
@@ -182,8 +262,8 @@ def _request_id(scope: Scope) -> str:
     return uuid.uuid4().hex
 
 
-def _content_length(scope: Scope) -> int | None:
-    for name, value in scope.get("headers", []):
+def content_length(headers: list[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
         if name == b"content-length":
             try:
                 return int(value)
@@ -194,7 +274,7 @@ def _content_length(scope: Scope) -> int | None:
 
 async def _reply(
     send: Send, exc: Exception, headers: list[tuple[bytes, bytes]] | None = None
-) -> None:
+) -> int:
     kind, body = describe(exc)
     payload = json.dumps(body).encode()
     await send(
@@ -209,3 +289,4 @@ async def _reply(
         }
     )
     await send({"type": "http.response.body", "body": payload})
+    return kind.status

@@ -34,6 +34,7 @@ class RequestInfo:
     path: str
     started: float
     status: int = 0
+    route: str = ""  # the matched route's template (server/lifecycle.py: route_label)
     model: str = ""
     adapter: str = ""
     version: str = ""
@@ -155,8 +156,8 @@ class Metrics:
             info.variant if bounded else "",
             self._tenant(info.tenant),
         )
-        route = info.path.removeprefix("/v1/")
-        self.requests.labels(route, *values, str(info.status)).inc()
+        # The route template, never the raw path: one series per route the app has.
+        self.requests.labels(info.route, *values, str(info.status)).inc()
         if info.status != 200:
             return
         self.prompt_tokens.labels(*values).inc(info.prompt_tokens)

@@ -4,7 +4,10 @@ The only module importing ray. `loraswap serve --ray --replicas N` runs:
 
     HTTP -> Ray Serve proxy -> Ingress (1) -> Replica (N), each create_app(settings)
 
-- **Ingress** resolves `model` (+ the A/B user) to the concrete `<adapter>@<version>` with
+- **Ingress** first admits the request (server/ingress.py: body limits, the upload limit
+  only for the admin on the upload routes, authentication and tenant access of inference
+  calls: nothing is routed or loaded for a caller that may not use the model), then
+  resolves `model` (+ the A/B user) to the concrete `<adapter>@<version>` with
   the shared registry (server/placement.py: routing_key) and calls a replica with that as
   Ray Serve's multiplexed model id: Ray routes it to a replica that already holds it
   (`@serve.multiplexed`), else to the least loaded one, which loads it. Everything else
@@ -39,27 +42,17 @@ from typing import Any
 
 import ray
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import Response
 from ray import serve
 
+from server import ingress
 from server.app import create_app, open_registry
-from server.errors import ErrorKind, error_body
-from server.placement import (
-    INFERENCE_PATHS,
-    HttpRequest,
-    Residency,
-    ResponseStart,
-    call_asgi,
-    parse_key,
-    routing_key,
-)
+from server.errors import EngineUnavailable
+from server.placement import HttpRequest, Residency, ResponseStart, call_asgi, parse_key
 from server.settings import Settings
 
 log = logging.getLogger("loraswap.ray")
 
-# Not passed on from the replica: hop-by-hop, and x-request-id (Ray's proxy adds the same).
-_DROPPED = {b"content-length", b"transfer-encoding", b"connection", b"x-request-id"}
-_UNAVAILABLE = ErrorKind(503, "server_error", "engine_unavailable")
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
 
 
@@ -144,7 +137,6 @@ def build_app(settings: Settings, replicas: int, adapters_per_replica: int) -> A
                 await lifespan.__aexit__(None, None, None)
 
     api = FastAPI(docs_url=None, redoc_url=None, openapi_url=None)
-    upload_limit = max(settings.max_body_bytes, settings.max_adapter_bytes + 2 * 1024 * 1024)
 
     @serve.deployment(
         max_ongoing_requests=settings.max_in_flight,
@@ -155,8 +147,8 @@ def build_app(settings: Settings, replicas: int, adapters_per_replica: int) -> A
     class Ingress:
         async def __init__(self, replica: Any, settings: Settings) -> None:  # type: ignore[misc]
             self._replica = replica
-            self._base = settings.served_model_name
             self._registry, _ = open_registry(settings)
+            self._gate = ingress.Gate(settings, self._registry)
             self._ready = False
             self._poll: asyncio.Task[None] | None = None
             if settings.registry.refresh_interval_s > 0:
@@ -177,50 +169,20 @@ def build_app(settings: Settings, replicas: int, adapters_per_replica: int) -> A
         async def forward(self, request: Request) -> Response:
             if not self._ready and request.url.path == "/health":
                 return _unavailable("starting")
-            body = await _read_body(request, upload_limit)
-            if body is None:
-                return JSONResponse(
-                    error_body(
-                        f"request body above {upload_limit} bytes",
-                        ErrorKind(413, "invalid_request_error", "request_too_large"),
-                    ),
-                    status_code=413,
-                )
-            key = None
-            if request.method == "POST" and request.url.path in INFERENCE_PATHS:
-                key = routing_key(
-                    self._registry, self._base, body, request.headers.get("x-user-id")
-                )
+            return await ingress.forward(self._gate, request, self._call)
+
+        async def _call(
+            self, request: HttpRequest, key: str | None
+        ) -> AsyncIterator[ResponseStart | bytes]:
             handle = self._replica.options(stream=True)
-            if key is not None and request.headers.get("x-loraswap-routing") != "any":
+            if key is not None and _header(request, b"x-loraswap-routing") != b"any":
                 handle = handle.options(multiplexed_model_id=key)
-            client = request.client
-            forwarded = HttpRequest(
-                method=request.method,
-                path=request.url.path,
-                query_string=request.url.query.encode(),
-                headers=list(request.headers.raw),
-                body=body,
-                client=(client.host, client.port) if client else None,
-            )
-            stream = handle.handle.remote(forwarded, key)
+            stream = handle.handle.remote(request, key)
             try:
-                start = await stream.__anext__()
-            except Exception as exc:
-                log.warning("replica call failed: %r", exc)
-                return _unavailable("no replica could serve the request; retry")
-            assert isinstance(start, ResponseStart)
-
-            async def rest() -> AsyncIterator[bytes]:
-                try:
-                    async for chunk in stream:
-                        yield chunk
-                finally:
-                    stream.cancel()
-
-            response = StreamingResponse(rest(), status_code=start.status)
-            response.raw_headers = [(k, v) for k, v in start.headers if k not in _DROPPED]
-            return response
+                async for item in stream:
+                    yield item
+            finally:
+                stream.cancel()
 
         async def __del__(self) -> None:
             if self._poll is not None:
@@ -230,18 +192,12 @@ def build_app(settings: Settings, replicas: int, adapters_per_replica: int) -> A
     return Ingress.bind(Replica.bind(settings), settings)  # type: ignore[attr-defined]
 
 
-def _unavailable(message: str) -> JSONResponse:
-    return JSONResponse(error_body(message, _UNAVAILABLE), status_code=503)
+def _unavailable(message: str) -> Response:
+    return ingress.error_response(EngineUnavailable(message))
 
 
-async def _read_body(request: Request, limit: int) -> bytes | None:
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            return None
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _header(request: HttpRequest, name: bytes) -> bytes | None:
+    return next((v for k, v in request.headers if k.lower() == name), None)
 
 
 def serve_forever(settings: Settings, replicas: int, adapters_per_replica: int) -> None:

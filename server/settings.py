@@ -149,6 +149,17 @@ class Settings(BaseSettings):
     admin_key: SecretStr | None = Field(
         None, description="Bearer key of the /admin API; unset = admin API refused (403)."
     )
+    metrics_key: SecretStr | None = Field(
+        None,
+        description="Bearer key of /metrics (the admin key works too); with neither set, "
+        "/metrics answers only the callers open mode serves.",
+    )
+    limit_concurrency: int = Field(
+        512,
+        ge=1,
+        description="Connections and requests uvicorn handles at once; past it, 503 "
+        "(bounds the memory bodies can take: about this times max_body_bytes).",
+    )
     registry_db: Path | None = Field(
         None, description="SQLite file of the adapter registry [<home>/registry.db]."
     )

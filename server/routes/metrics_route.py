@@ -1,15 +1,20 @@
-"""GET /metrics: Prometheus text format, gauges refreshed at scrape time."""
+"""GET /metrics: Prometheus text format, gauges refreshed at scrape time.
+
+Behind the metrics key or the admin key (server/auth.py: require_metrics): the metrics
+name private adapters, alias arms, tenants and their token use.
+"""
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.auth import require_metrics
 from server.deps import EngineDep, QuotasDep, RouterDep
 from server.metrics import Metrics
 
-router = APIRouter(tags=["metrics"])
+router = APIRouter(tags=["metrics"], dependencies=[Depends(require_metrics)])
 
 
 @router.get("/metrics", summary="Prometheus metrics", response_class=Response)

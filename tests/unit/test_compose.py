@@ -87,6 +87,18 @@ def test_admin_key_is_required_and_ports_stay_local(compose: dict[str, Any]) -> 
             assert address == "127.0.0.1", f"{name} published beyond loopback"
 
 
+def test_prometheus_scrapes_with_the_metrics_key(compose: dict[str, Any]) -> None:
+    """/metrics refuses a scrape without the key: Prometheus sends the server's one."""
+    env = service(compose, "loraswap")["environment"]
+    assert env["LORASWAP_METRICS_KEY"].startswith("${LORASWAP_METRICS_KEY:?")
+    (job,) = load(DEPLOY / "prometheus" / "prometheus.yml")["scrape_configs"]
+    assert job["authorization"]["type"] == "Bearer"
+    path = job["authorization"]["credentials_file"]
+    (mounted,) = [c for c in service(compose, "prometheus")["configs"] if c["target"] == path]
+    content = compose["configs"][mounted["source"]]["content"]
+    assert content.startswith("${LORASWAP_METRICS_KEY:?")
+
+
 def test_builds_use_files_of_the_repo() -> None:
     for path in (DEPLOY / "compose.yaml", DEPLOY / "compose.cuda.yaml"):
         build = load(path)["services"]["loraswap"]["build"]

@@ -11,7 +11,8 @@ URLs, hostile safetensors files...; see tests/fuzz_support.py), so fuzzing reach
 handlers' deep code paths, not only their 404s. Most requests carry the admin key; the
 others a tenant key, a wrong key, a malformed header or none.
 
-test_edge_values sends, besides, every edge value of every field of every operation once,
+test_fuzz_open_server fuzzes every operation of a second server configured with no key at
+all (open mode), with no key, an unknown one, or a proxy header. test_edge_values sends, besides, every edge value of every field of every operation once,
 in an otherwise valid request: deterministic, so CI always covers those.
 
 Every response must satisfy:
@@ -29,8 +30,9 @@ Nothing leaves the machine: `urllib.request.urlopen` is replaced, for this modul
 one that refuses, so the registry's real URL parsing and error handling still run.
 
 LORASWAP_FUZZ_EXAMPLES is the number of generated requests, spread evenly over the
-operations (default 300, about 15 s with the edge sweep: the CI run). The long run, >= 1,000
-requests with fresh random inputs, collecting every distinct failure instead of stopping at
+operations (default 1,000, about 20 s with the edge sweep: the CI run; test_totals checks
+that at least 1,000 went out, with and without keys). The long run, more requests with
+fresh random inputs, collecting every distinct failure instead of stopping at
 the first, and writing a JSON summary (status histogram per operation, most frequent error
 messages, failures with a request that shows each):
 
@@ -79,7 +81,7 @@ from tests.fuzz_support import BASE, FRESH, path_pools, pools
 KEY = "fuzz-admin-key"
 ADMIN = {"authorization": f"Bearer {KEY}"}
 TIMEOUT_S = 10.0
-TOTAL_EXAMPLES = int(os.environ.get("LORASWAP_FUZZ_EXAMPLES", "300"))
+TOTAL_EXAMPLES = int(os.environ.get("LORASWAP_FUZZ_EXAMPLES", "1000"))
 SEED = os.environ.get("LORASWAP_FUZZ_SEED", "")
 REPORT = os.environ.get("LORASWAP_FUZZ_REPORT", "")
 KEEP_GOING = os.environ.get("LORASWAP_FUZZ_KEEP_GOING", "") == "1"
@@ -122,6 +124,8 @@ class Stats:
     # (operation, status, problem) -> the shortest request that showed it
     failures: dict[tuple[str, int, str], str] = field(default_factory=dict)
     slowest_s: float = 0.0
+    # generated requests by credentials sent: admin, tenant, wrong, none
+    auth: Counter[str] = field(default_factory=Counter)
     started: float = field(default_factory=time.monotonic)
 
     def record(self, label: str, status: int, elapsed_s: float, error: str = "") -> None:
@@ -160,6 +164,7 @@ class Stats:
                 {"operation": op, "status": status, "problem": problem, "request": request}
                 for (op, status, problem), request in self.failures.items()
             ],
+            "auth": dict(self.auth),
             "slowest_s": round(self.slowest_s, 3),
             "wall_s": round(time.monotonic() - self.started, 1),
             "examples_per_operation": PER_OPERATION,
@@ -261,10 +266,16 @@ def _headers(fuzz: Fuzz) -> st.SearchStrategy[dict[str, str]]:
     """Mostly the admin key (past auth, into the handlers); else a tenant's, a wrong one, none."""
     others = ["", f"Bearer {fuzz.tenant_key}", "Bearer nope", "Basic x", "Bearer "]
     auth = st.integers(0, 9).flatmap(
-        lambda i: st.just(f"Bearer {KEY}") if i < 7 else st.sampled_from(others)
+        lambda i: st.just(f"Bearer {KEY}") if i < 6 else st.sampled_from(others)
     )
     extra = st.sampled_from(
-        [{}, {"x-request-id": "fuzz-1"}, {"x-request-id": "bad id"}, {"x-user-id": "u1"}]
+        [
+            {},
+            {"x-request-id": "fuzz-1"},
+            {"x-request-id": "bad id"},
+            {"x-user-id": "u1"},
+            {"x-forwarded-for": "203.0.113.9"},  # relayed: open mode must not apply
+        ]
     )
     return st.builds(lambda a, e: {**({"authorization": a} if a else {}), **e}, auth, extra)
 
@@ -404,6 +415,8 @@ def _check(
     """Send `case`; record it; check the response. A failure raises at once unless
     `keep_going`, when it is recorded, to be reported at the end of the test."""
     request = _reproducer(case, headers)
+    if "[edges]" not in label:
+        fuzz.stats.auth[_credentials(fuzz, headers)] += 1
     try:
         response = case.call(headers=dict(headers), timeout=TIMEOUT_S)  # call() adds to it
     except requests.exceptions.Timeout:
@@ -504,3 +517,73 @@ def _stream_problems(response: schemathesis.Response) -> list[str]:
             if isinstance(event["error"], dict) and event["error"].get("type") == "server_error":
                 problems.append(f"server_error frame in the stream: {frame[:300]}")
     return problems
+
+
+def _credentials(fuzz: Fuzz, headers: dict[str, str]) -> str:
+    given = headers.get("authorization", "")
+    if not given:
+        return "none"
+    if given == f"Bearer {KEY}":
+        return "admin"
+    return "tenant" if given == f"Bearer {fuzz.tenant_key}" else "wrong"
+
+
+@pytest.fixture(scope="module")
+def open_fuzz(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fuzz]:
+    """A server configured with no key at all (open mode on loopback, admin API disabled):
+    the other half of "with and without keys"."""
+    root = tmp_path_factory.mktemp("fuzz-open")
+    make_base(root / "base")
+    make_adapter(root / "catalog" / "casual", seed=4)
+    settings = Settings(
+        served_model_name=BASE,
+        model=root / "base",
+        home=root / "home",
+        adapters_dir=root / "catalog",
+    )
+    app = create_app(settings, engine=FakeEngine())
+    config = schemathesis.Config.from_dict({"max-stream-events": 100_000})
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(urllib.request, "urlopen", _offline)
+        schema = schemathesis.openapi.from_asgi("/openapi.json", app, config=config)
+        yield Fuzz(app=app, schema=schema, root=root, stats=Stats())
+
+
+OPEN_EXAMPLES = max(1, PER_OPERATION // 3)
+
+
+@pytest.mark.parametrize("label", OPERATIONS)
+def test_fuzz_open_server(label: str, open_fuzz: Fuzz) -> None:
+    """Every operation of a server without keys, with no key, a key it does not know, or
+    relayed by a proxy (which open mode must refuse): no 5xx, no hang, OpenAI-shaped errors."""
+    method, path = label.split(" ", 1)
+    operation = open_fuzz.schema[path][method]
+    cases = st.one_of(
+        operation.as_strategy(generation_mode=GenerationMode.POSITIVE),
+        operation.as_strategy(generation_mode=GenerationMode.NEGATIVE),
+    )
+    headers = st.sampled_from(
+        [{}, {"authorization": "Bearer nope"}, {"x-forwarded-for": "203.0.113.9"}]
+    )
+
+    @hypothesis.settings(_settings(), max_examples=OPEN_EXAMPLES)
+    @given(case=cases, headers=headers)
+    def run(case: schemathesis.Case[Any], headers: dict[str, str]) -> None:
+        _check(open_fuzz, f"{label} [open]", case, headers)
+
+    if SEED and SEED != "random":
+        run = hypothesis.seed(int(SEED))(run)
+    run()
+    found = open_fuzz.stats.failures_of(f"{label} [open]")
+    assert not found, f"{label}: {len(found)} distinct failures:\n" + "\n".join(found)
+
+
+def test_totals(fuzz: Fuzz) -> None:
+    """The whole module ran at least 1,000 generated requests (the issue's bar), over every
+    operation, with the admin key, a tenant key, wrong credentials and none."""
+    if set(fuzz.stats.by_operation) < set(OPERATIONS) or TOTAL_EXAMPLES < 1000:
+        pytest.skip("totals are checked when the whole module runs with >= 1,000 examples")
+    assert sum(fuzz.stats.auth.values()) >= 1000, fuzz.stats.auth
+    assert all(fuzz.stats.auth[kind] >= 20 for kind in ("admin", "tenant", "wrong", "none")), (
+        fuzz.stats.auth
+    )
