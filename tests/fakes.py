@@ -60,6 +60,40 @@ def reply_text(lora_name: str | None) -> str:
     return f"{lora_name or 'base'}: " + REPLY_WORD * 100
 
 
+# -- what tests expect, derived from the real tokenizer (the same for every max_model_len)
+
+
+def tokenizer() -> Any:
+    return vllm_parts(256)[1].tokenizer
+
+
+def reply_ids(lora_name: str | None, n_tokens: int) -> list[int]:
+    """The first `n_tokens` token ids of the reply for an adapter (None: the base)."""
+    ids: list[int] = tokenizer().encode(reply_text(lora_name), add_special_tokens=False)
+    return [ids[i % len(ids)] for i in range(n_tokens)]
+
+
+def reply(lora_name: str | None, n_tokens: int) -> str:
+    """The text of the first `n_tokens` tokens of the reply to a request for an adapter
+    version (`"pirate@1"`; None: the base), i.e. with `max_tokens=n_tokens`."""
+    text: str = tokenizer().decode(reply_ids(lora_name, n_tokens), skip_special_tokens=True)
+    return text
+
+
+def chat_prompt_ids(messages: list[dict[str, str]]) -> list[int]:
+    """The prompt's token ids for a conversation, by the model's own chat template."""
+    ids: list[int] = tokenizer().apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=False
+    )
+    return ids
+
+
+def prompt_ids(text: str) -> list[int]:
+    """A completion prompt's token ids (this model's tokenizer adds no BOS)."""
+    ids: list[int] = tokenizer().encode(text)
+    return ids
+
+
 class FakeEngineClient:
     """vLLM's EngineClient as far as vLLM's serving objects use it."""
 
@@ -142,6 +176,7 @@ class FakeEngineClient:
             raise EngineGenerateError() from exc
         engine.priorities.append(priority)
         engine.requests.append((request_id, lora_request))
+        await engine.on_generate(request_id)
         prompt_ids = list(prompt.get("prompt_token_ids") or [])
         reply = self.tokenizer.encode(
             reply_text(lora_request.lora_name if lora_request else None),
@@ -156,6 +191,8 @@ class FakeEngineClient:
                     await asyncio.sleep(engine.token_delay_s)
                 else:
                     await asyncio.sleep(0)  # let others run, as a real engine step would
+                if engine.die_after_tokens is not None and step >= engine.die_after_tokens:
+                    engine.dead = True
                 if engine.dead:
                     raise EngineDeadError()
                 last = step == params.max_tokens - 1
@@ -293,6 +330,9 @@ class FakeEngine:
         self.running: set[str] = set()
         self.aborted: list[str] = []
         self.dead = False
+        # The engine dies (as vLLM's EngineCore can) once a request has had this many
+        # tokens: errors after a stream has started.
+        self.die_after_tokens: int | None = None
         self.removed: list[int] = []
         self.priorities: list[int] = []
         self.pinned: list[int] = []
@@ -310,35 +350,12 @@ class FakeEngine:
     def tokenizer(self) -> Any:
         return self.engine_client.tokenizer
 
-    # -- what tests expect, derived from the real tokenizer ---------------------------
-
-    def reply_ids(self, lora_name: str | None, n_tokens: int) -> list[int]:
-        """The first `n_tokens` token ids of the reply for an adapter (None: the base)."""
-        ids: list[int] = self.tokenizer.encode(reply_text(lora_name), add_special_tokens=False)
-        return [ids[i % len(ids)] for i in range(n_tokens)]
-
-    def reply(self, lora_name: str | None, n_tokens: int) -> str:
-        """The text of the first `n_tokens` tokens of the reply."""
-        text: str = self.tokenizer.decode(
-            self.reply_ids(lora_name, n_tokens), skip_special_tokens=True
-        )
-        return text
-
-    def chat_prompt_ids(self, messages: list[dict[str, str]]) -> list[int]:
-        """The prompt's token ids for a conversation, by the model's own chat template."""
-        ids: list[int] = self.tokenizer.apply_chat_template(
-            messages, add_generation_prompt=True, tokenize=True, return_dict=False
-        )
-        return ids
-
-    def prompt_ids(self, text: str) -> list[int]:
-        """A completion prompt's token ids (the tokenizer adds no BOS for this model)."""
-        ids: list[int] = self.tokenizer.encode(text)
-        return ids
-
     @property
     def max_model_len(self) -> int:
         return self._max_model_len
+
+    async def on_generate(self, request_id: str) -> None:
+        """Called as a request reaches the engine (a hook for tests to hold it there)."""
 
     async def add_lora(self, lora: LoraHandle) -> None:
         if self.load_delay_s:

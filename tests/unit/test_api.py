@@ -16,7 +16,14 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 from server.app import create_app
 from server.settings import Settings
 from tests.adapters import make_adapter, make_base
-from tests.fakes import FakeEngine
+from tests.fakes import (
+    FakeEngine,
+    chat_prompt_ids,
+    prompt_ids,
+    reply,
+    reply_ids,
+    tokenizer,
+)
 
 
 @pytest.fixture
@@ -81,9 +88,9 @@ def test_model_names_route(
     assert body["model"] == served
     assert body["object"] == "chat.completion"
     message = body["choices"][0]["message"]
-    assert (message["role"], message["content"]) == ("assistant", engine.reply(lora, 8))
+    assert (message["role"], message["content"]) == ("assistant", reply(lora, 8))
     assert body["choices"][0]["finish_reason"] == "length"
-    prompt_tokens = len(engine.chat_prompt_ids(HI))
+    prompt_tokens = len(chat_prompt_ids(HI))
     usage = body["usage"]
     assert (usage["prompt_tokens"], usage["completion_tokens"], usage["total_tokens"]) == (
         prompt_tokens,
@@ -161,11 +168,11 @@ def test_completions(client: TestClient, engine: FakeEngine) -> None:
     completion = Completion.model_validate(body)
     assert completion.object == "text_completion"
     assert completion.model == "tiny:formal"
-    text = engine.reply("formal@1", 5)
+    text = reply("formal@1", 5)
     assert [c.text for c in completion.choices] == [text, text]
     lp = completion.choices[0].logprobs
     assert lp is not None and lp.tokens is not None and lp.text_offset is not None
-    tokens = [engine.tokenizer.decode([t]) for t in engine.reply_ids("formal@1", 5)]
+    tokens = [tokenizer().decode([t]) for t in reply_ids("formal@1", 5)]
     assert lp.tokens == tokens
     assert "".join(lp.tokens) == text
     assert lp.text_offset == [sum(len(t) for t in tokens[:i]) for i in range(5)]
@@ -173,13 +180,13 @@ def test_completions(client: TestClient, engine: FakeEngine) -> None:
     assert all(len(top) == 2 for top in lp.top_logprobs)
     assert completion.usage is not None
     assert completion.usage.completion_tokens == 10
-    assert completion.usage.prompt_tokens == len(engine.prompt_ids("abc"))
+    assert completion.usage.prompt_tokens == len(prompt_ids("abc"))
 
 
 def test_token_ids_extension(client: TestClient, engine: FakeEngine) -> None:
     body = chat(client, "tiny", return_token_ids=True, max_tokens=3).json()
-    assert body["prompt_token_ids"] == engine.chat_prompt_ids(HI)
-    assert body["choices"][0]["token_ids"] == engine.reply_ids(None, 3)
+    assert body["prompt_token_ids"] == chat_prompt_ids(HI)
+    assert body["choices"][0]["token_ids"] == reply_ids(None, 3)
 
 
 def test_stop_strings(client: TestClient, engine: FakeEngine) -> None:
@@ -217,7 +224,7 @@ def test_chat_streaming_with_usage(client: TestClient, engine: FakeEngine) -> No
     assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
     assert chunks[0]["choices"][0]["delta"]["content"] == ""
     text = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    assert text == engine.reply("pirate@1", 4)
+    assert text == reply("pirate@1", 4)
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
     assert all(c["model"] == "tiny:pirate" for c in chunks)
     assert chunks[-2]["choices"][0]["finish_reason"] == "length"
@@ -231,7 +238,7 @@ def test_completion_streaming_without_usage(client: TestClient, engine: FakeEngi
     with client.stream("POST", "/v1/completions", json=body) as r:
         events = sse_events(r)
     assert events[-1] == "[DONE]"
-    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == engine.reply(None, 3)
+    assert "".join(e["choices"][0]["text"] for e in events[:-1]) == reply(None, 3)
     assert all(e.get("usage") is None for e in events[:-1])
 
 
@@ -288,7 +295,7 @@ def test_unknown_fields_are_ignored(client: TestClient) -> None:
 
 def test_prompt_longer_than_context(client: TestClient, engine: FakeEngine) -> None:
     messages = [{"role": "user", "content": "hello " * 300}]
-    assert len(engine.chat_prompt_ids(messages)) > 200
+    assert len(chat_prompt_ids(messages)) > 200
     r = chat(client, "tiny", messages=messages)
     assert r.status_code == 400
     err = error_of(r)
@@ -305,7 +312,7 @@ def test_prompt_longer_than_context(client: TestClient, engine: FakeEngine) -> N
 )
 def test_prompt_plus_max_tokens_over_context(client: TestClient, engine: FakeEngine) -> None:
     messages = [{"role": "user", "content": "hello " * 150}]
-    assert len(engine.chat_prompt_ids(messages)) + 50 > 200 > len(engine.chat_prompt_ids(messages))
+    assert len(chat_prompt_ids(messages)) + 50 > 200 > len(chat_prompt_ids(messages))
     r = chat(client, "tiny", messages=messages, max_tokens=50)
     assert r.status_code == 400
     assert error_of(r)["code"] == "context_length_exceeded"
@@ -354,7 +361,7 @@ def test_requests_to_a_dead_engine_are_503(client: TestClient, engine: FakeEngin
 
 def dying_stream(client: TestClient, engine: FakeEngine) -> list[object]:
     """A completion stream during which the engine dies, after the first token."""
-    engine.token_delay_s = 0.05
+    engine.die_after_tokens = 1
     body = {"model": "tiny", "prompt": "x", "max_tokens": 50, "stream": True}
     events: list[object] = []
     with client.stream("POST", "/v1/completions", json=body) as r:
@@ -363,7 +370,6 @@ def dying_stream(client: TestClient, engine: FakeEngine) -> list[object]:
             if line.startswith("data: "):
                 data = line.removeprefix("data: ")
                 events.append(data if data == "[DONE]" else json.loads(data))
-                engine.dead = True
     return events
 
 
@@ -371,7 +377,7 @@ def test_streaming_error_frame_then_done(client: TestClient, engine: FakeEngine)
     events = dying_stream(client, engine)
     assert events[-1] == "[DONE]"
     assert isinstance(events[0], dict)
-    assert events[0]["choices"][0]["text"] == engine.reply(None, 1)
+    assert events[0]["choices"][0]["text"] == reply(None, 1)
     assert isinstance(events[-2], dict)
     assert set(events[-2]["error"]) == {"message", "type", "param", "code"}
     assert all("error" not in e for e in events[:-2] if isinstance(e, dict))
