@@ -108,6 +108,8 @@ class WarmedAdapter(TypedDict):
 
 class _ModelKind(TypedDict, total=False):
     kind: str  # "alias" for aliases; absent for the base and adapters
+    max_model_len: int  # context length (vLLM's model card)
+    permission: list[dict[str, object]]  # vLLM's model card; empty here
 
 
 class ModelInfo(_ModelKind):

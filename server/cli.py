@@ -34,15 +34,17 @@ HomeOpt = Annotated[
 
 
 def _settings(**top: Any) -> Settings:
-    """Build the one Settings object: environment first, then explicit CLI flags."""
-    engine_keys = {k for k in top if k.startswith("engine_")}
-    engine_update = {k.removeprefix("engine_"): top.pop(k) for k in engine_keys}
-    base = Settings()
-    engine = base.engine.model_copy(
-        update={k: v for k, v in engine_update.items() if v is not None}
-    )
+    """Build the one Settings object: environment first, then explicit CLI flags
+    (`engine_x` / `openai_x` set field x of that section)."""
+    base = Settings().model_dump()
+    for section in ("engine", "openai"):
+        keys = [k for k in top if k.startswith(f"{section}_")]
+        for key in keys:
+            value = top.pop(key)
+            if value is not None:
+                base[section][key.removeprefix(f"{section}_")] = value
     update = {k: v for k, v in top.items() if v is not None}
-    return Settings.model_validate({**base.model_dump(), **update, "engine": engine.model_dump()})
+    return Settings.model_validate({**base, **update})
 
 
 def _prepare_demo(home: Path, only: set[str] | None = None) -> Any:
@@ -83,6 +85,19 @@ def serve(
         typer.Option(help="Allow serving without API keys on a non-loopback address."),
     ] = False,
     kv_cache_gib: Annotated[int | None, typer.Option(help="KV cache GiB (CPU).")] = None,
+    chat_template: Annotated[
+        str | None, typer.Option(help="As vllm serve: a chat template file (or text).")
+    ] = None,
+    tool_call_parser: Annotated[
+        str | None, typer.Option(help="As vllm serve: tool-call parser (pythonic, hermes, ...).")
+    ] = None,
+    enable_auto_tool_choice: Annotated[
+        bool, typer.Option(help="As vllm serve: let the model call tools (needs a parser).")
+    ] = False,
+    structured_outputs_backend: Annotated[
+        str | None,
+        typer.Option(help="As vllm serve's structured-outputs backend: auto|xgrammar|guidance|..."),
+    ] = None,
     ray: Annotated[
         bool, typer.Option("--ray", help="Serve with Ray Serve: replicas, adapter affinity.")
     ] = False,
@@ -109,6 +124,10 @@ def serve(
         engine_max_loras=max_loras,
         engine_max_model_len=max_model_len,
         engine_kv_cache_gib=kv_cache_gib,
+        openai_chat_template=chat_template,
+        openai_tool_call_parser=tool_call_parser,
+        openai_enable_auto_tool_choice=enable_auto_tool_choice or None,
+        openai_structured_outputs_backend=structured_outputs_backend,
     )
     if quantized and not demo:
         raise typer.BadParameter("--quantized selects the demo's quantized base; use with --demo")

@@ -54,7 +54,8 @@ class Caller:
 
 
 def _get(body: Any, name: str) -> Any:
-    return getattr(body, name, None)
+    # The field's value as parsed (vars: no deprecation warning for max_tokens).
+    return vars(body).get(name)
 
 
 class Gateway:
@@ -94,6 +95,7 @@ class Gateway:
             lora=lease.handle,
             priority=ticket.priority,
             max_tokens_cap=self._max_tokens_cap,
+            requested_max_tokens=_requested_max_tokens(body),
             reserve=ticket.reserve,
         )
 
@@ -121,6 +123,13 @@ class Gateway:
 
     def _check(self, body: Any, request: Request) -> None:
         """Our caps, and what vLLM would accept but not honour here: a 400 naming it."""
+        # vLLM accepts unknown fields and only logs them; OpenAI refuses them, and a
+        # parameter that silently does nothing is worse than a 400.
+        extra = sorted(getattr(body, "model_extra", None) or ())
+        if extra:
+            raise InvalidRequest(
+                f"unrecognized request argument(s): {', '.join(extra)}", param=extra[0]
+            )
         for name in ("max_tokens", "max_completion_tokens", "max_output_tokens"):
             value = _get(body, name)
             if value is not None and value > self._max_tokens_cap:
@@ -152,12 +161,16 @@ class Gateway:
 
     def _known_tokens(self, body: Any) -> int:
         """Tokens known to be needed before tokenizing: n * max_tokens, when given."""
-        max_tokens = (
-            _get(body, "max_completion_tokens")
-            or _get(body, "max_tokens")
-            or _get(body, "max_output_tokens")
-        )
-        return int((_get(body, "n") or 1) * (max_tokens or 0))
+        return int((_get(body, "n") or 1) * (_requested_max_tokens(body) or 0))
+
+
+def _requested_max_tokens(body: Any) -> int | None:
+    value = (
+        _get(body, "max_completion_tokens")
+        or _get(body, "max_tokens")
+        or _get(body, "max_output_tokens")
+    )
+    return None if value is None else int(value)
 
 
 def caller_of(tenant: TenantRecord | None, body: Any, request: Request) -> Caller:

@@ -19,6 +19,7 @@ Together with server/engine/vllm.py this is the only code that imports vLLM.
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from argparse import Namespace
 from collections.abc import AsyncGenerator, AsyncIterator, Callable
@@ -57,6 +58,7 @@ from vllm.renderers.inputs.preprocess import extract_prompt_len
 from vllm.renderers.online_renderer import OnlineRenderer
 from vllm.sampling_params import RequestOutputKind, SamplingParams
 from vllm.utils.argparse_utils import FlexibleArgumentParser
+from vllm.v1.engine.exceptions import EngineDeadError
 
 from server.engine.base import LoraHandle
 from server.engine.vllm import lora_request
@@ -70,6 +72,7 @@ from server.errors import (
     RateLimited,
     RequestTooLarge,
     ServerError,
+    describe,
 )
 from server.settings import Settings
 
@@ -140,6 +143,9 @@ class RequestScope:
     lora: LoraHandle | None
     priority: int = 0
     max_tokens_cap: int = 4096
+    # The max_tokens the client asked for (None: vLLM's default, capped): a prompt that
+    # leaves less room than that is a 400, as OpenAI answers (vLLM would cut it short).
+    requested_max_tokens: int | None = None
     # Takes the request's total token reservation (prompt + n * max_tokens, once the
     # prompt is tokenized); raises RateLimited/InvalidRequest to refuse it.
     reserve: Callable[[int], None] = lambda _total: None
@@ -237,6 +243,16 @@ class _RoutedClient:
         else:  # beam search: its own loop calls generate again with SamplingParams
             n, max_tokens = 1, 0
         prompt_len = extract_prompt_len(self._client.model_config, prompt)
+        context = int(self._client.model_config.max_model_len)
+        asked = scope.requested_max_tokens
+        if asked is not None and prompt_len + asked > context:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context} tokens. However, you "
+                f"requested {prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} "
+                "for the completion). Please reduce the length of the prompt or the "
+                "completion.",
+                param="messages",
+            )
         # Quota before the engine sees anything: raises without side effects.
         total = scope._reserved + prompt_len + n * max_tokens
         scope.reserve(total)
@@ -285,6 +301,8 @@ def _as_error(err: ErrorResponse | Exception) -> ServerError:
     """vLLM's verdict on a request, as our error (one table maps ours to HTTP)."""
     if isinstance(err, ServerError):
         return err
+    if isinstance(err, EngineDeadError):
+        return EngineUnavailable("the inference engine is not running")
     context = isinstance(err, VLLMValidationError) and err.parameter in _CONTEXT_PARAMS
     response = err if isinstance(err, ErrorResponse) else create_error_response(err)
     info = response.error
@@ -315,6 +333,7 @@ class OpenAILayer:
 
     def __init__(self, engine_client: Any, args: Namespace, base_name: str) -> None:
         client: Any = _RoutedClient(engine_client)
+        self._engine_client = engine_client
         self.max_model_len = int(engine_client.model_config.max_model_len)
         template = load_chat_template(args.chat_template)
         template_kwargs = resolve_default_chat_template_kwargs(args)
@@ -426,7 +445,9 @@ class OpenAILayer:
             result, (ChatCompletionResponse, CompletionResponse, ResponsesResponse)
         ) or hasattr(result, "model_dump"):
             return Answer(body=_dump(result))
-        return Answer(stream=_sse_events(result) if events else result)
+        if events:
+            return Answer(stream=_sse_events(result))
+        return Answer(stream=_our_error_frames(result, self._engine_client))
 
     def model_list(self, names: list[tuple[str, str | None, str | None]]) -> ModelList:
         """/v1/models in vLLM's shape: (id, parent, kind) for each name we list."""
@@ -444,6 +465,34 @@ class OpenAILayer:
             max_model_len=self.max_model_len,
             **extra,
         )
+
+
+_ERROR_FRAME = 'data: {"error"'
+
+
+async def _our_error_frames(frames: AsyncIterator[str], client: Any) -> AsyncGenerator[str, None]:
+    """vLLM's SSE frames, except that an error frame (vLLM catches a failure inside the
+    stream and frames it itself) is re-told through our one table: the status and code a
+    client sees mid-stream are those it would have seen before the first byte."""
+    async for frame in frames:
+        if frame.startswith(_ERROR_FRAME):
+            yield _reframe(frame, client)
+        else:
+            yield frame
+
+
+def _reframe(frame: str, client: Any) -> str:
+    try:
+        info = json.loads(frame.removeprefix("data: "))["error"]
+        err: ServerError = _as_error(
+            create_error_response(str(info.get("message")), status_code=HTTPStatus(info["code"]))
+        )
+    except (ValueError, KeyError, TypeError):
+        err = EngineFailure("the engine failed during the stream")
+    if getattr(client, "errored", False):
+        err = EngineUnavailable("the inference engine is not running")
+    _, body = describe(err)
+    return f"data: {json.dumps(body)}\n\n"
 
 
 async def _sse_events(events: AsyncIterator[Any]) -> AsyncGenerator[str, None]:

@@ -305,11 +305,6 @@ def test_prompt_longer_than_context(client: TestClient, engine: FakeEngine) -> N
     assert engine.requests == []  # refused before the engine
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server: vLLM 0.32 clamps max_tokens to the context left (200 OK, fewer tokens); "
-    "README's error table promises 400 context_length_exceeded",
-)
 def test_prompt_plus_max_tokens_over_context(client: TestClient, engine: FakeEngine) -> None:
     messages = [{"role": "user", "content": "hello " * 150}]
     assert len(chat_prompt_ids(messages)) + 50 > 200 > len(chat_prompt_ids(messages))
@@ -347,11 +342,6 @@ def test_health_and_dead_engine(client: TestClient, engine: FakeEngine) -> None:
     assert error_of(r)["code"] == "engine_unavailable"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: vLLM's EngineDeadError maps to 500 engine_error "
-    "(openai_layer._as_error maps by vLLM's status), not 503 engine_unavailable",
-)
 def test_requests_to_a_dead_engine_are_503(client: TestClient, engine: FakeEngine) -> None:
     engine.dead = True
     r = chat(client, "tiny")
@@ -383,11 +373,6 @@ def test_streaming_error_frame_then_done(client: TestClient, engine: FakeEngine)
     assert all("error" not in e for e in events[:-2] if isinstance(e, dict))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: an error during a stream is framed by vLLM (type "
-    "'InternalServerError', code 500), not through server/errors.py's table",
-)
 def test_streaming_error_frame_uses_our_table(client: TestClient, engine: FakeEngine) -> None:
     frame = dying_stream(client, engine)[-2]
     assert isinstance(frame, dict)

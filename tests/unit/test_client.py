@@ -197,11 +197,6 @@ def test_error_frame_in_a_stream_raises_a_typed_error(client: Client, server: Se
     assert error.request_id == request_id
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: a stream's error frame is vLLM's (type 'InternalServerError', "
-    "code 500), not server/errors.py's (engine_unavailable for a dead engine)",
-)
 def test_error_frame_of_a_dead_engine_is_503_engine_unavailable(
     client: Client, server: Server
 ) -> None:
@@ -231,11 +226,6 @@ def test_models_lists_base_adapters_and_aliases(client: Client, server: Server) 
         assert set(model) >= ModelInfo.__required_keys__
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="clients/types.py ModelInfo lacks vLLM's ModelCard fields "
-    "(max_model_len, permission) that /v1/models now sends",
-)
 def test_model_info_names_every_field_the_server_sends(client: Client) -> None:
     for model in client.models():
         assert set(model) <= keys(ModelInfo)
