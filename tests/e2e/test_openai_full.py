@@ -139,6 +139,7 @@ def test_refused_parameters_are_400s_naming_them(client: openai.OpenAI) -> None:
         ({"max_tokens": 100_000}, "max_tokens"),
         ({"stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"extra_body": {"kv_transfer_params": {"x": 1}}}, "kv_transfer_params"),
+        ({"extra_body": {"no_such_parameter": 1}}, "no_such_parameter"),
     ]
     for kw, param in cases:
         with pytest.raises(openai.BadRequestError) as info:
