@@ -42,6 +42,9 @@ from vllm.entrypoints.openai.completion.protocol import CompletionRequest, Compl
 from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
 from vllm.entrypoints.openai.models.protocol import BaseModelPath
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
+
+# The Responses API's SSE framing, as vLLM's own route does it.
+from vllm.entrypoints.openai.responses.api_router import _convert_stream_to_sse_events
 from vllm.entrypoints.openai.responses.protocol import ResponsesRequest, ResponsesResponse
 from vllm.entrypoints.openai.responses.serving import OpenAIServingResponses
 from vllm.entrypoints.serve.engine.protocol import (
@@ -446,7 +449,7 @@ class OpenAILayer:
         ) or hasattr(result, "model_dump"):
             return Answer(body=_dump(result))
         if events:
-            return Answer(stream=_sse_events(result))
+            return Answer(stream=_convert_stream_to_sse_events(result))
         return Answer(stream=_our_error_frames(result, self._engine_client))
 
     def model_list(self, names: list[tuple[str, str | None, str | None]]) -> ModelList:
@@ -493,10 +496,3 @@ def _reframe(frame: str, client: Any) -> str:
         err = EngineUnavailable("the inference engine is not running")
     _, body = describe(err)
     return f"data: {json.dumps(body)}\n\n"
-
-
-async def _sse_events(events: AsyncIterator[Any]) -> AsyncGenerator[str, None]:
-    """Responses API stream events as SSE, as vLLM's own route frames them."""
-    async for event in events:
-        kind = getattr(event, "type", "unknown")
-        yield f"event: {kind}\ndata: {event.model_dump_json(indent=None, by_alias=True)}\n\n"
