@@ -151,6 +151,13 @@ class Gateway:
                 "priority is set by this server (tenant fairness), not by requests",
                 param="priority",
             )
+        if _get(body, "store") and "store" in body.model_fields_set:
+            # OpenAI's default is true, so vLLM drops an implicit one; an explicit one
+            # asks for something this server does not do (responses are not kept).
+            raise InvalidRequest(
+                "store: this server keeps no responses (vLLM's response store is off)",
+                param="store",
+            )
         if _get(body, "kv_transfer_params"):
             raise InvalidRequest(
                 "kv_transfer_params: this server has no KV connector", param="kv_transfer_params"

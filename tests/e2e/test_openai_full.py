@@ -147,6 +147,14 @@ def test_refused_parameters_are_400s_naming_them(client: openai.OpenAI) -> None:
         assert info.value.body["param"] == param, (kw, info.value.body)  # type: ignore[index]
 
 
+def test_responses_store_is_refused_not_ignored(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as info:
+        client.responses.create(model=BASE, input="hi", max_output_tokens=4, store=True)
+    assert info.value.body["param"] == "store"  # type: ignore[index]
+    r = client.responses.create(model=f"{BASE}:pirate", input="hi", max_output_tokens=8)
+    assert r.model == f"{BASE}:pirate"
+
+
 def test_response_headers_name_the_adapter(server: ServerProc) -> None:
     r = httpx.post(
         f"{server.url}/v1/chat/completions",
