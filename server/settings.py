@@ -68,6 +68,32 @@ class RegistrySettings(BaseModel):
     )
 
 
+class SourcesSettings(BaseModel):
+    """Where adapters may be registered from, besides paths and uploads (README: Sources)."""
+
+    download_timeout_s: float = Field(
+        300.0, gt=0, description="Total time one download (both files) may take."
+    )
+    download_workers: int = Field(
+        4, ge=1, description="Downloads running at once (their own thread pool)."
+    )
+    http_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="Non-public networks http(s) sources may reach, e.g. 10.0.0.0/8 "
+        "(loopback, private and link-local addresses are refused otherwise).",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, SeaweedFS, Ceph, R2); none = AWS."
+    )
+    s3_region: str | None = Field(None, description="S3 region [the AWS default chain's].")
+    s3_profile: str | None = Field(
+        None, description="AWS profile for S3 credentials [environment / instance role]."
+    )
+    s3_anonymous: bool = Field(False, description="Unsigned S3 requests (public buckets).")
+    hf_enabled: bool = Field(False, description="Accept hf://org/repo[@revision] sources.")
+    hf_endpoint: str | None = Field(None, description="Hugging Face hub URL [the hub's default].")
+
+
 class Settings(BaseSettings):
     """Server configuration. Every field is documented in README's configuration table."""
 
@@ -125,6 +151,7 @@ class Settings(BaseSettings):
         2 * 1024**3, ge=1, description="Cap of the on-disk cache of downloaded adapters."
     )
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    sources: SourcesSettings = Field(default_factory=SourcesSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
 
     @model_validator(mode="after")
