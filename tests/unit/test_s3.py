@@ -357,10 +357,11 @@ class Proxy:
     """A TCP proxy in front of the S3 server that counts the bytes coming back, and can
     cut every connection after `limit` of them (the store going away mid-download)."""
 
-    def __init__(self, upstream: str, limit: int | None = None) -> None:
+    def __init__(self, upstream: str, limit: int | None = None, delay_s: float = 0.0) -> None:
         host, port = upstream.removeprefix("http://").split(":")
         self.upstream = (host, int(port))
         self.limit = limit
+        self.delay_s = delay_s  # per 64 KiB coming back: a store at a finite speed
         self.received = 0
         self._server = socket.create_server(("127.0.0.1", 0))
         self.endpoint = f"http://127.0.0.1:{self._server.getsockname()[1]}"
@@ -387,6 +388,7 @@ class Proxy:
                 sent += len(data)
                 if count:
                     self.received += len(data)
+                    time.sleep(self.delay_s)
         except OSError:
             pass
         for s in (src, dst):
@@ -404,7 +406,7 @@ def test_an_object_over_the_cap_is_refused_before_downloading_it(
     big = make_adapter(tmp_path / "big")
     (big / "adapter_model.safetensors").write_bytes(b"\0" * (4 * CAP))
     put_adapter(s3, bucket, "big", big)
-    proxy = Proxy(seaweed)
+    proxy = Proxy(seaweed, delay_s=0.02)  # 4 MB would take ~1.3 s
     reg = open_registry(tmp_path, proxy.endpoint)
     try:
         with pytest.raises(AdapterTooLarge):
