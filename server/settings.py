@@ -6,10 +6,11 @@ Environment variables use the prefix ``LORASWAP_`` and ``__`` for nesting, e.g.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # vLLM accepts only these LoRA ranks for its preallocated slots.
@@ -92,6 +93,13 @@ class SourcesSettings(BaseModel):
     s3_anonymous: bool = Field(False, description="Unsigned S3 requests (public buckets).")
     hf_enabled: bool = Field(False, description="Accept hf://org/repo[@revision] sources.")
     hf_endpoint: str | None = Field(None, description="Hugging Face hub URL [the hub's default].")
+
+    @field_validator("http_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)  # ValueError: refused at start
+        return value
 
 
 class Settings(BaseSettings):

@@ -383,3 +383,48 @@ def test_crash_leftovers_are_swept_at_start(tmp_path: Path) -> None:
         assert _weights(reg.local_files(v)) == _weights(kept)
     finally:
         reg.close()
+
+
+def test_sha256_field_over_http_is_422(tmp_path: Path) -> None:
+    from fastapi.testclient import TestClient
+
+    from server.app import create_app
+    from server.settings import Settings
+    from tests.fakes import FakeEngine
+
+    make_base(tmp_path / "base")
+    (tmp_path / "allowed").mkdir()
+    folder = make_adapter(tmp_path / "allowed" / "a")
+    settings = Settings(
+        served_model_name="tiny",
+        model=tmp_path / "base",
+        home=tmp_path / "home",
+        admin_key="k",
+        allowed_roots=[tmp_path / "allowed"],
+    )
+    with TestClient(create_app(settings, engine=FakeEngine())) as client:
+        body = {"name": "a", "source": str(folder), "sha256": "../../etc"}
+        r = client.post("/admin/adapters", headers={"authorization": "Bearer k"}, json=body)
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "invalid_sha256"
+        assert r.json()["error"]["param"] == "sha256"
+
+
+def test_downloads_run_in_their_own_bounded_pool(
+    registry: Registry, www: tuple[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """M1: not in the server's default executor (shared with everything else)."""
+    from adapters_registry.sources.http import HttpSource
+
+    url, _ = www
+    threads: list[str] = []
+    real_fetch = HttpSource.fetch
+
+    def fetch(self: HttpSource, *args: Any, **kwargs: Any) -> Any:
+        threads.append(threading.current_thread().name)
+        return real_fetch(self, *args, **kwargs)
+
+    monkeypatch.setattr(HttpSource, "fetch", fetch)
+    registry.register("a", f"{url}/a")
+    assert len(threads) == 1 and threads[0].startswith("adapter-download")
+    assert registry.sources.config.download_workers == 4  # the pool's bound (a setting)
