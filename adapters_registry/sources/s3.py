@@ -141,10 +141,10 @@ def _error(exc: Exception, shown: str, bucket: str) -> AdapterError:
             "no S3 credentials found (environment, profile or instance role); "
             "set sources.s3_anonymous for a public bucket"
         )
-    if isinstance(exc, BotoCoreError | OSError | ValueError):
-        # Endpoint unreachable, connection dropped mid-body, read timeouts.
-        return InvalidSource(f"downloading {shown} failed: {type(exc).__name__}")
-    raise exc
+    # Endpoint unreachable, connection dropped mid-body (BotoCoreError, OSError), read
+    # timeouts, or urllib3's own errors while streaming: the download failed, a 4xx.
+    kind = "S3 client error" if isinstance(exc, BotoCoreError) else "error"
+    return InvalidSource(f"downloading {shown} failed ({kind}: {type(exc).__name__})")
 
 
 class S3Clients:
