@@ -236,7 +236,7 @@ class Registry:
         with staging(self._uploads) as tmp:
             fetched = self.sources.fetch(source, tmp, max_bytes=self.config.limits.max_bytes)
             spec = self._inspect(tmp, name, sha256)
-            target, created = self._move_in(tmp)
+            target, created = self._move_in(tmp, spec.sha256)
         try:
             return self._record(spec, source=source.pinned(fetched), path=target, how=how)
         except AdapterError:
@@ -244,13 +244,12 @@ class Registry:
                 shutil.rmtree(target, ignore_errors=True)
             raise
 
-    def _move_in(self, tmp: Path) -> tuple[Path, bool]:
+    def _move_in(self, tmp: Path, weights_sha256: str) -> tuple[Path, bool]:
         """Move the validated folder `tmp` into the store, named after the content of
         both files (same weights with another config is another entry); (its path,
         whether this call created it)."""
-        digest = hashlib.sha256()
-        for name in (WEIGHTS_FILE, CONFIG_FILE):
-            digest.update(hashlib.sha256((tmp / name).read_bytes()).digest())
+        digest = hashlib.sha256(bytes.fromhex(weights_sha256))
+        digest.update(hashlib.sha256((tmp / CONFIG_FILE).read_bytes()).digest())  # <= 1 MiB
         target = self._uploads / digest.hexdigest()
         if (target / WEIGHTS_FILE).is_file():
             return target, False
