@@ -474,3 +474,19 @@ def _no_config(path: Path) -> Path:
 def _bad_json(path: Path) -> Path:
     (path / "adapter_config.json").write_text("{not json")
     return path
+
+
+def test_refetch_is_checked_by_sha256_even_without_pins(
+    registry: Registry, tmp_path: Path, s3: Any, bucket: str
+) -> None:
+    """A second adapter registered with the sha256 of weights already cached records the
+    source unpinned (nothing was fetched); a later fetch is still checked by sha256."""
+    src = make_adapter(tmp_path / "a")
+    put_adapter(s3, bucket, "a", src)
+    registry.register("a", f"s3://{bucket}/a")
+    v = registry.register("b", f"s3://{bucket}/a", sha256=sha(src))
+    assert v.source == f"s3://{bucket}/a"  # no pins: served from the cache as it was
+    put_adapter(s3, bucket, "a", make_adapter(tmp_path / "other", seed=5))
+    registry.cache.remove(v.sha256)
+    with pytest.raises(SourceChanged, match="b@1"):
+        registry.local_files(v)
