@@ -148,7 +148,7 @@ def _open(
         conn.request(
             "GET", target, headers={"User-Agent": "loraswap", "Accept-Encoding": "identity"}
         )
-        conn.socket.settimeout(deadline.remaining())
+        conn.settimeout(deadline.remaining())
         return conn, conn.getresponse()
     except BaseException:
         conn.close()
@@ -159,7 +159,7 @@ def _body(conn: _Pinned, response: http.client.HTTPResponse, deadline: Deadline)
     while True:
         # The socket itself: http.client drops conn.sock once the response says the
         # connection closes after it (HTTP/1.0), while the response still reads from it.
-        conn.socket.settimeout(deadline.remaining())
+        conn.settimeout(deadline.remaining())
         chunk = response.read1(CHUNK)
         if not chunk:
             if response.length:  # read1, unlike read, does not notice a short body
@@ -192,14 +192,20 @@ class _Pinned(http.client.HTTPConnection):
     def __init__(self, host: str, port: int, address: str, timeout: float) -> None:
         super().__init__(host, port, timeout=timeout)
         self._address = address
-        self.socket = socket.socket()  # replaced by connect(); kept after sock is dropped
+        # The connected socket, kept after http.client drops `sock` (see _body).
+        self.socket: socket.socket | None = None
 
     def connect(self) -> None:
         self.sock = self.socket = socket.create_connection((self._address, self.port), self.timeout)
 
+    def settimeout(self, seconds: float) -> None:
+        if self.socket is not None:
+            self.socket.settimeout(seconds)
+
     def close(self) -> None:
         super().close()
-        self.socket.close()
+        if self.socket is not None:
+            self.socket.close()
 
 
 class _PinnedHTTPS(_Pinned, http.client.HTTPSConnection):
@@ -207,7 +213,7 @@ class _PinnedHTTPS(_Pinned, http.client.HTTPSConnection):
         self._tls = ssl.create_default_context()
         http.client.HTTPSConnection.__init__(self, host, port, timeout=timeout, context=self._tls)
         self._address = address
-        self.socket = socket.socket()
+        self.socket = None
 
     def connect(self) -> None:
         sock = socket.create_connection((self._address, self.port), self.timeout)
