@@ -104,7 +104,7 @@ class HttpSource(Source):
         except (http.client.HTTPException, OSError, ValueError) as exc:
             # HTTPException: bad status lines, truncated bodies (IncompleteRead), bad URLs
             # (InvalidURL); OSError: refused, reset, TLS; ValueError: malformed input.
-            reason = getattr(exc, "reason", None) or type(exc).__name__
+            reason = getattr(exc, "strerror", None) or type(exc).__name__
             raise InvalidSource(f"downloading {shown} failed: {reason}") from exc
 
 
