@@ -10,6 +10,7 @@
     │   ├── InUse                an alias (or the current pointer) still routes to it
     │   └── SourceChanged        files on disk no longer match the registered sha256
     ├── InvalidSource            a source we cannot fetch (bad URL, scheme, download error)
+    ├── InvalidChecksum          an expected sha256 that is not 64 hex digits
     ├── CacheFull                the download cache holds only adapters in use (transient)
     ├── InvalidAlias             weights or variants of an alias are not valid
     └── InvalidAdapter           the files exist but cannot be served as-is
@@ -72,6 +73,10 @@ class SourceChanged(Conflict):
 
 
 class InvalidSource(AdapterError):
+    pass
+
+
+class InvalidChecksum(AdapterError):
     pass
 
 

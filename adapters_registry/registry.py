@@ -7,10 +7,15 @@ is always something that has been durably acknowledged.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import re
 import shutil
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
@@ -20,14 +25,15 @@ from adapters_registry.errors import (
     AdapterError,
     AdapterNotFound,
     AlreadyExists,
+    CacheFull,
     InvalidAlias,
+    InvalidChecksum,
     InvalidSource,
     MalformedAdapter,
     SourceChanged,
     TenantNotFound,
 )
 from adapters_registry.names import check_name
-from adapters_registry.paths import confine
 from adapters_registry.records import (
     AdapterRecord,
     AliasRecord,
@@ -36,10 +42,28 @@ from adapters_registry.records import (
     Variant,
     VersionRecord,
 )
-from adapters_registry.sources import DiskCache, download, is_url, save_upload, staging
+from adapters_registry.sources import (
+    DiskCache,
+    Fetched,
+    Source,
+    Sources,
+    SourcesConfig,
+    UploadSource,
+    fsync_dir,
+    is_url,
+    staging,
+)
+from adapters_registry.sources.cache import sweep_staging
 from adapters_registry.spec import AdapterSpec
 from adapters_registry.store import Store
-from adapters_registry.validate import Limits, inspect_adapter
+from adapters_registry.validate import CONFIG_FILE, WEIGHTS_FILE, Limits, inspect_adapter
+
+log = logging.getLogger("loraswap.registry")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+# A folder moved into the store is recorded within milliseconds; one older than this
+# that no version references was left by a crash in between (another replica sharing
+# the storage may be between the two steps right now: hence the grace).
+_UNRECORDED_GRACE_S = 60.0
 
 
 @dataclass(frozen=True)
@@ -49,6 +73,7 @@ class RegistryConfig:
     allowed_roots: tuple[Path, ...]
     cache_max_bytes: int
     limits: Limits
+    sources: SourcesConfig = field(default_factory=SourcesConfig)
 
 
 @dataclass(frozen=True)
@@ -68,9 +93,15 @@ class Registry:
         self.config = config
         self.base = base
         self._store = Store(config.database)
+        # The content-addressed store of the files we keep: uploads and local sources
+        # (copied at registration: what was validated is what the engine reads).
         self._uploads = config.storage_dir / "uploads"
         self._uploads.mkdir(parents=True, exist_ok=True)
         self.cache = DiskCache(config.storage_dir / "cache", config.cache_max_bytes, in_use)
+        self.sources = Sources(config.sources, config.allowed_roots)
+        # Folders whose files were hashed by this process: each stored or cached folder
+        # is verified on its first use after a start (a crash or a disk may have torn it).
+        self._verified: set[str] = set()
         self._lock = threading.Lock()
         self._adapters: dict[str, AdapterRecord] = {}
         self._aliases: dict[str, AliasRecord] = {}
@@ -85,9 +116,30 @@ class Registry:
         # derive from the snapshot (e.g. the names /v1/models lists).
         self._generation = 0
         self._reload()
+        self._sweep()
 
     def close(self) -> None:
+        self.sources.close()
         self._store.close()
+
+    def _sweep(self) -> None:
+        """Security review L4: what a kill -9 left behind (staging folders, a folder
+        moved into the store but never recorded) goes at start."""
+        swept = sweep_staging(self._uploads) + sweep_staging(self.cache.staging_root)
+        referenced = {Path(v.path).name for a in self._adapters.values() for v in a.versions}
+        now = time.time()
+        for path in self._uploads.iterdir():
+            if path.name.startswith(".") or path.name in referenced:
+                continue
+            try:
+                if now - path.stat().st_mtime < _UNRECORDED_GRACE_S:
+                    continue
+            except FileNotFoundError:
+                continue
+            shutil.rmtree(path, ignore_errors=True)
+            swept.append(path)
+        if swept:
+            log.info("removed %d leftovers of an earlier run: %s", len(swept), swept)
 
     # -- reads: the in-memory snapshot -------------------------------------------------
 
@@ -147,14 +199,16 @@ class Registry:
         """
         how = _Placement(create, make_current, owner, shared)
         check_name(name)
+        sha256 = _checked_sha(sha256, name)
         self._precheck(name, how)
-        if is_url(source):
-            return self._register_download(name, source, sha256, how)
-        path = confine(Path(source), self.config.allowed_roots)
-        if not path.is_dir():
-            raise InvalidSource(f"no adapter folder at {source!r}", adapter=name)
-        spec = self._inspect(path, name, sha256)
-        return self._record(spec, source=str(source), path=path, how=how)
+        try:
+            parsed = self.sources.parse(source)
+        except AdapterError as exc:
+            exc.adapter = exc.adapter or name
+            raise
+        if parsed.remote:
+            return self._register_download(name, parsed, sha256, how)
+        return self._register_stored(name, parsed, sha256, how)
 
     def register_upload(
         self,
@@ -170,36 +224,67 @@ class Registry:
         """Like `register`, from uploaded adapter_config.json + adapter_model.safetensors."""
         how = _Placement(create, make_current, owner, shared)
         check_name(name)
+        sha256 = _checked_sha(sha256, name)
         self._precheck(name, how)
+        return self._register_stored(name, UploadSource(files), sha256, how)
+
+    def _register_stored(
+        self, name: str, source: Source, sha256: str | None, how: _Placement
+    ) -> VersionRecord:
+        """A source copied into the store (uploads, local folders): fetched into a
+        staging folder, validated there, then moved in, fsynced, and recorded."""
         with staging(self._uploads) as tmp:
-            save_upload(files, tmp, max_bytes=self.config.limits.max_bytes)
+            fetched = self.sources.fetch(source, tmp, max_bytes=self.config.limits.max_bytes)
             spec = self._inspect(tmp, name, sha256)
-            target = self._uploads / spec.sha256
-            created = not target.exists()
-            if created:
-                tmp.rename(target)
+            target, created = self._move_in(tmp, spec.sha256)
         try:
-            return self._record(spec, source="upload", path=target, how=how)
+            return self._record(spec, source=source.pinned(fetched), path=target, how=how)
         except AdapterError:
-            if created and not self._sha_referenced(spec.sha256):
+            if created and not self._path_referenced(target):
                 shutil.rmtree(target, ignore_errors=True)
             raise
 
+    def _move_in(self, tmp: Path, weights_sha256: str) -> tuple[Path, bool]:
+        """Move the validated folder `tmp` into the store, named after the content of
+        both files (same weights with another config is another entry); (its path,
+        whether this call created it)."""
+        digest = hashlib.sha256(bytes.fromhex(weights_sha256))
+        digest.update(hashlib.sha256((tmp / CONFIG_FILE).read_bytes()).digest())  # <= 1 MiB
+        target = self._uploads / digest.hexdigest()
+        if (target / WEIGHTS_FILE).is_file():
+            return target, False
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Another registration of the same files moved its copy in first (ENOTEMPTY):
+            # the same content, so use it.
+            if (target / WEIGHTS_FILE).is_file():
+                return target, False
+            raise
+        fsync_dir(self._uploads)
+        self._verified.add(str(target))
+        return target, True
+
     def _register_download(
-        self, name: str, url: str, sha256: str | None, how: _Placement
+        self, name: str, source: Source, sha256: str | None, how: _Placement
     ) -> VersionRecord:
-        cached = self.cache.get(sha256.lower()) if sha256 else None
+        cached = self.cache.get(sha256) if sha256 else None
         if cached is not None:
             spec = self._inspect(cached, name, sha256)
+            self._verified.add(str(cached))
             created = False
+            # Not fetched: nothing but the sha256 pins it (checked again on every fetch).
+            recorded = source.pinned(Fetched(sha256=spec.sha256))
         else:
             with self.cache.staging() as tmp:
-                download(url, tmp, max_bytes=self._download_cap())
+                fetched = self.sources.fetch(source, tmp, max_bytes=self._download_cap())
                 spec = self._inspect(tmp, name, sha256)
                 created = self.cache.get(spec.sha256) is None
                 cached = self.cache.put(tmp, spec.sha256)
+                self._verified.add(str(cached))
+            recorded = source.pinned(fetched)
         try:
-            return self._record(spec, source=url, path=cached, how=how)
+            return self._record(spec, source=recorded, path=cached, how=how)
         except AdapterError:
             if created and not self._sha_referenced(spec.sha256):
                 self.cache.remove(spec.sha256)
@@ -243,24 +328,60 @@ class Registry:
     def _sha_referenced(self, sha256: str) -> bool:
         return any(v.sha256 == sha256 for a in self._adapters.values() for v in a.versions)
 
+    def _path_referenced(self, path: Path) -> bool:
+        return any(v.path == str(path) for a in self._adapters.values() for v in a.versions)
+
     # -- making a version servable -----------------------------------------------------
 
     def local_files(self, version: VersionRecord) -> Path:
-        """A folder holding exactly the registered weights of `version`, re-verified.
+        """A folder holding exactly the registered files of `version`, verified.
 
-        Downloads evicted from the cache are fetched again; a local source whose files
-        changed since registration is refused rather than served as the old version.
+        Downloads evicted from the cache are fetched again (their pinned objects) and
+        checked again; stored and cached folders are checked on their first use after a
+        start. Security review M7: what reaches the requester (a /v1 tenant, maybe) names
+        no path or URL; the details go to the log.
         """
         if is_url(version.source):
-            path = self.cache.get(version.sha256)
-            if path is None:
-                with self.cache.staging() as tmp:
-                    download(version.source, tmp, max_bytes=self._download_cap())
-                    self._verify(tmp, version)
-                    path = self.cache.put(tmp, version.sha256)
-                return path
+            return self._cached_files(version)
         path = Path(version.path)
-        self._verify(path, version)
+        if path.parent != self._uploads or str(path) not in self._verified:
+            # (Versions recorded before sources were copied into the store are read in
+            # place, so they are checked at every load, as they were then.)
+            self._verify(path, version)
+            if path.parent == self._uploads:
+                self._verified.add(str(path))
+        return path
+
+    def _cached_files(self, version: VersionRecord) -> Path:
+        path = self.cache.get(version.sha256)
+        if path is not None and str(path) not in self._verified:
+            try:
+                self._verify(path, version)
+                self._verified.add(str(path))
+            except SourceChanged:
+                log.warning("%s: cached files damaged; fetching them again", _label(version))
+                self.cache.remove(version.sha256)
+                path = None
+        if path is not None:
+            return path
+        try:
+            source = self.sources.parse(version.source)
+            with self.cache.staging() as tmp:
+                self.sources.fetch(source, tmp, max_bytes=self._download_cap())
+                self._verify(tmp, version)
+                path = self.cache.put(tmp, version.sha256)
+        except CacheFull:
+            raise
+        except AdapterError as exc:
+            log.warning("%s: fetching %s again failed: %s", _label(version), version.source, exc)
+            if isinstance(exc, SourceChanged | MalformedAdapter):
+                raise SourceChanged(_changed(version), adapter=version.adapter) from exc
+            raise InvalidSource(
+                f"{_label(version)}: its files could not be fetched again from its source "
+                "(details in the server log)",
+                adapter=version.adapter,
+            ) from exc
+        self._verified.add(str(path))
         return path
 
     def _verify(self, path: Path, version: VersionRecord) -> None:
@@ -269,11 +390,8 @@ class Registry:
         except (MalformedAdapter, AdapterNotFound) as exc:
             # It was valid when registered: any such failure now means the files changed
             # (ChecksumMismatch is a MalformedAdapter).
-            raise SourceChanged(
-                f"{version.adapter}@{version.version}: its files at {version.source} "
-                "changed or vanished since registration; register a new version",
-                adapter=version.adapter,
-            ) from exc
+            log.warning("%s: files at %s changed: %s", _label(version), path, exc)
+            raise SourceChanged(_changed(version), adapter=version.adapter) from exc
 
     # -- other writes ------------------------------------------------------------------
 
@@ -342,13 +460,13 @@ class Registry:
         return record
 
     def _forget_files(self, version: VersionRecord) -> None:
-        # Files we own (uploads, downloads) go once no version references them;
-        # a local source belongs to its owner and is never touched.
-        if self._sha_referenced(version.sha256):
-            return
-        if version.source == "upload":
-            shutil.rmtree(self._uploads / version.sha256, ignore_errors=True)
-        elif is_url(version.source):
+        # Files we own (the store, downloads) go once no version references them; a
+        # local folder registered before sources were copied belongs to its owner.
+        path = Path(version.path)
+        if path.parent == self._uploads and not self._path_referenced(path):
+            shutil.rmtree(path, ignore_errors=True)
+            self._verified.discard(str(path))
+        elif is_url(version.source) and not self._sha_referenced(version.sha256):
             self.cache.remove(version.sha256)
 
     def _refresh_adapter(self, name: str) -> None:
@@ -440,6 +558,30 @@ class Registry:
 
     def set_access(self, name: str, *, owner: str | None, shared: bool) -> AdapterRecord:
         return self._write(name, lambda: self._store.set_access(name, owner=owner, shared=shared))
+
+
+def _checked_sha(sha256: str | None, name: str) -> str | None:
+    """Security review M3: the expected sha256 names a cache entry, so it must be exactly
+    64 hex digits before it is used for anything (no '/', no '..')."""
+    if sha256 is None:
+        return None
+    normal = sha256.strip().lower()
+    if not _SHA256.fullmatch(normal):
+        error = InvalidChecksum("sha256 must be 64 hex digits", adapter=name)
+        error.param = "sha256"
+        raise error
+    return normal
+
+
+def _label(version: VersionRecord) -> str:
+    return f"{version.adapter}@{version.version}"
+
+
+def _changed(version: VersionRecord) -> str:
+    return (
+        f"{_label(version)}: its files changed or vanished at the source since "
+        "registration; register a new version"
+    )
 
 
 def usable_by(record: AdapterRecord | AliasRecord, tenant: str | None) -> bool:

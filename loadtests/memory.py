@@ -221,6 +221,8 @@ def cache_check(
     )
     launch.env["LORASWAP_STORAGE_DIR"] = str(storage)
     launch.env["LORASWAP_DOWNLOAD_CACHE_BYTES"] = str(cap)
+    # The adapters are served from a loopback file server, which sources refuse by default.
+    launch.env["LORASWAP_SOURCES__HTTP_ALLOWED_NETWORKS"] = '["127.0.0.1/32"]'
     out: dict[str, Any] = {
         "adapters": len(variants),
         "adapter_bytes": one,

@@ -19,6 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_registry import AdapterError, BaseModelShapes, DirectoryCatalog, Limits
 from adapters_registry.registry import Registry, RegistryConfig
+from adapters_registry.sources import SourcesConfig
 from server.adapters import AdapterRouter
 from server.auth import OpenMode
 from server.engine.base import Engine
@@ -50,6 +51,10 @@ def open_registry(settings: Settings) -> tuple[Registry, DirectoryCatalog | None
         allowed_roots=settings.adapter_roots,
         cache_max_bytes=settings.download_cache_bytes,
         limits=limits,
+        sources=SourcesConfig(
+            **settings.sources.model_dump(exclude={"http_allowed_networks"}),
+            http_allowed_networks=tuple(settings.sources.http_allowed_networks),
+        ),
     )
     return Registry(config, base), catalog
 

@@ -20,6 +20,7 @@ import json
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, TypeVar
 
 import typer
@@ -34,6 +35,10 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from adapters_registry.errors import AdapterError
+from adapters_registry.spec import AdapterSpec
+from adapters_registry.validate import CONFIG_FILE as CONFIG_NAME
+from adapters_registry.validate import WEIGHTS_FILE as WEIGHTS_NAME
 from clients import (
     DEFAULT_URL,
     AdapterInfo,
@@ -245,6 +250,66 @@ def make_adapters_app(connect: ClientFactory = default_client) -> typer.Typer:
             else:
                 version = client.add_version(name, source, sha256=sha256, make_current=not stage)
         out.print(f"added {_describe(version)}" + (" (staged)" if stage else " (current)"))
+
+    @app.command("push")
+    def push(
+        folder: Annotated[
+            Path,
+            typer.Argument(
+                help="A PEFT save_pretrained output, e.g. a Trainer's checkpoint-500 folder.",
+                show_default=False,
+            ),
+        ],
+        name: Name,
+        base: Annotated[
+            Path | None,
+            typer.Option(
+                "--base",
+                help="Base model folder: also check the adapter fits it.",
+                show_default=False,
+            ),
+        ] = None,
+        stage: Annotated[bool, typer.Option("--stage", help="Do not make it current yet.")] = False,
+        owner: Owner = None,
+        shared: Shared = False,
+        url: Url = DEFAULT_URL,
+        admin_key: AdminKey = None,
+    ) -> None:
+        """From a training run to a served version: check the adapter here (the server's
+        checks), upload it as the next version of NAME (or as a new adapter), and print
+        how to call it."""
+        spec = _preflight(folder, name, base)
+        out.print(
+            f"checked {folder}: rank {spec.rank}, targets {', '.join(spec.target_modules)}, "
+            f"sha256 {spec.sha256[:12]}"
+        )
+        files = {"adapter_config": folder / CONFIG_NAME, "adapter_model": folder / WEIGHTS_NAME}
+        with _session(connect, url, admin_key) as client:
+            try:
+                client.get_adapter(name)
+                exists = True
+            except NotFoundError:
+                exists = False
+            with _progress(f"uploading {name}") as bar:
+                if exists:
+                    version = client.upload_version(
+                        name, files, sha256=spec.sha256, make_current=not stage, progress=bar
+                    )
+                else:
+                    adapter = client.upload_adapter(
+                        name, files, sha256=spec.sha256, progress=bar, owner=owner, shared=shared
+                    )
+                    version = adapter["versions"][-1]
+        state = "staged: `loraswap adapters set-current` serves it" if stage else "current"
+        out.print(f"pushed {_describe(version)} ({state})")
+        model = f"{version['base_model']}:{name}"
+        body = json.dumps({"model": model, "messages": [{"role": "user", "content": "Hello!"}]})
+        out.print(
+            f"curl {url.rstrip('/')}/v1/chat/completions "
+            '-H "authorization: Bearer $LORASWAP_API_KEY" '
+            f"-H 'content-type: application/json' -d '{body}'",
+            soft_wrap=True,
+        )
 
     def set_current(name: str, version: int, url: str, admin_key: str | None) -> None:
         with _session(connect, url, admin_key) as client:
@@ -563,6 +628,22 @@ def parse_variants(items: Sequence[str]) -> dict[str, int]:
 
 
 # -- rendering -------------------------------------------------------------------------
+
+
+def _preflight(folder: Path, name: str, base: Path | None) -> AdapterSpec:
+    """The server's checks, here: a refused adapter never leaves the machine."""
+    from adapters_registry.base_model import BaseModelShapes
+    from adapters_registry.preflight import preflight
+
+    try:
+        shapes = BaseModelShapes.from_dir(base, base.name) if base is not None else None
+        return preflight(folder, name=name, base=shapes)
+    except AdapterError as exc:
+        err.print(f"[red]refused:[/red] {exc.message}", soft_wrap=True)
+        raise typer.Exit(1) from None
+    except OSError as exc:
+        err.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        raise typer.Exit(1) from None
 
 
 def _describe(v: VersionInfo) -> str:

@@ -130,6 +130,7 @@ ERROR_TABLE: dict[type[Exception], ErrorKind] = {
     reg.SourceChanged: ErrorKind(409, _INVALID, "source_changed"),
     reg.Conflict: ErrorKind(409, _INVALID, "conflict"),
     reg.InvalidSource: ErrorKind(400, _INVALID, "invalid_source"),
+    reg.InvalidChecksum: ErrorKind(422, _INVALID, "invalid_sha256"),
     reg.CacheFull: ErrorKind(503, "service_unavailable_error", "adapter_cache_full"),
     reg.InvalidAlias: ErrorKind(422, _INVALID, "invalid_alias"),
     reg.ChecksumMismatch: ErrorKind(422, _INVALID, "checksum_mismatch"),

@@ -6,10 +6,11 @@ Environment variables use the prefix ``LORASWAP_`` and ``__`` for nesting, e.g.
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Literal, get_args
 
-from pydantic import BaseModel, Field, SecretStr, model_validator
+from pydantic import BaseModel, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 # vLLM accepts only these LoRA ranks for its preallocated slots.
@@ -106,6 +107,39 @@ class RegistrySettings(BaseModel):
     )
 
 
+class SourcesSettings(BaseModel):
+    """Where adapters may be registered from, besides paths and uploads (README: Sources)."""
+
+    download_timeout_s: float = Field(
+        300.0, gt=0, description="Total time one download (both files) may take."
+    )
+    download_workers: int = Field(
+        4, ge=1, description="Downloads running at once (their own thread pool)."
+    )
+    http_allowed_networks: list[str] = Field(
+        default_factory=list,
+        description="Non-public networks http(s) sources may reach, e.g. 10.0.0.0/8 "
+        "(loopback, private and link-local addresses are refused otherwise).",
+    )
+    s3_endpoint_url: str | None = Field(
+        None, description="S3-compatible endpoint (MinIO, SeaweedFS, Ceph, R2); none = AWS."
+    )
+    s3_region: str | None = Field(None, description="S3 region [the AWS default chain's].")
+    s3_profile: str | None = Field(
+        None, description="AWS profile for S3 credentials [environment / instance role]."
+    )
+    s3_anonymous: bool = Field(False, description="Unsigned S3 requests (public buckets).")
+    hf_enabled: bool = Field(False, description="Accept hf://org/repo[@revision] sources.")
+    hf_endpoint: str | None = Field(None, description="Hugging Face hub URL [the hub's default].")
+
+    @field_validator("http_allowed_networks")
+    @classmethod
+    def _networks(cls, value: list[str]) -> list[str]:
+        for network in value:
+            ipaddress.ip_network(network, strict=False)  # ValueError: refused at start
+        return value
+
+
 class Settings(BaseSettings):
     """Server configuration. Every field is documented in README's configuration table."""
 
@@ -174,6 +208,7 @@ class Settings(BaseSettings):
         2 * 1024**3, ge=1, description="Cap of the on-disk cache of downloaded adapters."
     )
     registry: RegistrySettings = Field(default_factory=RegistrySettings)
+    sources: SourcesSettings = Field(default_factory=SourcesSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
 

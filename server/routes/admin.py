@@ -36,11 +36,13 @@ class _Body(BaseModel):
 class RegisterAdapter(_Body):
     name: str = Field(description="Adapter name: [a-z0-9][a-z0-9._-]{0,63}.")
     source: str = Field(
-        description="A path inside the allowed roots, or an http(s) URL "
-        "of a folder with adapter_config.json and "
+        description="A path inside the allowed roots, an http(s) URL, s3://bucket/prefix "
+        "or hf://org/repo[@revision] (if enabled) of a folder with adapter_config.json and "
         "adapter_model.safetensors."
     )
-    sha256: str | None = Field(None, description="Expected sha256 of the weights file.")
+    sha256: str | None = Field(
+        None, description="Expected sha256 of the weights file (64 hex digits)."
+    )
     owner: str | None = Field(None, description="Owning tenant; none = the operator's.")
     shared: bool = Field(False, description="Usable by every tenant.")
 

@@ -168,7 +168,11 @@ def test_http_503_and_retry_after_when_the_cache_is_full_of_adapters_in_use(
     tmp_path: Path, www: tuple[str, Path, int]
 ) -> None:
     url, _, size = www
-    settings = tiny_settings(tmp_path, download_cache_bytes=size)
+    settings = tiny_settings(
+        tmp_path,
+        download_cache_bytes=size,
+        sources={"http_allowed_networks": ["127.0.0.1/32"]},  # served over loopback
+    )
     with TestClient(create_app(settings, engine=FakeEngine())) as client:
         router: AdapterRouter = client.app.state.router  # type: ignore[attr-defined]
         for i in (0, 1):

@@ -32,6 +32,7 @@ from adapters_registry import (
 )
 from adapters_registry.records import Variant
 from adapters_registry.registry import Registry, RegistryConfig
+from adapters_registry.sources import Fetched, Source, SourcesConfig
 from tests.adapters import make_adapter, make_base
 
 
@@ -52,6 +53,8 @@ def open_registry(
         allowed_roots=(roots,),
         cache_max_bytes=cache_bytes,
         limits=Limits(max_rank=16, max_bytes=10**6),
+        # These tests serve adapters over loopback HTTP, which sources refuse by default.
+        sources=SourcesConfig(http_allowed_networks=("127.0.0.1/32",)),
     )
     return Registry(config, base)
 
@@ -193,14 +196,24 @@ def test_checksum_checked_when_given(registry: Registry, roots: Path) -> None:
 
 
 def test_changed_local_files_are_not_served_as_the_old_version(
-    registry: Registry, roots: Path
+    tmp_path: Path, roots: Path, database: str | Path
 ) -> None:
+    """A local folder is copied at registration: a later change there does not reach the
+    registered version, and a damaged copy is refused (checked on first use)."""
+    registry = open_registry(tmp_path, roots, database)
     path = make_adapter(roots / "x", rank=8)
     v = registry.register("a", str(path))
-    assert registry.local_files(v) == path.resolve()
     make_adapter(path, rank=16)
-    with pytest.raises(SourceChanged, match="a@1"):
-        registry.local_files(v)
+    stored = registry.local_files(v)
+    assert sha(stored) == v.sha256 and not stored.is_relative_to(roots)
+    registry.close()
+    (stored / "adapter_model.safetensors").write_bytes(b"torn")
+    registry = open_registry(tmp_path, roots, database)
+    try:
+        with pytest.raises(SourceChanged, match="a@1"):
+            registry.local_files(v)
+    finally:
+        registry.close()
 
 
 # -- uploads ---------------------------------------------------------------------------
@@ -303,8 +316,8 @@ def test_failed_download_leaves_nothing(
 def test_bad_urls(registry: Registry) -> None:
     with pytest.raises(InvalidSource):
         registry.register("x", "http://127.0.0.1:9/nothing-listens-here")
-    with pytest.raises(PathOutsideRoots):
-        registry.register("x", "s3://bucket/key")  # not a URL we fetch: a (bad) path
+    with pytest.raises(InvalidSource, match="unsupported source scheme"):
+        registry.register("x", "ftp://host/key")
 
 
 def test_download_cache_is_capped_lru(
@@ -358,21 +371,20 @@ def test_download_cache_folder_never_exceeds_its_cap(
     """loadtests memory.md: downloads were staged inside the cache folder before room was
     made, so it held cap + one adapter. They are staged in a sibling folder (same
     filesystem, so moving in is a rename) and room is made before they move in."""
-    import adapters_registry.registry as registry_module
-
     url, www = http_root
     one = make_adapter(www / "a0")
     size = sum(p.stat().st_size for p in one.iterdir())
     reg = open_registry(tmp_path, roots, database, cache_bytes=2 * size)  # exactly 2
-    real_download = registry_module.download
+    real_fetch = reg.sources.fetch
     seen: list[int] = []
 
-    def download(source: str, dest: Path, **kwargs: int) -> None:
-        real_download(source, dest, **kwargs)
+    def fetch(source: Source, dest: Path, **kwargs: int) -> Fetched:
+        fetched = real_fetch(source, dest, **kwargs)
         assert dest.parent == reg.config.storage_dir / "staging"
         seen.append(_bytes_under(reg.cache.root))
+        return fetched
 
-    monkeypatch.setattr(registry_module, "download", download)
+    monkeypatch.setattr(reg.sources, "fetch", fetch)
     try:
         for i in range(4):
             make_adapter(www / f"a{i}", seed=i)  # same size, different weights

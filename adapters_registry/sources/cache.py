@@ -1,15 +1,11 @@
-"""Where adapter files come from, turned into a verified local folder.
+"""The capped LRU disk cache of downloaded adapters, and private staging folders.
 
-- a path inside the configured roots (used in place; its sha256 is checked at each load)
-- an http(s) URL of a folder holding adapter_config.json + adapter_model.safetensors,
-  downloaded into a size-capped LRU disk cache keyed by the weights' sha256
-- uploaded files, kept in the registry's own storage (they have no other home)
-
-Downloads and uploads are written to a private staging folder first and only moved into
-place after validation, so a failure leaves no stray files behind. Downloads are staged
-outside the capped cache folder (in a sibling, on the same filesystem, so moving one in
-is a rename), and room is made before one moves in: the cache folder never holds more
-than its cap.
+Downloads are written to a private staging folder first and only moved into place after
+validation, so a failure leaves no stray files behind. They are staged outside the
+capped cache folder (in a sibling, on the same filesystem, so moving one in is a
+rename), and room is made before one moves in: the cache folder never holds more than
+its cap. Staging folders are named after the process that made them, so that a later
+start can tell a crash's leftovers from another live replica's work (`sweep_staging`).
 """
 
 from __future__ import annotations
@@ -17,88 +13,31 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import socket
 import threading
-import urllib.error
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import BinaryIO
 
-from adapters_registry.errors import AdapterTooLarge, CacheFull, InvalidSource, MalformedAdapter
-from adapters_registry.validate import CONFIG_FILE, WEIGHTS_FILE
+from adapters_registry.errors import AdapterTooLarge, CacheFull
+from adapters_registry.sources.base import fsync_dir
+from adapters_registry.validate import WEIGHTS_FILE
 
-ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
-_CONFIG_MAX_BYTES = 1024 * 1024
-_CHUNK = 1 << 20
+_STAGING_PREFIX = ".staging-"
 # Older versions kept each entry's last use in this file; now it is the folder's mtime.
 _LEGACY_USED_MARK = ".last-used"
-
-
-def is_url(source: str) -> bool:
-    return source.startswith(("http://", "https://"))
 
 
 @contextmanager
 def staging(root: Path) -> Iterator[Path]:
     """A fresh private folder under `root`, removed on exit whatever happens."""
-    path = root / f".staging-{uuid.uuid4().hex}"
+    path = root / f"{_STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex}"
     path.mkdir(parents=True)
     try:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def copy_capped(src: BinaryIO, dest: Path, cap: int, what: str) -> int:
-    """Copy a stream to `dest`, refusing it as soon as it passes `cap` bytes."""
-    total = 0
-    with dest.open("wb") as out:
-        while chunk := src.read(_CHUNK):
-            total += len(chunk)
-            if total > cap:
-                raise AdapterTooLarge(f"{what} is larger than the cap of {cap} bytes")
-            out.write(chunk)
-    return total
-
-
-def download(url: str, dest: Path, *, max_bytes: int, timeout_s: float = 60.0) -> None:
-    """Fetch the two adapter files of the folder at `url` into `dest`."""
-    try:
-        parsed = urllib.parse.urlsplit(url)
-    except ValueError as exc:  # e.g. an unclosed IPv6 bracket
-        raise InvalidSource(f"malformed source URL {url!r}: {exc}") from exc
-    if parsed.scheme not in ("http", "https") or not parsed.netloc:
-        raise InvalidSource(f"unsupported source URL {url!r}: use http(s)://host/path")
-    base = url if url.endswith("/") else url + "/"
-    for name, cap in ((CONFIG_FILE, _CONFIG_MAX_BYTES), (WEIGHTS_FILE, max_bytes)):
-        file_url = urllib.parse.urljoin(base, name)
-        try:
-            # urlopen also follows redirects; only http(s) handlers are installed by default.
-            with urllib.request.urlopen(file_url, timeout=timeout_s) as response:
-                length = response.headers.get("content-length")
-                if length is not None and length.isdigit() and int(length) > cap:
-                    raise AdapterTooLarge(f"{file_url} is {length} bytes, above the cap of {cap}")
-                copy_capped(response, dest / name, cap, file_url)
-        except urllib.error.HTTPError as exc:
-            raise InvalidSource(f"downloading {file_url} failed: HTTP {exc.code}") from exc
-        except (urllib.error.URLError, TimeoutError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise InvalidSource(f"downloading {file_url} failed: {reason}") from exc
-
-
-def save_upload(files: dict[str, BinaryIO], dest: Path, *, max_bytes: int) -> None:
-    """Write uploaded adapter files into `dest`; exactly the two adapter files."""
-    names = set(files)
-    if names != set(ADAPTER_FILES):
-        raise MalformedAdapter(
-            f"upload must contain exactly {list(ADAPTER_FILES)}, got {sorted(names)}"
-        )
-    for name, stream in files.items():
-        cap = _CONFIG_MAX_BYTES if name == CONFIG_FILE else max_bytes
-        copy_capped(stream, dest / name, cap, f"uploaded {name}")
 
 
 class DiskCache:
@@ -137,9 +76,9 @@ class DiskCache:
 
     def get(self, sha256: str) -> Path | None:
         path = self.path(sha256)
-        if not (path / WEIGHTS_FILE).is_file():
+        # An entry evicted between the check and the touch is a miss, not an error.
+        if not (path / WEIGHTS_FILE).is_file() or not _touch(path):
             return None
-        _touch(path)
         return path
 
     def put(self, staged: Path, sha256: str) -> Path:
@@ -163,6 +102,7 @@ class DiskCache:
             target = self.path(sha256)
             shutil.rmtree(target, ignore_errors=True)  # a partial entry, if any
             os.replace(staged, target)
+            fsync_dir(self.root)
             _touch(target)
         return target
 
@@ -203,14 +143,19 @@ class DiskCache:
         return evicted
 
     def _entries(self) -> list[Path]:
-        return [p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")]
+        return [p for p in self.root.iterdir() if not p.name.startswith(".") and p.is_dir()]
 
 
-def _touch(path: Path) -> None:
-    """Mark `path` as just used: its mtime (no file of its own, so no byte over the cap)."""
+def _touch(path: Path) -> bool:
+    """Mark `path` as just used: its mtime (no file of its own, so no byte over the cap).
+    False if it is gone (evicted meanwhile)."""
     with contextlib.suppress(OSError):
         (path / _LEGACY_USED_MARK).unlink(missing_ok=True)
-    os.utime(path)
+    try:
+        os.utime(path)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def _last_used(path: Path) -> float:
@@ -221,4 +166,39 @@ def _last_used(path: Path) -> float:
 
 
 def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.iterdir() if p.is_file())
+    """Bytes in the entry `path`; 0 if it is evicted while we look (a concurrent remove)."""
+    total = 0
+    try:
+        for p in path.iterdir():
+            with contextlib.suppress(FileNotFoundError):
+                if p.is_file():
+                    total += p.stat().st_size
+    except FileNotFoundError:
+        return 0
+    return total
+
+
+def sweep_staging(root: Path) -> list[Path]:
+    """Remove staging folders under `root` left by processes of this host that are gone
+    (a kill -9 mid-download); those of live processes (other replicas) stay."""
+    removed = []
+    host = socket.gethostname()
+    for path in root.glob(f"{_STAGING_PREFIX}*"):
+        owner = path.name[len(_STAGING_PREFIX) :].rsplit("-", 2)
+        if len(owner) == 3 and owner[0] == host and owner[1].isdigit() and _alive(int(owner[1])):
+            continue
+        if len(owner) == 3 and owner[0] != host:
+            continue  # another host's (shared storage): not ours to judge
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
