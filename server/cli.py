@@ -16,7 +16,7 @@ from rich.console import Console
 
 from server.cli_admin import adapters_app, aliases_app, tenants_app
 from server.lifecycle import Lifecycle
-from server.settings import Settings
+from server.settings import OpenAISettings, Settings
 
 app = typer.Typer(help="Multi-LoRA inference server on vLLM.", no_args_is_help=True)
 demo_app = typer.Typer(help="Offline demo assets (base model, adapters, quantized base).")
@@ -58,6 +58,21 @@ def _prepare_demo(home: Path, only: set[str] | None = None) -> Any:
     assets = prepare(home, progress=progress, only=only)
     console.print(f"demo assets ready in {time.perf_counter() - start:.1f}s under {home}/demo")
     return assets
+
+
+def _demo_openai(given: OpenAISettings) -> OpenAISettings:
+    """The demo serves tools and structured outputs out of the box (what the e2e tests
+    run): SmolLM2 has no tool-call format of its own, so the pythonic parser, whose named
+    and `required` tool choice vLLM constrains by the tool's JSON schema; compact JSON, as
+    a 135M model otherwise pads JSON with newlines. Whatever the operator set wins."""
+    if given != OpenAISettings():
+        return given
+    return OpenAISettings(
+        tool_call_parser="pythonic",
+        enable_auto_tool_choice=True,
+        structured_outputs_backend="xgrammar",
+        structured_outputs_disable_any_whitespace=True,
+    )
 
 
 @demo_app.command("prepare")
@@ -137,6 +152,7 @@ def serve(
             update={
                 "model": assets.quantized_dir if quantized else assets.base_dir,
                 "adapters_dir": settings.adapters_dir or assets.adapters_dir,
+                "openai": _demo_openai(settings.openai),
             }
         )
     if settings.model is None:
