@@ -14,8 +14,16 @@ import functools
 from collections.abc import AsyncGenerator
 from typing import Any
 
+import vllm.plugins
+
 from server.engine.base import LoraHandle
 from server.errors import EngineUnavailable
+
+# vLLM loads its general plugins, ours among them, when engine args are parsed or a config
+# is built (here and in the app's lifespan): ours patches vLLM's CPU LoRA ops for the
+# whole process (server/engine/vllm.py). No model runs on a fake engine, and
+# tests/unit/test_lora_ops.py needs the upstream ops as they are, so none is loaded.
+vllm.plugins.plugins_loaded = True
 
 REPLY_WORD = "ok "
 _MAX_TOP = 5  # alternatives per position when a request asks for "all" logprobs (-1)
@@ -317,6 +325,13 @@ def _prompt_logprobs(params: Any, prompt_ids: list[int], tokenizer: Any) -> Any:
     for tid in prompt_ids[1:]:
         out.append({tid: Logprob(-1.0, rank=1, decoded_token=tokenizer.decode([tid]))})
     return out
+
+
+async def lease_endings(router: Any) -> None:
+    """Wait for the engine removals that ended leases started (the router runs them as
+    tasks of their own, so a test asserting a removal waits for them first)."""
+    while router._tasks:
+        await asyncio.gather(*list(router._tasks))
 
 
 class FakeEngine:

@@ -16,7 +16,7 @@ from server.app import create_app
 from server.settings import Settings
 from tests.adapters import make_adapter, make_base
 from tests.databases import registry_settings
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, reply
 
 KEY = "s3cret"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -94,7 +94,7 @@ def test_register_swap_rollback_and_headers(
     assert r.json()["current_version"] == 1
     r = chat(client, "tiny:pirate")
     assert (r.headers["x-adapter"], r.headers["x-adapter-version"]) == ("pirate", "1")
-    assert r.json()["choices"][0]["message"]["content"] == "pirate@1"
+    assert r.json()["choices"][0]["message"]["content"] == reply("pirate@1", 8)
 
     r = client.post(
         "/admin/adapters/pirate/versions",
@@ -105,7 +105,7 @@ def test_register_swap_rollback_and_headers(
     assert r.json()["version"] == 2
     r = chat(client, "pirate")
     assert r.headers["x-adapter-version"] == "2"
-    assert r.json()["choices"][0]["message"]["content"] == "pirate@2"
+    assert r.json()["choices"][0]["message"]["content"] == reply("pirate@2", 8)
     # v1 had no running request: released from the engine at once, its id never reused.
     ids = [h.lora_id for h in engine.loaded]
     assert engine.removed == [ids[0]]

@@ -289,8 +289,13 @@ def test_malformed_json(client: TestClient) -> None:
     assert "not valid JSON" in str(error_of(r)["message"])
 
 
-def test_unknown_fields_are_ignored(client: TestClient) -> None:
-    assert chat(client, "tiny", frobnicate=True).status_code == 200
+def test_unknown_fields_are_400_naming_them(client: TestClient, engine: FakeEngine) -> None:
+    r = chat(client, "tiny", frobnicate=True)
+    assert r.status_code == 400
+    err = error_of(r)
+    assert (err["type"], err["param"]) == ("invalid_request_error", "frobnicate")
+    assert "frobnicate" in str(err["message"])
+    assert engine.requests == []
 
 
 def test_prompt_longer_than_context(client: TestClient, engine: FakeEngine) -> None:

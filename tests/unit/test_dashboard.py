@@ -183,6 +183,11 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> Scrape:
             r = client.post("/v1/completions", json={**body, "model": model})
             assert r.status_code == status, r.text
         assert client.post("/v1/completions", json={**body, "model": "tiny:broken"}).is_error
+        # Time to first token and per output token are seen in streams only.
+        stream = {**body, "model": "tiny:pirate", "stream": True}
+        with client.stream("POST", "/v1/completions", json=stream) as r:
+            assert r.status_code == 200
+            r.read()
         text = client.get("/metrics").text
     return parse_scrape(text)
 

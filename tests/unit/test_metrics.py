@@ -13,7 +13,7 @@ from server.app import create_app
 from server.metrics import OTHER, Metrics, RequestInfo
 from server.settings import Settings
 from tests.adapters import make_adapter, make_base
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, prompt_ids
 
 
 def metric_lines(text: str, name: str) -> list[str]:
@@ -39,6 +39,12 @@ def test_request_metrics_and_log_line(client: TestClient, caplog: pytest.LogCapt
         r = client.post("/v1/completions", json=body, headers={"x-request-id": "req-1"})
         assert r.status_code == 200
         assert client.post("/v1/completions", json={**body, "model": "nope"}).status_code == 404
+        # Time to first token is seen in streams (a non-streaming answer comes whole).
+        stream = {**body, "model": "tiny", "stream": True}
+        headers = {"x-request-id": "req-2"}
+        with client.stream("POST", "/v1/completions", json=stream, headers=headers) as r:
+            assert r.status_code == 200
+            assert r.read().endswith(b"data: [DONE]\n\n")
         text = client.get("/metrics").text
     ok = metric_lines(text, "loraswap_requests_total{")
     assert any(
@@ -61,8 +67,12 @@ def test_request_metrics_and_log_line(client: TestClient, caplog: pytest.LogCapt
     lines = [json.loads(r.getMessage()) for r in caplog.records if r.name == "loraswap.requests"]
     first = next(line for line in lines if line["request_id"] == "req-1")
     assert (first["adapter"], first["version"], first["status"]) == ("pirate", "1", 200)
-    assert first["prompt_tokens"] == 5 and first["completion_tokens"] == 4
-    assert "latency_ms" in first and "ttft_ms" in first
+    assert first["prompt_tokens"] == len(prompt_ids("hello"))
+    assert first["completion_tokens"] == 4
+    assert "latency_ms" in first
+    streamed = next(line for line in lines if line["request_id"] == "req-2")
+    assert streamed["completion_tokens"] == 4
+    assert 0 < streamed["ttft_ms"] <= streamed["latency_ms"]
 
 
 def test_label_cardinality_is_bounded() -> None:

@@ -21,7 +21,7 @@ from server.placement import (
 )
 from server.settings import Settings
 from tests.adapters import make_adapter, make_base
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, lease_endings
 
 KEY = "s3cret"
 AUTH = [(b"authorization", f"Bearer {KEY}".encode()), (b"content-type", b"application/json")]
@@ -170,6 +170,7 @@ async def test_unload_waits_for_leases_and_load_reloads(tmp_path: Path) -> None:
             await router.unload("pirate", 1)
             assert handle is not None and handle.lora_id not in engine.removed
             assert not router.is_loaded("pirate", 1)
+        await lease_endings(router)
         assert handle.lora_id in engine.removed  # left when its last lease ended
         again = await router.load("pirate", 1)
         assert again.lora_id != handle.lora_id and router.is_loaded("pirate", 1)

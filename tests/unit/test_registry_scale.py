@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -13,7 +14,7 @@ from adapters_registry.records import Variant
 from adapters_registry.registry import Registry
 from server.adapters import AdapterRouter
 from tests.adapters import make_adapter
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, lease_endings
 from tests.unit.test_registry import open_registry
 
 
@@ -129,6 +130,7 @@ async def test_a_request_ending_never_scans_the_registry(
     async with router.lease(target) as handle:
         registry.register("a", _w(registry, 1), create=False)
         assert await router.release_unreachable() == []  # still running
+    await lease_endings(router)
     assert handle is not None and engine.removed == [handle.lora_id]
     assert router.loaded() == []
     # The new version loads, and stays after its request.
@@ -194,17 +196,18 @@ def test_models_body_is_encoded_once_per_registry_generation_and_tenant(
     (1.1 MB, p50 28 ms). The encoded body is cached until the registry changes."""
     from fastapi.testclient import TestClient
 
-    import server.routes.openai as openai_routes
     from server.app import create_app
+    from server.engine.openai_layer import OpenAILayer
     from tests.unit.test_api import tiny_settings
 
     built: list[str] = []
-    model = openai_routes._model
-    monkeypatch.setattr(
-        openai_routes,
-        "_model",
-        lambda model_id, parent: built.append(model_id) or model(model_id, parent),
-    )
+    card = OpenAILayer.model_card
+
+    def counted(layer: OpenAILayer, model_id: str, parent: str | None, kind: str | None) -> Any:
+        built.append(model_id)
+        return card(layer, model_id, parent, kind)
+
+    monkeypatch.setattr(OpenAILayer, "model_card", counted)
     make_adapter(tmp_path / "adapters" / "folder", seed=3)
     with TestClient(create_app(tiny_settings(tmp_path), engine=FakeEngine())) as client:
         router: AdapterRouter = client.app.state.router  # type: ignore[attr-defined]
