@@ -530,3 +530,89 @@ def test_adapters_dir_folder_changes_become_new_versions(
     r = chat(client, "tiny:pirate")
     assert r.headers["x-adapter-version"] == "2"
     assert chat(client, "tiny:pirate").headers["x-adapter-version"] == "2"
+
+
+def test_chat_logprobs_in_openai_shape(client: TestClient) -> None:
+    r = chat(client, "tiny:pirate", logprobs=True, top_logprobs=2, max_tokens=3)
+    assert r.status_code == 200, r.text
+    completion = ChatCompletion.model_validate(r.json())
+    logprobs = completion.choices[0].logprobs
+    assert logprobs is not None and logprobs.content is not None
+    tokens = [tokenizer().decode([t]) for t in reply_ids("pirate@1", 3)]
+    assert [lp.token for lp in logprobs.content] == tokens
+    for lp in logprobs.content:
+        assert lp.bytes == list(lp.token.encode())
+        assert len(lp.top_logprobs) == 2
+        assert lp.top_logprobs[0].token == lp.token  # the sampled token ranks first here
+
+
+def test_n_choices_stream_each_reply(client: TestClient) -> None:
+    body = {"model": "tiny:formal", "prompt": "x", "max_tokens": 4, "n": 3, "stream": True}
+    with client.stream("POST", "/v1/completions", json=body) as r:
+        events = sse_events(r)
+    assert events[-1] == "[DONE]"
+    texts = ["", "", ""]
+    finished = [None, None, None]
+    for event in events[:-1]:
+        assert isinstance(event, dict)
+        for choice in event["choices"]:
+            texts[choice["index"]] += choice["text"]
+            finished[choice["index"]] = choice["finish_reason"] or finished[choice["index"]]
+    assert texts == [reply("formal@1", 4)] * 3
+    assert finished == ["length"] * 3
+
+
+def test_engine_gets_the_adapter_and_a_unique_request_id(
+    client: TestClient, engine: FakeEngine
+) -> None:
+    headers = {"x-request-id": "same"}
+    for model in ("tiny:pirate", "tiny"):
+        r = client.post(
+            "/v1/completions",
+            json={"model": model, "prompt": "x", "max_tokens": 1},
+            headers=headers,
+        )
+        assert r.status_code == 200, r.text
+    (first, lora), (second, none) = engine.requests
+    assert first != second  # clients choose x-request-id; engine ids never collide
+    assert (lora.lora_name, lora.lora_int_id) == ("pirate@1", engine.loaded[0].lora_id)
+    assert none is None
+    assert engine.priorities == [0, 0]  # no tenants: one priority for all
+
+
+def test_responses_api(client: TestClient) -> None:
+    from openai.types.responses import Response as OpenAIResponse
+
+    r = client.post(
+        "/v1/responses", json={"model": "pirate", "input": "hi", "max_output_tokens": 5}
+    )
+    assert r.status_code == 200, r.text
+    assert r.headers["x-adapter"] == "pirate"
+    response = OpenAIResponse.model_validate(r.json())
+    assert response.model == "tiny:pirate"
+    assert response.output_text == reply("pirate@1", 5)
+    assert response.usage is not None and response.usage.output_tokens == 5
+
+
+def test_responses_api_stream(client: TestClient) -> None:
+    body = {"model": "tiny", "input": "hi", "max_output_tokens": 3, "stream": True}
+    with client.stream("POST", "/v1/responses", json=body) as r:
+        assert r.status_code == 200
+        kinds = [
+            line.removeprefix("event: ") for line in r.iter_lines() if line.startswith("event: ")
+        ]
+    assert kinds[0] == "response.created"
+    assert kinds[-1] == "response.completed"
+    assert "response.output_text.delta" in kinds
+
+
+def test_tokenize_and_detokenize(client: TestClient) -> None:
+    r = client.post("/tokenize", json={"model": "tiny:pirate", "prompt": "hello world"})
+    assert r.status_code == 200, r.text
+    tokens = r.json()["tokens"]
+    assert tokens == prompt_ids("hello world")
+    assert r.json()["max_model_len"] == 200
+    r = client.post("/detokenize", json={"model": "tiny", "tokens": tokens})
+    assert r.status_code == 200, r.text
+    assert r.json()["prompt"] == "hello world"
+    assert client.post("/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
