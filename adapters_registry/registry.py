@@ -59,6 +59,7 @@ class _Placement:
     make_current: bool
     owner: str | None
     shared: bool
+    discovered: bool = False
 
 
 class Registry:
@@ -84,6 +85,9 @@ class Registry:
         # Bumped on every change of adapters or aliases: lets readers cache what they
         # derive from the snapshot (e.g. the names /v1/models lists).
         self._generation = 0
+        # Content digests of deleted versions whose files a running request may still
+        # read: removed by `release_files` once nothing holds them (review L5).
+        self._orphans: set[str] = set()
         self._reload()
 
     def close(self) -> None:
@@ -139,13 +143,15 @@ class Registry:
         make_current: bool = True,
         owner: str | None = None,
         shared: bool = False,
+        discovered: bool = False,
     ) -> VersionRecord:
         """Validate the adapter at `source` and record it as a new version of `name`.
 
         `create` registers a new adapter (owned by tenant `owner`, usable by every tenant
-        when `shared`); otherwise the version is added to the existing one.
+        when `shared`; `discovered`: by folder discovery, so it follows its folder);
+        otherwise the version is added to the existing one.
         """
-        how = _Placement(create, make_current, owner, shared)
+        how = _Placement(create, make_current, owner, shared, discovered)
         check_name(name)
         self._precheck(name, how)
         if is_url(source):
@@ -174,35 +180,34 @@ class Registry:
         with staging(self._uploads) as tmp:
             save_upload(files, tmp, max_bytes=self.config.limits.max_bytes)
             spec = self._inspect(tmp, name, sha256)
-            target = self._uploads / spec.sha256
+            # Keyed by weights *and* config: the same weights uploaded with another config
+            # are another content, not the first upload's folder (review M4).
+            target = self._uploads / spec.content_digest
             created = not target.exists()
             if created:
                 tmp.rename(target)
         try:
             return self._record(spec, source="upload", path=target, how=how)
         except AdapterError:
-            if created and not self._sha_referenced(spec.sha256):
+            if created and not self._content_referenced(spec.content_digest):
                 shutil.rmtree(target, ignore_errors=True)
             raise
 
     def _register_download(
         self, name: str, url: str, sha256: str | None, how: _Placement
     ) -> VersionRecord:
-        cached = self.cache.get(sha256.lower()) if sha256 else None
-        if cached is not None:
-            spec = self._inspect(cached, name, sha256)
-            created = False
-        else:
-            with self.cache.staging() as tmp:
-                download(url, tmp, max_bytes=self._download_cap())
-                spec = self._inspect(tmp, name, sha256)
-                created = self.cache.get(spec.sha256) is None
-                cached = self.cache.put(tmp, spec.sha256)
+        # Always fetched: a cache entry found by the weights' sha256 alone would pin the
+        # config of whoever registered those weights first (review M4).
+        with self.cache.staging() as tmp:
+            download(url, tmp, max_bytes=self._download_cap())
+            spec = self._inspect(tmp, name, sha256)
+            created = self.cache.get(spec.content_digest) is None
+            cached = self.cache.put(tmp, spec.content_digest)
         try:
             return self._record(spec, source=url, path=cached, how=how)
         except AdapterError:
-            if created and not self._sha_referenced(spec.sha256):
-                self.cache.remove(spec.sha256)
+            if created and not self._content_referenced(spec.content_digest):
+                self.cache.remove(spec.content_digest)
             raise
 
     def _download_cap(self) -> int:
@@ -236,12 +241,13 @@ class Registry:
                 make_current=how.make_current,
                 owner=how.owner,
                 shared=how.shared,
+                discovered=how.discovered,
             )
             self._refresh_adapter(spec.name)
         return record
 
-    def _sha_referenced(self, sha256: str) -> bool:
-        return any(v.sha256 == sha256 for a in self._adapters.values() for v in a.versions)
+    def _content_referenced(self, digest: str) -> bool:
+        return any(v.content_digest == digest for a in self._adapters.values() for v in a.versions)
 
     # -- making a version servable -----------------------------------------------------
 
@@ -252,12 +258,12 @@ class Registry:
         changed since registration is refused rather than served as the old version.
         """
         if is_url(version.source):
-            path = self.cache.get(version.sha256)
+            path = self.cache.get(version.content_digest)
             if path is None:
                 with self.cache.staging() as tmp:
                     download(version.source, tmp, max_bytes=self._download_cap())
                     self._verify(tmp, version)
-                    path = self.cache.put(tmp, version.sha256)
+                    path = self.cache.put(tmp, version.content_digest)
                 return path
         path = Path(version.path)
         self._verify(path, version)
@@ -265,7 +271,7 @@ class Registry:
 
     def _verify(self, path: Path, version: VersionRecord) -> None:
         try:
-            self._inspect(path, version.adapter, version.sha256)
+            spec = self._inspect(path, version.adapter, version.sha256)
         except (MalformedAdapter, AdapterNotFound) as exc:
             # It was valid when registered: any such failure now means the files changed
             # (ChecksumMismatch is a MalformedAdapter).
@@ -274,6 +280,14 @@ class Registry:
                 "changed or vanished since registration; register a new version",
                 adapter=version.adapter,
             ) from exc
+        # The weights are the same; the config must be too, or the same tensors would be
+        # served with another scale or targets under the old name (review M4).
+        if version.config_sha256 is not None and spec.config_sha256 != version.config_sha256:
+            raise SourceChanged(
+                f"{version.adapter}@{version.version}: its adapter_config.json changed since "
+                "registration; register a new version",
+                adapter=version.adapter,
+            )
 
     # -- other writes ------------------------------------------------------------------
 
@@ -342,14 +356,37 @@ class Registry:
         return record
 
     def _forget_files(self, version: VersionRecord) -> None:
-        # Files we own (uploads, downloads) go once no version references them;
-        # a local source belongs to its owner and is never touched.
-        if self._sha_referenced(version.sha256):
+        # Files we own (uploads, downloads) go once no version references them and no
+        # running request reads them (the engine may re-read a folder while it serves
+        # from it); a local source belongs to its owner and is never touched.
+        digest = version.content_digest
+        if self._content_referenced(digest):
             return
-        if version.source == "upload":
-            shutil.rmtree(self._uploads / version.sha256, ignore_errors=True)
-        elif is_url(version.source):
-            self.cache.remove(version.sha256)
+        if version.source != "upload" and not is_url(version.source):
+            return
+        if digest in self.cache.in_use():
+            with self._lock:
+                self._orphans.add(digest)
+            return
+        self._remove_files(digest)
+
+    def _remove_files(self, digest: str) -> None:
+        shutil.rmtree(self._uploads / digest, ignore_errors=True)
+        self.cache.remove(digest)
+
+    def release_files(self) -> list[str]:
+        """Remove the files of deleted versions that nothing reads any more (the adapter
+        router calls this when a version leaves the engine); their digests."""
+        if not self._orphans:
+            return []
+        in_use = self.cache.in_use()
+        with self._lock:
+            done = {d for d in self._orphans if d not in in_use and not self._content_referenced(d)}
+            # Referenced again (re-registered meanwhile): its files are live, not orphans.
+            self._orphans -= done | {d for d in self._orphans if self._content_referenced(d)}
+        for digest in sorted(done):
+            self._remove_files(digest)
+        return sorted(done)
 
     def _refresh_adapter(self, name: str) -> None:
         self._adapters[name] = self._store.get(name)

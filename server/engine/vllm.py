@@ -287,7 +287,9 @@ class VllmEngine:
     def _lora_request(lora: LoraHandle) -> Any:
         from vllm.lora.request import LoRARequest
 
-        return LoRARequest(lora_name=lora.name, lora_int_id=lora.lora_id, lora_path=lora.path)
+        return LoRARequest(
+            lora_name=lora.engine_name, lora_int_id=lora.lora_id, lora_path=lora.path
+        )
 
     @staticmethod
     def _sampling_params(s: SamplingSpec) -> Any:
