@@ -162,9 +162,11 @@ def _check_config(config: dict[str, Any], name: str) -> dict[str, Any]:
     if config.get("peft_type", "LORA") != "LORA":
         raise unsupported(f"peft_type {config.get('peft_type')!r}")
     rank = config.get("r")
-    if not isinstance(rank, int) or isinstance(rank, bool) or not 1 <= rank <= _RANK_CEILING:
-        raise MalformedAdapter(
-            f"adapter {name!r}: 'r' must be an integer from 1 to {_RANK_CEILING}", adapter=name
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise MalformedAdapter(f"adapter {name!r}: 'r' must be a positive integer", adapter=name)
+    if rank > _RANK_CEILING:
+        raise RankTooLarge(
+            f"adapter {name!r}: rank {rank} is above any engine's maximum", adapter=name
         )
     alpha = config.get("lora_alpha", rank)
     # isfinite: JSON's 1e400 parses to inf, which passes `> 0` (review M5).
