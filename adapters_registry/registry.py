@@ -374,6 +374,11 @@ class Registry:
         shutil.rmtree(self._uploads / digest, ignore_errors=True)
         self.cache.remove(digest)
 
+    @property
+    def files_pending_removal(self) -> bool:
+        """Whether some deleted version's files wait for their last reader."""
+        return bool(self._orphans)
+
     def release_files(self) -> list[str]:
         """Remove the files of deleted versions that nothing reads any more (the adapter
         router calls this when a version leaves the engine); their digests."""

@@ -413,7 +413,8 @@ class AdapterRouter:
             log.warning("could not remove %s from the engine", entry.handle.name, exc_info=True)
         self._metrics.adapter_evictions.inc()
         # A deleted version's files wait for the last reader (review L5): maybe this one.
-        await asyncio.to_thread(self.registry.release_files)
+        if self.registry.files_pending_removal:
+            await asyncio.to_thread(self.registry.release_files)
 
     async def warm(self, name: str) -> LoraHandle:
         record = self.registry.adapter(name)
