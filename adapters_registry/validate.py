@@ -311,7 +311,13 @@ def _scan_weights(path: Path, header: dict[str, TensorInfo], name: str) -> None:
             f.seek(info.offset)
             while remaining:
                 count = min(remaining, _SCAN_BLOCK)
-                raw = np.frombuffer(f.read(count * dtype.itemsize), dtype=dtype)
+                block = f.read(count * dtype.itemsize)
+                if len(block) != count * dtype.itemsize:  # shrunk since the header check
+                    raise MalformedAdapter(
+                        f"adapter {name!r}: {WEIGHTS_FILE} is truncated in tensor {key!r}",
+                        adapter=name,
+                    )
+                raw = np.frombuffer(block, dtype=dtype)
                 remaining -= count
                 values = (
                     (raw.astype(np.uint32) << 16).view(np.float32) if info.dtype == "BF16" else raw
