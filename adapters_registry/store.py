@@ -178,7 +178,9 @@ class Store:
         (`discovered`: by folder discovery, so that it follows its folder)."""
         now = time.time()
         with self._write() as db:
-            exists = db.execute("SELECT 1 FROM adapters WHERE name=?", (spec.name,)).fetchone()
+            exists = db.execute(
+                "SELECT next_version FROM adapters WHERE name=?", (spec.name,)
+            ).fetchone()
             if create:
                 if exists is not None:
                     raise AlreadyExists(
@@ -195,10 +197,11 @@ class Store:
             elif exists is None:
                 raise AdapterNotFound(f"adapter {spec.name!r} not found", adapter=spec.name)
             # The tombstone row outlives the adapter: a re-created name goes on counting.
+            # The adapter's own counter too, in case an older binary wrote since.
             row = db.execute(
                 "SELECT next_version FROM version_numbers WHERE name=?", (spec.name,)
             ).fetchone()
-            number = 1 if row is None else int(row[0])
+            number = max(1 if row is None else int(row[0]), 1 if create else int(exists[0]))
             db.execute(
                 "INSERT INTO versions (adapter, version, sha256, size_bytes, rank, alpha, "
                 "target_modules, base_model, source, path, created_at, config_sha256) "
