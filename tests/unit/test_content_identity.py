@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from adapters_registry import SourceChanged
+from adapters_registry.database import open_database
 from adapters_registry.digest import config_digest, content_digest
 from adapters_registry.registry import Registry
 from server.adapters import AdapterRouter
@@ -164,3 +165,26 @@ async def test_delete_keeps_files_until_the_last_request_ends(
         assert (files / WEIGHTS).is_file()
     assert not files.exists()
     assert registry.release_files() == []
+
+
+def test_versions_registered_before_config_pinning_still_serve(
+    tmp_path: Path, database: str | Path
+) -> None:
+    """A version from before the upgrade has no config digest: its files keep their old
+    key (the weights' sha256) and it still loads, its weights still verified."""
+    (tmp_path / "allowed").mkdir()
+    reg = open_registry(tmp_path, tmp_path / "allowed", database)
+    v = upload(reg, "old", make_adapter(tmp_path / "a"))
+    reg.close()
+    db = open_database(database)
+    with db.write() as conn:
+        conn.execute("UPDATE versions SET config_sha256 = NULL")
+    db.close()
+    reg = open_registry(tmp_path, tmp_path / "allowed", database)
+    try:
+        legacy = reg.adapter("old").current  # type: ignore[union-attr]
+        assert legacy is not None and legacy.config_sha256 is None
+        assert legacy.content_digest == legacy.sha256 == v.sha256
+        assert (reg.local_files(legacy) / WEIGHTS).is_file()
+    finally:
+        reg.close()
