@@ -188,3 +188,35 @@ def test_versions_registered_before_config_pinning_still_serve(
         assert (reg.local_files(legacy) / WEIGHTS).is_file()
     finally:
         reg.close()
+
+
+async def test_another_replica_drops_the_old_content_of_a_recreated_name(
+    tmp_path: Path, database: str | Path
+) -> None:
+    """Review H3, multi-replica: replica B holds pirate@1 idle; on replica A pirate is
+    deleted and registered again with other weights. After B's refresh, B must not keep
+    serving the old weights to requests for pirate."""
+    roots = tmp_path / "allowed"
+    roots.mkdir()
+    a = open_registry(tmp_path, roots, database)
+    b = open_registry(tmp_path, roots, database)
+    try:
+        a.register("pirate", str(make_adapter(roots / "old", seed=1)))
+        b.refresh()
+        router_b = AdapterRouter("tiny", b, None, FakeEngine())
+        old = await router_b.resolve("tiny:pirate")
+        async with router_b.lease(old):
+            pass  # B now holds the old content, idle
+        a.delete_adapter("pirate")
+        new = a.register("pirate", str(make_adapter(roots / "new", seed=2)))
+        assert b.refresh()
+        await router_b.release_unreachable()  # what the server does after a refresh
+        assert old.lora is not None and all(
+            h.lora_id != old.lora.lora_id for h, _ in router_b.loaded()
+        )
+        fresh = await router_b.resolve("tiny:pirate")
+        assert fresh.lora is not None and fresh.lora.lora_id != old.lora.lora_id
+        assert fresh.version == new
+    finally:
+        a.close()
+        b.close()
