@@ -87,7 +87,7 @@ class Registry:
         self._generation = 0
         # Content digests of deleted versions whose files a running request may still
         # read: removed by `release_files` once nothing holds them (review L5).
-        self._orphans: set[str] = set()
+        self._orphans: dict[str, set[Path]] = {}
         self._reload()
 
     def close(self) -> None:
@@ -356,22 +356,24 @@ class Registry:
         return record
 
     def _forget_files(self, version: VersionRecord) -> None:
-        # Files we own (uploads, downloads) go once no version references them and no
-        # running request reads them (the engine may re-read a folder while it serves
-        # from it); a local source belongs to its owner and is never touched.
+        # Files we own (whatever lies under storage_dir: uploads, downloads) go once no
+        # version references that content and no running request reads it (the engine
+        # may re-read a folder while it serves from it); a local source belongs to its
+        # owner and is never touched.
         digest = version.content_digest
-        if self._content_referenced(digest):
-            return
-        if version.source != "upload" and not is_url(version.source):
+        path = Path(version.path)
+        if self._content_referenced(digest) or not path.is_relative_to(self.config.storage_dir):
             return
         if digest in self.cache.in_use():
             with self._lock:
-                self._orphans.add(digest)
+                self._orphans.setdefault(digest, set()).add(path)
             return
-        self._remove_files(digest)
+        self._remove_files(digest, {path})
 
-    def _remove_files(self, digest: str) -> None:
-        shutil.rmtree(self._uploads / digest, ignore_errors=True)
+    def _remove_files(self, digest: str, paths: set[Path]) -> None:
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+        # A download may have been evicted and fetched again meanwhile: under this key.
         self.cache.remove(digest)
 
     @property
@@ -386,11 +388,12 @@ class Registry:
             return []
         in_use = self.cache.in_use()
         with self._lock:
-            done = {d for d in self._orphans if d not in in_use and not self._content_referenced(d)}
             # Referenced again (re-registered meanwhile): its files are live, not orphans.
-            self._orphans -= done | {d for d in self._orphans if self._content_referenced(d)}
-        for digest in sorted(done):
-            self._remove_files(digest)
+            for digest in [d for d in self._orphans if self._content_referenced(d)]:
+                del self._orphans[digest]
+            done = {d: self._orphans.pop(d) for d in list(self._orphans) if d not in in_use}
+        for digest, paths in sorted(done.items()):
+            self._remove_files(digest, paths)
         return sorted(done)
 
     def _refresh_adapter(self, name: str) -> None:
