@@ -3,8 +3,8 @@
 Usage: python -m tests.abuse.crash_worker <spec.json>. For each i from `start`: register
 adapter `a<i>` (an upload or a local path, alternately), print `ACK a<i> <version>
 <content digest>`; every third one is deleted again and `DEL a<i>` printed, and half of
-those registered again under the same name. A line is
-printed only once the call returned: what it names was acknowledged.
+those registered again under the same name. Each call is announced by `TRY a<i>`, and
+its ACK or DEL printed only once it returned: what that names was acknowledged.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ def main(spec_path: str) -> None:
     for i in range(spec["start"], spec["start"] + 1000):
         folder = folders[i % len(folders)]
         name = f"a{i}"
+        print(f"TRY {name}", flush=True)
         if i % 2:
             files = {
                 n: io.BytesIO((folder / n).read_bytes())
@@ -43,9 +44,11 @@ def main(spec_path: str) -> None:
             v = registry.register(name, str(folder))
         print(f"ACK {name} {v.version} {v.content_digest}", flush=True)
         if i % 3 == 0:
+            print(f"TRY {name}", flush=True)
             registry.delete_adapter(name)
             print(f"DEL {name}", flush=True)
             if i % 2 == 0:  # the same name again, other weights: a new number
+                print(f"TRY {name}", flush=True)
                 v = registry.register(name, str(folders[(i + 1) % len(folders)]))
                 print(f"ACK {name} {v.version} {v.content_digest}", flush=True)
 
