@@ -2,7 +2,7 @@
 
 Each sub-folder whose name is a valid adapter name is an adapter. Folders are only
 listed at discovery; each is validated on first use and the result cached until the
-folder's weights change on disk (size or mtime), so a bad adapter is refused with its
+folder's weights or config change on disk (size or mtime), so a bad adapter is refused with its
 exact problem while every other adapter keeps working.
 """
 
@@ -17,7 +17,7 @@ from adapters_registry.errors import AdapterError, AdapterNotFound, InvalidAdapt
 from adapters_registry.names import check_name
 from adapters_registry.paths import confine
 from adapters_registry.spec import AdapterSpec
-from adapters_registry.validate import WEIGHTS_FILE, Limits, inspect_adapter
+from adapters_registry.validate import CONFIG_FILE, WEIGHTS_FILE, Limits, inspect_adapter
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,9 @@ class DirectoryCatalog:
         self._base = base
         self._limits = limits
         self._lock = threading.Lock()
-        self._cache: dict[str, tuple[_Stamp | None, AdapterSpec | AdapterError]] = {}
+        self._cache: dict[
+            str, tuple[tuple[_Stamp | None, _Stamp | None], AdapterSpec | AdapterError]
+        ] = {}
 
     @property
     def root(self) -> Path:
@@ -58,7 +60,8 @@ class DirectoryCatalog:
         path = confine(self._root / name, [self._root])
         if not path.is_dir():
             raise AdapterNotFound(f"adapter {name!r} not found", adapter=name)
-        stamp = _stamp(path / WEIGHTS_FILE)
+        # Both files: a config edited in place (another lora_alpha) is other content.
+        stamp = (_stamp(path / WEIGHTS_FILE), _stamp(path / CONFIG_FILE))
         with self._lock:
             cached = self._cache.get(name)
         if cached is not None and cached[0] == stamp:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from adapters_registry.digest import content_digest
+
 
 @dataclass(frozen=True)
 class VersionRecord:
@@ -18,6 +20,15 @@ class VersionRecord:
     source: str  # where it came from: a path, a URL, or "upload"
     path: str  # where its files are on this machine
     created_at: float
+    # Digest of the config fields that change the math (validate.config_digest); None
+    # for versions registered before configs were pinned.
+    config_sha256: str | None = None
+
+    @property
+    def content_digest(self) -> str:
+        """Identity of what this version serves, weights and config together: the key of
+        its files in the registry's storage and of its residency in every cache."""
+        return content_digest(self.sha256, self.config_sha256)
 
 
 @dataclass(frozen=True)
@@ -29,6 +40,9 @@ class AdapterRecord:
     versions: tuple[VersionRecord, ...] = field(default=())
     owner: str | None = None  # a tenant; None = the operator's
     shared: bool = False  # usable by every tenant
+    # Registered by folder discovery, so it follows its folder of the adapters directory;
+    # None: registered before this was recorded (the router infers it from the path).
+    discovered: bool | None = False
 
     def version(self, number: int) -> VersionRecord | None:
         return next((v for v in self.versions if v.version == number), None)

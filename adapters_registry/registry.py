@@ -7,7 +7,6 @@ is always something that has been durably acknowledged.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import re
@@ -44,7 +43,6 @@ from adapters_registry.records import (
 )
 from adapters_registry.sources import (
     DiskCache,
-    Fetched,
     Source,
     Sources,
     SourcesConfig,
@@ -56,7 +54,7 @@ from adapters_registry.sources import (
 from adapters_registry.sources.cache import sweep_staging
 from adapters_registry.spec import AdapterSpec
 from adapters_registry.store import Store
-from adapters_registry.validate import CONFIG_FILE, WEIGHTS_FILE, Limits, inspect_adapter
+from adapters_registry.validate import WEIGHTS_FILE, Limits, inspect_adapter
 
 log = logging.getLogger("loraswap.registry")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -84,6 +82,7 @@ class _Placement:
     make_current: bool
     owner: str | None
     shared: bool
+    discovered: bool = False
 
 
 class Registry:
@@ -115,6 +114,9 @@ class Registry:
         # Bumped on every change of adapters or aliases: lets readers cache what they
         # derive from the snapshot (e.g. the names /v1/models lists).
         self._generation = 0
+        # Content digests of deleted versions whose files a running request may still
+        # read: removed by `release_files` once nothing holds them (review L5).
+        self._orphans: dict[str, set[Path]] = {}
         self._reload()
         self._sweep()
 
@@ -191,13 +193,15 @@ class Registry:
         make_current: bool = True,
         owner: str | None = None,
         shared: bool = False,
+        discovered: bool = False,
     ) -> VersionRecord:
         """Validate the adapter at `source` and record it as a new version of `name`.
 
         `create` registers a new adapter (owned by tenant `owner`, usable by every tenant
-        when `shared`); otherwise the version is added to the existing one.
+        when `shared`; `discovered`: by folder discovery, so it follows its folder);
+        otherwise the version is added to the existing one.
         """
-        how = _Placement(create, make_current, owner, shared)
+        how = _Placement(create, make_current, owner, shared, discovered)
         check_name(name)
         sha256 = _checked_sha(sha256, name)
         self._precheck(name, how)
@@ -236,21 +240,21 @@ class Registry:
         with staging(self._uploads) as tmp:
             fetched = self.sources.fetch(source, tmp, max_bytes=self.config.limits.max_bytes)
             spec = self._inspect(tmp, name, sha256)
-            target, created = self._move_in(tmp, spec.sha256)
+            # Keyed by weights *and* config: the same weights uploaded with another config
+            # are another content, not the first upload's folder (review M4).
+            target, created = self._move_in(tmp, spec.content_digest)
         try:
             return self._record(spec, source=source.pinned(fetched), path=target, how=how)
         except AdapterError:
-            if created and not self._path_referenced(target):
+            if created and not self._content_referenced(spec.content_digest):
                 shutil.rmtree(target, ignore_errors=True)
             raise
 
-    def _move_in(self, tmp: Path, weights_sha256: str) -> tuple[Path, bool]:
-        """Move the validated folder `tmp` into the store, named after the content of
-        both files (same weights with another config is another entry); (its path,
-        whether this call created it)."""
-        digest = hashlib.sha256(bytes.fromhex(weights_sha256))
-        digest.update(hashlib.sha256((tmp / CONFIG_FILE).read_bytes()).digest())  # <= 1 MiB
-        target = self._uploads / digest.hexdigest()
+    def _move_in(self, tmp: Path, content_digest: str) -> tuple[Path, bool]:
+        """Move the validated folder `tmp` into the store, named after its content digest
+        (weights and the config fields that change the math); (its path, whether this
+        call created it)."""
+        target = self._uploads / content_digest
         if (target / WEIGHTS_FILE).is_file():
             return target, False
         try:
@@ -268,26 +272,20 @@ class Registry:
     def _register_download(
         self, name: str, source: Source, sha256: str | None, how: _Placement
     ) -> VersionRecord:
-        cached = self.cache.get(sha256) if sha256 else None
-        if cached is not None:
-            spec = self._inspect(cached, name, sha256)
+        # Always fetched: a cache entry found by the weights' sha256 alone would pin the
+        # config of whoever registered those weights first (review M4).
+        with self.cache.staging() as tmp:
+            fetched = self.sources.fetch(source, tmp, max_bytes=self._download_cap())
+            spec = self._inspect(tmp, name, sha256)
+            created = self.cache.get(spec.content_digest) is None
+            cached = self.cache.put(tmp, spec.content_digest)
             self._verified.add(str(cached))
-            created = False
-            # Not fetched: nothing but the sha256 pins it (checked again on every fetch).
-            recorded = source.pinned(Fetched(sha256=spec.sha256))
-        else:
-            with self.cache.staging() as tmp:
-                fetched = self.sources.fetch(source, tmp, max_bytes=self._download_cap())
-                spec = self._inspect(tmp, name, sha256)
-                created = self.cache.get(spec.sha256) is None
-                cached = self.cache.put(tmp, spec.sha256)
-                self._verified.add(str(cached))
-            recorded = source.pinned(fetched)
+        recorded = source.pinned(fetched)
         try:
             return self._record(spec, source=recorded, path=cached, how=how)
         except AdapterError:
-            if created and not self._sha_referenced(spec.sha256):
-                self.cache.remove(spec.sha256)
+            if created and not self._content_referenced(spec.content_digest):
+                self.cache.remove(spec.content_digest)
             raise
 
     def _download_cap(self) -> int:
@@ -321,15 +319,13 @@ class Registry:
                 make_current=how.make_current,
                 owner=how.owner,
                 shared=how.shared,
+                discovered=how.discovered,
             )
             self._refresh_adapter(spec.name)
         return record
 
-    def _sha_referenced(self, sha256: str) -> bool:
-        return any(v.sha256 == sha256 for a in self._adapters.values() for v in a.versions)
-
-    def _path_referenced(self, path: Path) -> bool:
-        return any(v.path == str(path) for a in self._adapters.values() for v in a.versions)
+    def _content_referenced(self, digest: str) -> bool:
+        return any(v.content_digest == digest for a in self._adapters.values() for v in a.versions)
 
     # -- making a version servable -----------------------------------------------------
 
@@ -353,14 +349,14 @@ class Registry:
         return path
 
     def _cached_files(self, version: VersionRecord) -> Path:
-        path = self.cache.get(version.sha256)
+        path = self.cache.get(version.content_digest)
         if path is not None and str(path) not in self._verified:
             try:
                 self._verify(path, version)
                 self._verified.add(str(path))
             except SourceChanged:
                 log.warning("%s: cached files damaged; fetching them again", _label(version))
-                self.cache.remove(version.sha256)
+                self.cache.remove(version.content_digest)
                 path = None
         if path is not None:
             return path
@@ -369,7 +365,7 @@ class Registry:
             with self.cache.staging() as tmp:
                 self.sources.fetch(source, tmp, max_bytes=self._download_cap())
                 self._verify(tmp, version)
-                path = self.cache.put(tmp, version.sha256)
+                path = self.cache.put(tmp, version.content_digest)
         except CacheFull:
             raise
         except AdapterError as exc:
@@ -386,12 +382,17 @@ class Registry:
 
     def _verify(self, path: Path, version: VersionRecord) -> None:
         try:
-            self._inspect(path, version.adapter, version.sha256)
+            spec = self._inspect(path, version.adapter, version.sha256)
         except (MalformedAdapter, AdapterNotFound) as exc:
             # It was valid when registered: any such failure now means the files changed
             # (ChecksumMismatch is a MalformedAdapter).
             log.warning("%s: files at %s changed: %s", _label(version), path, exc)
             raise SourceChanged(_changed(version), adapter=version.adapter) from exc
+        # The weights are the same; the config must be too, or the same tensors would be
+        # served with another scale or targets under the old name (review M4).
+        if version.config_sha256 is not None and spec.config_sha256 != version.config_sha256:
+            log.warning("%s: adapter_config.json at %s changed", _label(version), path)
+            raise SourceChanged(_changed(version), adapter=version.adapter)
 
     # -- other writes ------------------------------------------------------------------
 
@@ -460,14 +461,46 @@ class Registry:
         return record
 
     def _forget_files(self, version: VersionRecord) -> None:
-        # Files we own (the store, downloads) go once no version references them; a
-        # local folder registered before sources were copied belongs to its owner.
+        # Files we own (whatever lies under storage_dir: uploads, downloads) go once no
+        # version references that content and no running request reads it (the engine
+        # may re-read a folder while it serves from it); a local folder registered before
+        # sources were copied into the store belongs to its owner and is never touched.
+        digest = version.content_digest
         path = Path(version.path)
-        if path.parent == self._uploads and not self._path_referenced(path):
+        if self._content_referenced(digest) or not path.is_relative_to(self.config.storage_dir):
+            return
+        if digest in self.cache.in_use():
+            with self._lock:
+                self._orphans.setdefault(digest, set()).add(path)
+            return
+        self._remove_files(digest, {path})
+
+    def _remove_files(self, digest: str, paths: set[Path]) -> None:
+        for path in paths:
             shutil.rmtree(path, ignore_errors=True)
             self._verified.discard(str(path))
-        elif is_url(version.source) and not self._sha_referenced(version.sha256):
-            self.cache.remove(version.sha256)
+        # A download may have been evicted and fetched again meanwhile: under this key.
+        self.cache.remove(digest)
+
+    @property
+    def files_pending_removal(self) -> bool:
+        """Whether some deleted version's files wait for their last reader."""
+        return bool(self._orphans)
+
+    def release_files(self) -> list[str]:
+        """Remove the files of deleted versions that nothing reads any more (the adapter
+        router calls this when a version leaves the engine); their digests."""
+        if not self._orphans:
+            return []
+        in_use = self.cache.in_use()
+        with self._lock:
+            # Referenced again (re-registered meanwhile): its files are live, not orphans.
+            for digest in [d for d in self._orphans if self._content_referenced(d)]:
+                del self._orphans[digest]
+            done = {d: self._orphans.pop(d) for d in list(self._orphans) if d not in in_use}
+        for digest, paths in sorted(done.items()):
+            self._remove_files(digest, paths)
+        return sorted(done)
 
     def _refresh_adapter(self, name: str) -> None:
         self._adapters[name] = self._store.get(name)

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from adapters_registry.digest import content_digest
+
 
 @dataclass(frozen=True)
 class AdapterSpec:
@@ -16,3 +18,10 @@ class AdapterSpec:
     target_modules: tuple[str, ...]
     sha256: str  # of adapter_model.safetensors: identity of the weights
     size_bytes: int
+    # of the adapter config fields that change the math (digest.config_digest)
+    config_sha256: str | None = None
+
+    @property
+    def content_digest(self) -> str:
+        """Weights and config together: what identifies this content (digest.py)."""
+        return content_digest(self.sha256, self.config_sha256)

@@ -36,7 +36,7 @@ from adapters_registry.records import (
 )
 from adapters_registry.spec import AdapterSpec
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 # BIGINT and DOUBLE PRECISION, not INTEGER and REAL: the same affinities in SQLite, while
 # PostgreSQL's INTEGER is 32-bit (sizes, quotas) and REAL a 32-bit float (timestamps
 # to ~2 minutes).
@@ -99,6 +99,22 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         "ALTER TABLE aliases ADD COLUMN owner TEXT",
         "ALTER TABLE aliases ADD COLUMN shared INTEGER NOT NULL DEFAULT 0",
     ),
+    3: (
+        # The next version number of every name ever registered: a tombstone that
+        # outlives the adapter's row, so a deleted and re-created adapter continues its
+        # numbering and `name@N` never names two contents (review H3). Seeded from the
+        # adapters that exist; numbers of adapters deleted before this upgrade are lost.
+        "CREATE TABLE IF NOT EXISTS version_numbers "
+        "(name TEXT PRIMARY KEY, next_version BIGINT NOT NULL)",
+        "INSERT INTO version_numbers (name, next_version) "
+        "SELECT name, next_version FROM adapters WHERE true",
+        # Digest of the adapter config fields that change the math (validate.py):
+        # NULL for versions registered before, whose config was not pinned.
+        "ALTER TABLE versions ADD COLUMN config_sha256 TEXT",
+        # Registered by folder discovery (follows its folder of the adapters directory):
+        # 1/0; NULL for adapters registered before, for which the router infers it.
+        "ALTER TABLE adapters ADD COLUMN discovered INTEGER",
+    ),
 }
 
 
@@ -156,8 +172,10 @@ class Store:
         make_current: bool,
         owner: str | None = None,
         shared: bool = False,
+        discovered: bool = False,
     ) -> VersionRecord:
-        """Record a validated version; `create` registers the adapter itself too."""
+        """Record a validated version; `create` registers the adapter itself too
+        (`discovered`: by folder discovery, so that it follows its folder)."""
         now = time.time()
         with self._write() as db:
             exists = db.execute(
@@ -172,16 +190,22 @@ class Store:
                 if _alias_row(db, spec.name) is not None:
                     raise AlreadyExists(f"{spec.name!r} is already an alias", adapter=spec.name)
                 db.execute(
-                    "INSERT INTO adapters (name, created_at, owner, shared) VALUES (?, ?, ?, ?)",
-                    (spec.name, now, owner, int(shared)),
+                    "INSERT INTO adapters (name, created_at, owner, shared, discovered) "
+                    "VALUES (?, ?, ?, ?, ?)",
+                    (spec.name, now, owner, int(shared), int(discovered)),
                 )
-                number = 1
-            else:
-                if exists is None:
-                    raise AdapterNotFound(f"adapter {spec.name!r} not found", adapter=spec.name)
-                number = int(exists[0])
+            elif exists is None:
+                raise AdapterNotFound(f"adapter {spec.name!r} not found", adapter=spec.name)
+            # The tombstone row outlives the adapter: a re-created name goes on counting.
+            # The adapter's own counter too, in case an older binary wrote since.
+            row = db.execute(
+                "SELECT next_version FROM version_numbers WHERE name=?", (spec.name,)
+            ).fetchone()
+            number = max(1 if row is None else int(row[0]), 1 if create else int(exists[0]))
             db.execute(
-                "INSERT INTO versions VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO versions (adapter, version, sha256, size_bytes, rank, alpha, "
+                "target_modules, base_model, source, path, created_at, config_sha256) "
+                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     spec.name,
                     number,
@@ -194,8 +218,15 @@ class Store:
                     source,
                     path,
                     now,
+                    spec.config_sha256,
                 ),
             )
+            db.execute(
+                "INSERT INTO version_numbers (name, next_version) VALUES (?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET next_version=excluded.next_version",
+                (spec.name, number + 1),
+            )
+            # Kept in step for readers of older versions (a rollback of the upgrade).
             db.execute("UPDATE adapters SET next_version=? WHERE name=?", (number + 1, spec.name))
             if make_current or create:
                 db.execute(
@@ -214,14 +245,17 @@ class Store:
             if row is None:
                 raise AdapterNotFound(f"adapter {name!r} not found", adapter=name)
             versions = db.execute(
-                "SELECT * FROM versions WHERE adapter=? ORDER BY version", (name,)
+                f"SELECT {_VERSION_COLUMNS} FROM versions WHERE adapter=? ORDER BY version",
+                (name,),
             ).fetchall()
         return _adapter(row, versions)
 
     def list_adapters(self) -> list[AdapterRecord]:
         with self._db.read() as db:
             rows = _by_name(db.execute(f"SELECT {_ADAPTER_COLUMNS} FROM adapters").fetchall())
-            versions = db.execute("SELECT * FROM versions ORDER BY version").fetchall()
+            versions = db.execute(
+                f"SELECT {_VERSION_COLUMNS} FROM versions ORDER BY version"
+            ).fetchall()
         by_name: dict[str, list[tuple[object, ...]]] = {}
         for v in versions:
             by_name.setdefault(str(v[0]), []).append(v)
@@ -459,12 +493,16 @@ def _require_version(db: Connection, name: str, version: int) -> int | None:
     return current
 
 
-_ADAPTER_COLUMNS = "name, current_version, pinned, created_at, owner, shared"
+_ADAPTER_COLUMNS = "name, current_version, pinned, created_at, owner, shared, discovered"
+_VERSION_COLUMNS = (
+    "adapter, version, sha256, size_bytes, rank, alpha, target_modules, base_model, source, "
+    "path, created_at, config_sha256"
+)
 _ALIAS_COLUMNS = "name, variants, created_at, updated_at, owner, shared"
 
 
 def _adapter(row: tuple[object, ...], versions: list[tuple[object, ...]]) -> AdapterRecord:
-    name, current, pinned, created, owner, shared = row
+    name, current, pinned, created, owner, shared, discovered = row
     return AdapterRecord(
         name=str(name),
         current_version=None if current is None else int(str(current)),
@@ -473,6 +511,7 @@ def _adapter(row: tuple[object, ...], versions: list[tuple[object, ...]]) -> Ada
         versions=tuple(_version(v) for v in versions),
         owner=None if owner is None else str(owner),
         shared=bool(shared),
+        discovered=None if discovered is None else bool(discovered),
     )
 
 
@@ -489,6 +528,7 @@ def _version(v: tuple[object, ...]) -> VersionRecord:
         source=str(v[8]),
         path=str(v[9]),
         created_at=float(str(v[10])),
+        config_sha256=None if v[11] is None else str(v[11]),
     )
 
 

@@ -1,21 +1,26 @@
 """Check an adapter folder before anything loads it.
 
-Every check reads only metadata (adapter_config.json and the safetensors header), so a
-hostile or broken adapter is refused before a single weight reaches the engine, and the
-refusal names the exact problem.
+The checks read adapter_config.json and the safetensors header first, then scan the
+weights themselves (tensor by tensor, a block at a time) for NaN, infinities and absurd
+magnitudes, so a hostile or broken adapter is refused before a single weight reaches the
+engine, and the refusal names the exact problem (and tensor).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from adapters_registry.base_model import BaseModelShapes
+from adapters_registry.digest import config_digest
 from adapters_registry.errors import (
     AdapterNotFound,
     AdapterTooLarge,
@@ -37,6 +42,22 @@ PICKLE_SUFFIXES = frozenset({".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"})
 _UNSERVED_MODULES = frozenset({"embed_tokens", "lm_head"})
 _FLOAT_DTYPES = frozenset({"F32", "F16", "BF16"})
 _KEY = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<ab>[AB])\.weight$")
+# The LoRA scale (lora_alpha / r, or / sqrt(r) with rsLoRA) at most: common adapters use
+# 0.5..32; past this, activations overflow half precision and the output is garbage.
+MAX_SCALING = 1024.0
+# |weight| at most. Trained LoRA weights are well below 1; a value this large is an
+# attack or a broken export, and its product with activations overflows float16.
+MAX_ABS_WEIGHT = 1.0e4
+# `r` above this is refused before anything else (the engine's own max_lora_rank, lower,
+# is checked after): keeps every later computation on it in range.
+_RANK_CEILING = 1 << 16
+# Elements scanned per read: bounds the memory of the scan whatever the file's size.
+_SCAN_BLOCK = 1 << 20
+_NUMPY_DTYPES: dict[str, np.dtype[Any]] = {
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),
+}
 
 
 @dataclass(frozen=True)
@@ -57,7 +78,7 @@ def inspect_adapter(
     if not path.is_dir():
         raise AdapterNotFound(f"adapter {name!r} not found", adapter=name)
     _refuse_pickles(path, name)
-    config = _read_config(path / CONFIG_FILE, name)
+    config, config_sha256 = _read_config(path / CONFIG_FILE, name)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise MalformedAdapter(f"adapter {name!r}: missing {WEIGHTS_FILE}", adapter=name)
@@ -79,6 +100,7 @@ def inspect_adapter(
     except MalformedAdapter as exc:
         raise MalformedAdapter(f"adapter {name!r}: {exc.message}", adapter=name) from exc
     modules = _check_tensors(header, config, base, name)
+    _scan_weights(weights, header, name)
     digest = _sha256(weights)
     if expected_sha256 is not None and digest != expected_sha256.lower():
         raise ChecksumMismatch(
@@ -94,6 +116,7 @@ def inspect_adapter(
         target_modules=tuple(sorted({m.rsplit(".", 1)[-1] for m in modules})),
         sha256=digest,
         size_bytes=size,
+        config_sha256=config_sha256,
     )
 
 
@@ -107,7 +130,8 @@ def _refuse_pickles(path: Path, name: str) -> None:
         )
 
 
-def _read_config(path: Path, name: str) -> dict[str, Any]:
+def _read_config(path: Path, name: str) -> tuple[dict[str, Any], str]:
+    """The checked config, and the digest of its math fields (digest.config_digest)."""
     try:
         config = json.loads(path.read_text(), parse_constant=_no_constant)
     except FileNotFoundError:
@@ -119,6 +143,18 @@ def _read_config(path: Path, name: str) -> dict[str, Any]:
         ) from exc
     if not isinstance(config, dict):
         raise MalformedAdapter(f"adapter {name!r}: {CONFIG_FILE} is not an object", adapter=name)
+    config = _check_config(config, name)
+    # Of the fields as written (before the normalisation below): what a version pins.
+    try:
+        digest = config_digest(config)
+    except (ValueError, OverflowError, RecursionError) as exc:  # 1e400 -> inf, 10**400
+        raise MalformedAdapter(
+            f"adapter {name!r}: {CONFIG_FILE} holds a number out of range", adapter=name
+        ) from exc
+    return _normalise_targets(config, name), digest
+
+
+def _check_config(config: dict[str, Any], name: str) -> dict[str, Any]:
 
     def unsupported(what: str) -> UnsupportedAdapter:
         return UnsupportedAdapter(f"adapter {name!r}: {what} is not supported", adapter=name)
@@ -128,10 +164,33 @@ def _read_config(path: Path, name: str) -> dict[str, Any]:
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise MalformedAdapter(f"adapter {name!r}: 'r' must be a positive integer", adapter=name)
+    if rank > _RANK_CEILING:
+        raise RankTooLarge(
+            f"adapter {name!r}: rank {rank} is above any engine's maximum", adapter=name
+        )
     alpha = config.get("lora_alpha", rank)
-    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or alpha <= 0:
+    # isfinite: JSON's 1e400 parses to inf, which passes `> 0` (review M5).
+    if (
+        not isinstance(alpha, int | float)
+        or isinstance(alpha, bool)
+        or not _finite(alpha)
+        or alpha <= 0
+    ):
         raise MalformedAdapter(
-            f"adapter {name!r}: 'lora_alpha' must be a positive number", adapter=name
+            f"adapter {name!r}: 'lora_alpha' must be a finite positive number, got {alpha!r}",
+            adapter=name,
+        )
+    rslora = config.get("use_rslora", False)
+    if not isinstance(rslora, bool):
+        raise MalformedAdapter(
+            f"adapter {name!r}: 'use_rslora' must be true or false", adapter=name
+        )
+    scaling = alpha / math.sqrt(rank) if rslora else alpha / rank
+    if scaling > MAX_SCALING:
+        raise MalformedAdapter(
+            f"adapter {name!r}: LoRA scale {scaling:g} (lora_alpha {alpha:g}, r {rank}) is "
+            f"above {MAX_SCALING:g}",
+            adapter=name,
         )
     config.setdefault("lora_alpha", alpha)
     if config.get("use_dora"):
@@ -142,6 +201,10 @@ def _read_config(path: Path, name: str) -> dict[str, Any]:
         raise unsupported(f"bias={config.get('bias')!r}")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
         raise unsupported("rank_pattern/alpha_pattern")
+    return config
+
+
+def _normalise_targets(config: dict[str, Any], name: str) -> dict[str, Any]:
     targets = config.get("target_modules")
     if isinstance(targets, str) and targets:
         # A regex over module paths: the tensor check against the base stands in for it.
@@ -153,6 +216,13 @@ def _read_config(path: Path, name: str) -> dict[str, Any]:
         )
     config["target_modules"] = targets
     return config
+
+
+def _finite(x: float) -> bool:
+    try:
+        return math.isfinite(x)
+    except OverflowError:  # an int too large for a float
+        return False
 
 
 def _no_constant(name: str) -> Any:
@@ -226,6 +296,43 @@ def _check_targets(declared: Iterable[str], present: set[str], name: str) -> Non
             f"{sorted(declared_kinds)}",
             adapter=name,
         )
+
+
+def _scan_weights(path: Path, header: dict[str, TensorInfo], name: str) -> None:
+    """Refuse NaN, infinities and absurd magnitudes, naming the first tensor holding one.
+
+    Reads one block of one tensor at a time: memory stays ~4 MiB whatever the file size.
+    The header check has already proven every tensor lies inside the file.
+    """
+    with path.open("rb") as f:
+        for key, info in sorted(header.items(), key=lambda kv: kv[1].offset):
+            dtype = _NUMPY_DTYPES[info.dtype]
+            remaining = math.prod(info.shape)
+            f.seek(info.offset)
+            while remaining:
+                count = min(remaining, _SCAN_BLOCK)
+                block = f.read(count * dtype.itemsize)
+                if len(block) != count * dtype.itemsize:  # shrunk since the header check
+                    raise MalformedAdapter(
+                        f"adapter {name!r}: {WEIGHTS_FILE} is truncated in tensor {key!r}",
+                        adapter=name,
+                    )
+                raw = np.frombuffer(block, dtype=dtype)
+                remaining -= count
+                values = (
+                    (raw.astype(np.uint32) << 16).view(np.float32) if info.dtype == "BF16" else raw
+                )
+                if not np.isfinite(values).all():
+                    raise MalformedAdapter(
+                        f"adapter {name!r}: tensor {key!r} holds NaN or infinite values",
+                        adapter=name,
+                    )
+                if values.size and float(np.abs(values).max()) > MAX_ABS_WEIGHT:
+                    raise MalformedAdapter(
+                        f"adapter {name!r}: tensor {key!r} holds values above "
+                        f"{MAX_ABS_WEIGHT:g} in magnitude",
+                        adapter=name,
+                    )
 
 
 def _sha256(path: Path) -> str:

@@ -11,6 +11,12 @@ pinned by an alias) is removed from the engine when its last lease ends. Every v
 gets its own vLLM LoRA id, never reused, so the engine can never serve old weights under a
 new version's name.
 
+What is resident is keyed by `(name, version, content digest)` (weights and config, see
+adapters_registry/digest.py), and vLLM's `lora_name` carries the digest too: even if a
+`name@N` came to name other content (a registry restored from a backup, another replica's
+stale snapshot), no cache of any layer (this table, the engine's LoRA cache, vLLM's
+prefix cache, which keys on the LoRA name) can serve one content for the other.
+
 Residency: the engine keeps at most `max_cpu_loras` adapters (vLLM's own LRU beyond), so
 the router holds no more (`max_resident`): loading one more removes the least recently
 used idle version first, never one a request is running on. What the router holds is
@@ -91,8 +97,8 @@ class AdapterRouter:
         self._max_resident = max_resident
         self._ids = itertools.count(1)
         # Versions in the engine, least recently used first.
-        self._loaded: OrderedDict[tuple[str, int], _Loaded] = OrderedDict()
-        # sha256 -> loads under way: their downloads must survive until they are loaded.
+        self._loaded: OrderedDict[Key, _Loaded] = OrderedDict()
+        # content digest -> loads under way: their files must survive until loaded.
         self._loading: dict[str, int] = {}
         # The download cache keeps what the engine may still read: what this router holds.
         registry.cache.in_use = self.in_use_shas
@@ -173,13 +179,16 @@ class AdapterRouter:
         return [(entry.handle, entry.leases) for entry in self._loaded.values()]
 
     def is_loaded(self, adapter: str, version: int) -> bool:
-        entry = self._loaded.get((adapter, version))
-        return entry is not None and not entry.evict
+        return any(
+            key[:2] == (adapter, version) and not entry.evict
+            for key, entry in list(self._loaded.items())
+        )
 
     def in_use_shas(self) -> set[str]:
-        """Downloads the engine may read: held versions and those being loaded. Called
-        from the cache's worker thread: reads copies, taken in one step each."""
-        return {entry.version.sha256 for entry in list(self._loaded.values())} | set(
+        """Content digests (the registry's file keys) the engine may read: held versions
+        and those being loaded. Called from worker threads: reads copies, taken in one
+        step each."""
+        return {entry.version.content_digest for entry in list(self._loaded.values())} | set(
             list(self._loading)
         )
 
@@ -237,13 +246,16 @@ class AdapterRouter:
         return version
 
     def _discovered(self, record: AdapterRecord) -> bool:
-        """Whether `record` follows a folder of the adapters directory."""
+        """Whether `record` follows a folder of the adapters directory: only if registered
+        by discovery (a flag stored with it), never when an admin registered it from a
+        folder that happens to be there (review M9; registered before the flag: unknown)."""
+        if self._catalog is None or record.discovered is False:
+            return False
+        # Discovered (or unknown): it follows the folder while its current version is
+        # from there; an admin swap to a version from elsewhere takes it over, a rollback
+        # hands it back.
         current = record.current
-        return (
-            self._catalog is not None
-            and current is not None
-            and Path(current.source).parent == self._catalog.root
-        )
+        return current is not None and Path(current.source).parent == self._catalog.root
 
     async def _discover(self, name: str, model: str, record: AdapterRecord | None) -> AdapterRecord:
         """Adapters-directory folders are registered on first use, and follow their folder:
@@ -264,7 +276,7 @@ class AdapterRouter:
         if (
             record is not None
             and record.current is not None
-            and record.current.sha256 == spec.sha256
+            and record.current.content_digest == spec.content_digest
         ):
             return record
         async with self._lock(name):
@@ -279,8 +291,9 @@ class AdapterRouter:
                         str(spec.path),
                         sha256=spec.sha256,
                         shared=True,
+                        discovered=True,
                     )
-            elif record.current is None or record.current.sha256 != spec.sha256:
+            elif record.current is None or record.current.content_digest != spec.content_digest:
                 await asyncio.to_thread(
                     self.registry.register, name, str(spec.path), sha256=spec.sha256, create=False
                 )
@@ -295,7 +308,7 @@ class AdapterRouter:
     # -- engine residency --------------------------------------------------------------
 
     async def _ensure_loaded(self, version: VersionRecord) -> LoraHandle:
-        key = (version.adapter, version.version)
+        key = _key(version)
         entry = self._loaded.get(key)
         if entry is not None:
             self._loaded.move_to_end(key)
@@ -310,9 +323,9 @@ class AdapterRouter:
                 self._loaded.move_to_end(key)
         return entry.handle
 
-    async def _load(self, key: tuple[str, int], version: VersionRecord) -> _Loaded:
+    async def _load(self, key: Key, version: VersionRecord) -> _Loaded:
         done = self._metrics.load_timer(version.adapter)
-        sha = version.sha256
+        sha = version.content_digest
         self._loading[sha] = self._loading.get(sha, 0) + 1
         try:
             path = await self._local_files(key, version)
@@ -320,6 +333,7 @@ class AdapterRouter:
                 name=f"{version.adapter}@{version.version}",
                 lora_id=next(self._ids),
                 path=str(path),
+                digest=version.content_digest,
             )
             await self._engine.add_lora(handle)
             entry = self._loaded[key] = _Loaded(handle=handle, version=version)
@@ -333,14 +347,18 @@ class AdapterRouter:
         done(None)
         return entry
 
-    async def _local_files(self, key: tuple[str, int], version: VersionRecord) -> Path:
+    async def _local_files(self, key: Key, version: VersionRecord) -> Path:
         """The version's verified folder. A download needs room in the cache: idle versions
         give theirs up (least recently used first) before it starts, and after it if that
         was not enough; with every cached adapter in use, CacheFull (503, Retry-After)."""
         cache = self.registry.cache
         size = version.size_bytes
         # (Larger than the whole cache: local_files refuses it with 413.)
-        if is_url(version.source) and size <= cache.max_bytes and not cache.has(version.sha256):
+        if (
+            is_url(version.source)
+            and size <= cache.max_bytes
+            and not cache.has(version.content_digest)
+        ):
             while not await asyncio.to_thread(cache.fits, size):
                 if not await self._release_idle(keep=key, cached_only=True):
                     # No download: its weights alone would not fit beside those in use.
@@ -356,7 +374,7 @@ class AdapterRouter:
                 if not await self._release_idle(keep=key, cached_only=True):
                     raise
 
-    async def _trim(self, keep: tuple[str, int]) -> None:
+    async def _trim(self, keep: Key) -> None:
         """Hold at most `max_resident` versions (what the engine keeps)."""
         if self._max_resident is None:
             return
@@ -364,7 +382,7 @@ class AdapterRouter:
             if not await self._release_idle(keep=keep):
                 return  # the rest run requests (or are pinned): they stay
 
-    async def _release_idle(self, *, keep: tuple[str, int], cached_only: bool = False) -> bool:
+    async def _release_idle(self, *, keep: Key, cached_only: bool = False) -> bool:
         """Remove the least recently used idle, unpinned version (other than `keep`; with
         `cached_only`, one whose files are in the download cache) from the engine."""
         for key, entry in self._loaded.items():
@@ -374,14 +392,15 @@ class AdapterRouter:
             if record is not None and record.pinned:
                 continue
             if cached_only and not (
-                is_url(entry.version.source) and self.registry.cache.has(entry.version.sha256)
+                is_url(entry.version.source)
+                and self.registry.cache.has(entry.version.content_digest)
             ):
                 continue
             await self._remove(key, entry)
             return True
         return False
 
-    async def _remove(self, key: tuple[str, int], entry: _Loaded) -> None:
+    async def _remove(self, key: Key, entry: _Loaded) -> None:
         if self._loaded.get(key) is not entry:
             return  # already removed (e.g. unload() and a lease ending raced)
         # Out of the table first: a request arriving meanwhile loads it again, afresh.
@@ -392,6 +411,9 @@ class AdapterRouter:
             # An adapter left resident only costs memory, and vLLM's own LRU will evict it.
             log.warning("could not remove %s from the engine", entry.handle.name, exc_info=True)
         self._metrics.adapter_evictions.inc()
+        # A deleted version's files wait for the last reader (review L5): maybe this one.
+        if self.registry.files_pending_removal:
+            await asyncio.to_thread(self.registry.release_files)
 
     async def warm(self, name: str) -> LoraHandle:
         record = self.registry.adapter(name)
@@ -402,27 +424,31 @@ class AdapterRouter:
             await self._engine.pin_lora(handle.lora_id)
         return handle
 
-    async def load(self, adapter: str, version: int) -> LoraHandle:
+    async def load(self, adapter: str, version: int, digest: str | None = None) -> LoraHandle:
         """Put one concrete version in the engine (a placement policy choosing what each
-        replica holds, see server/ray_serve.py); raises AdapterNotFound if it is gone."""
+        replica holds, see server/ray_serve.py); raises AdapterNotFound if it is gone, or
+        if `digest` is given and the version is not that content (a stale routing key)."""
         record = self.registry.adapter(adapter)
         found = record.version(version) if record is not None else None
-        if found is None:
+        if found is None or (digest is not None and not _same_content(found, digest)):
             raise AdapterNotFound(f"adapter {adapter}@{version} not found", adapter=adapter)
         handle = await self._ensure_loaded(found)
-        self._loaded[(adapter, version)].evict = False
+        self._loaded[_key(found)].evict = False
         return handle
 
-    async def unload(self, adapter: str, version: int) -> None:
+    async def unload(self, adapter: str, version: int, digest: str | None = None) -> None:
         """Take a version out of the engine even though it is reachable (the placement
         policy moved it elsewhere): now if idle, else when its last lease ends. A later
-        request for it loads it again."""
-        entry = self._loaded.get((adapter, version))
-        if entry is None:
-            return
-        entry.evict = True
-        if entry.leases == 0:
-            await self._remove((adapter, version), entry)
+        request for it loads it again. `digest` (a prefix is enough) limits it to that
+        content."""
+        for key, entry in list(self._loaded.items()):
+            if key[:2] != (adapter, version):
+                continue
+            if digest is not None and not key[2].startswith(digest):
+                continue
+            entry.evict = True
+            if entry.leases == 0:
+                await self._remove(key, entry)
 
     async def acquire(self, target: Target) -> Lease:
         """Hold `target`'s version in the engine for one request, loading it if needed;
@@ -434,7 +460,7 @@ class AdapterRouter:
         """
         if target.version is None:
             return Lease(self, None, None)
-        key = (target.version.adapter, target.version.version)
+        key = _key(target.version)
         entry = self._loaded.get(key)
         while entry is None:
             await self._ensure_loaded(target.version)
@@ -452,7 +478,7 @@ class AdapterRouter:
         finally:
             held.release()
 
-    def _end_lease(self, key: tuple[str, int], entry: _Loaded) -> None:
+    def _end_lease(self, key: Key, entry: _Loaded) -> None:
         entry.leases -= 1
         if entry.leases:
             return
@@ -469,7 +495,7 @@ class AdapterRouter:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def release_unreachable(self, keys: Iterable[tuple[str, int]] | None = None) -> list[str]:
+    async def release_unreachable(self, keys: Iterable[Key] | None = None) -> list[str]:
         """Remove idle versions that no new request can reach (called after swaps too);
         `keys` limits the look to those versions (default: every loaded one)."""
         released = []
@@ -478,21 +504,43 @@ class AdapterRouter:
             entry = self._loaded.get(key)
             if entry is None:
                 continue
-            if entry.leases == 0 and not self.registry.is_referenced(*key):
+            if entry.leases == 0 and not self._reachable(key):
                 await self._remove(key, entry)
                 released.append(entry.handle.name)
         return released
+
+    def _reachable(self, key: Key) -> bool:
+        """Whether new requests can still reach this content: its version is referenced
+        and still is this content (a deleted and re-created name never reuses a number,
+        but the check costs nothing and holds whatever the registry's history)."""
+        name, number, digest = key
+        if not self.registry.is_referenced(name, number):
+            return False
+        record = self.registry.adapter(name)
+        version = record.version(number) if record is not None else None
+        return version is not None and version.content_digest == digest
 
     def _lock(self, name: str) -> asyncio.Lock:
         return self._locks.setdefault(name, asyncio.Lock())
 
 
+# What the engine holds: (adapter, version, content digest).
+Key = tuple[str, int, str]
+
+
+def _key(version: VersionRecord) -> Key:
+    return (version.adapter, version.version, version.content_digest)
+
+
+def _same_content(version: VersionRecord, digest: str) -> bool:
+    # Routing keys carry a prefix of the digest (server/placement.py).
+    return version.content_digest.startswith(digest)
+
+
 class Lease:
     """One request's hold on an adapter version (none for the base)."""
 
-    def __init__(
-        self, router: AdapterRouter, key: tuple[str, int] | None, entry: _Loaded | None
-    ) -> None:
+    def __init__(self, router: AdapterRouter, key: Key | None, entry: _Loaded | None) -> None:
         self._router = router
         self._key = key
         self._entry = entry

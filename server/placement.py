@@ -2,11 +2,13 @@
 and the in-process ASGI call. server/ray_serve.py wires these into Ray Serve; kept apart so
 that they are unit-tested with the fake engine.
 
-- `routing_key`: `model` (+ the A/B user) -> `"<adapter>@<version>"`, the concrete version
-  the request will run on, resolved exactly as the replica will (registry, aliases,
-  sticky A/B choice). Base-model requests, names the registry does not know yet (adapters
-  folders register on first use) and bad requests get no key: any replica, which answers
-  them (errors included) itself.
+- `routing_key`: `model` (+ the A/B user) -> `"<adapter>@<version>+<digest>"`, the
+  concrete version the request will run on and a prefix of its content digest (weights +
+  config), resolved exactly as the replica will (registry, aliases, sticky A/B choice).
+  The digest keeps Ray's per-replica model cache from ever taking one content for
+  another. Base-model requests, names the registry does not know yet (adapters folders
+  register on first use) and bad requests get no key: any replica, which answers them
+  (errors included) itself.
 - `Residency`: the versions one replica keeps in its engine, least recently used beyond
   `capacity`; the replica's own record of hits and cold loads.
 - `call_asgi`: run one HTTP request through a FastAPI app in this process and yield
@@ -48,24 +50,34 @@ def routing_key(
     if sep and prefix != base:
         return None
     name = name if sep else model
+    number = None
     alias = registry.alias(name)
     if alias is not None:
         try:
             variant = choose(alias.name, alias.variants, user)
         except ValueError:
             return None
-        if variant.version is not None:
-            return f"{variant.adapter}@{variant.version}"
-        name = variant.adapter
+        name, number = variant.adapter, variant.version
     record = registry.adapter(name)
-    if record is None or record.current is None:
+    if record is None:
         return None
-    return f"{name}@{record.current.version}"
+    version = record.current if number is None else record.version(number)
+    if version is None:
+        return None
+    return f"{name}@{version.version}+{version.content_digest[:_DIGEST_CHARS]}"
 
 
-def parse_key(key: str) -> tuple[str, int]:
-    adapter, _, version = key.rpartition("@")
-    return adapter, int(version)
+# 64 bits of the digest: enough to tell contents apart, short in Ray's logs and metrics.
+_DIGEST_CHARS = 16
+
+
+def parse_key(key: str) -> tuple[str, int, str | None]:
+    """(adapter, version, digest prefix or None) of a routing key."""
+    rest, plus, digest = key.rpartition("+")
+    if not plus:
+        rest, digest = key, ""
+    adapter, _, version = rest.rpartition("@")
+    return adapter, int(version), digest or None
 
 
 @dataclass

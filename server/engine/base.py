@@ -18,6 +18,14 @@ class LoraHandle:
     name: str
     lora_id: int
     path: str
+    # Content digest of weights + config (adapters_registry/digest.py); "" if unknown.
+    digest: str = ""
+
+    @property
+    def engine_name(self) -> str:
+        """The LoRA name the engine sees: `name` plus the content digest, because vLLM's
+        prefix cache keys on it, so two contents never share cached KV under one name."""
+        return f"{self.name}+{self.digest[:16]}" if self.digest else self.name
 
 
 class Engine(Protocol):

@@ -204,7 +204,8 @@ class VllmEngine:
 
 
 def lora_request(lora: LoraHandle) -> Any:
-    """vLLM's LoRARequest for one of our adapter versions."""
+    """vLLM's LoRARequest for one of our adapter versions (its name carries the content
+    digest: vLLM's caches, the prefix cache among them, key on it)."""
     from vllm.lora.request import LoRARequest
 
-    return LoRARequest(lora_name=lora.name, lora_int_id=lora.lora_id, lora_path=lora.path)
+    return LoRARequest(lora_name=lora.engine_name, lora_int_id=lora.lora_id, lora_path=lora.path)

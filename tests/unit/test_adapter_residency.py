@@ -80,7 +80,7 @@ async def test_residency_is_bounded_by_what_the_engine_keeps(
         assert [h.name for h, _ in router.loaded()] == ["u3@1", "u4@1"]
         resident = {h.lora_id for h, _ in router.loaded()}
         assert set(engine.removed) == {h.lora_id for h in engine.loaded} - resident
-        assert router.in_use_shas() == {reg.adapter(f"u{i}").current.sha256 for i in (3, 4)}  # type: ignore[union-attr]
+        assert router.in_use_shas() == {reg.adapter(f"u{i}").current.content_digest for i in (3, 4)}  # type: ignore[union-attr]
         # Using a resident version makes it the most recent: u3 stays, u4 goes.
         await _request(router, "u3")
         await _request(router, "u0")
@@ -146,9 +146,9 @@ async def test_an_evicted_version_is_downloaded_and_verified_again(
         assert first is not None
         for i in (0, 1, 2):
             await _request(router, f"u{i}")
-        assert reg.cache.get(first.sha256) is None  # evicted
+        assert reg.cache.get(first.content_digest) is None  # evicted
         await _request(router, "u0")  # downloaded again
-        cached = reg.cache.get(first.sha256)
+        cached = reg.cache.get(first.content_digest)
         assert cached is not None
         weights = (cached / "adapter_model.safetensors").read_bytes()
         assert hashlib.sha256(weights).hexdigest() == first.sha256
@@ -157,7 +157,7 @@ async def test_an_evicted_version_is_downloaded_and_verified_again(
         make_adapter(root / "u1", seed=99)
         for i in (2, 3):
             await _request(router, f"u{i}")
-        assert reg.cache.get(reg.adapter("u1").current.sha256) is None  # type: ignore[union-attr]
+        assert reg.cache.get(reg.adapter("u1").current.content_digest) is None  # type: ignore[union-attr]
         with pytest.raises(SourceChanged):
             await _request(router, "u1")
     finally:

@@ -12,8 +12,9 @@ handlers' deep code paths, not only their 404s. Most requests carry the admin ke
 others a tenant key, a wrong key, a malformed header or none.
 
 test_fuzz_open_server fuzzes every operation of a second server configured with no key at
-all (open mode), with no key, an unknown one, or a proxy header. test_edge_values sends, besides, every edge value of every field of every operation once,
-in an otherwise valid request: deterministic, so CI always covers those.
+all (open mode), with no key, an unknown one, or a proxy header. test_edge_values sends,
+besides, every edge value of every field of every operation once, in an otherwise valid
+request: deterministic, so CI always covers those.
 
 Every response must satisfy:
 - no 5xx, nor an exception raised out of the app (a real server answers those with 500),

@@ -77,8 +77,12 @@ async def test_routing_key_follows_registry_aliases_and_swaps(tmp_path: Path) ->
         # the first request registers the folder; then its key is the concrete version
         start, _ = await collect(call_asgi(app, post("/v1/chat/completions", body("pirate"))))
         assert start.status == 200
-        assert routing_key(registry, "tiny", body("tiny:pirate")) == "pirate@1"
-        assert routing_key(registry, "tiny", body("pirate")) == "pirate@1"
+        # the key carries the content digest (review H3): no cache confuses two contents
+        pirate = registry.adapter("pirate").current
+        pirate_key = f"pirate@1+{pirate.content_digest[:16]}"
+        assert routing_key(registry, "tiny", body("tiny:pirate")) == pirate_key
+        assert routing_key(registry, "tiny", body("pirate")) == pirate_key
+        assert parse_key(pirate_key) == ("pirate", 1, pirate.content_digest[:16])
         await collect(call_asgi(app, post("/v1/chat/completions", body("formal"))))
         # an A/B alias: the key is the arm this user gets, as the replica will choose it
         r = await collect(
@@ -95,14 +99,15 @@ async def test_routing_key_follows_registry_aliases_and_swaps(tmp_path: Path) ->
         alias = registry.alias("bot")
         for user in ("ann", "bob", "cy", "dee"):
             arm = choose("bot", alias.variants, user)
-            want = f"{arm.adapter}@1"
+            digest = registry.adapter(arm.adapter).current.content_digest
+            want = f"{arm.adapter}@1+{digest[:16]}"
             assert routing_key(registry, "tiny", body("tiny:bot", user=user)) == want
             assert routing_key(registry, "tiny", body("bot"), user_header=user) == want
             start, _ = await collect(
                 call_asgi(app, post("/v1/chat/completions", body("tiny:bot", user=user)))
             )
             version = dict(start.headers)[b"x-alias-variant"].decode()
-            assert f"{version.split('@')[0]}@1" == want
+            assert f"{version.split('@')[0]}@1" == want.split("+")[0]
 
 
 def test_residency_is_lru_with_hits_and_cold_loads() -> None:
@@ -114,7 +119,8 @@ def test_residency_is_lru_with_hits_and_cold_loads() -> None:
     assert r.touch("a@1") == (True, [])
     assert (r.hits, r.cold) == (2, 3)
     assert list(r.keys) == ["c@1", "a@1"]
-    assert parse_key("my.adapter@12") == ("my.adapter", 12)
+    assert parse_key("my.adapter@12") == ("my.adapter", 12, None)
+    assert parse_key("my.adapter@12+00ff") == ("my.adapter", 12, "00ff")
 
 
 async def test_call_asgi_streams_and_adds_headers(tmp_path: Path) -> None:

@@ -281,7 +281,7 @@ def test_download_verified_and_cached(registry: Registry, http_root: tuple[str, 
     cached = registry.local_files(v)
     assert cached.parent == registry.cache.root
     # Evicted from the cache: fetched again, and checked again, on the next load.
-    registry.cache.remove(v.sha256)
+    registry.cache.remove(v.content_digest)
     assert (registry.local_files(v) / "adapter_model.safetensors").is_file()
 
 
@@ -333,7 +333,7 @@ def test_download_cache_is_capped_lru(
         assert reg.cache.usage() <= reg.cache.max_bytes
     cached = {p.name for p in reg.cache.root.iterdir() if not p.name.startswith(".")}
     assert len(cached) == 2  # the two most recent
-    assert reg.adapter("a3").current.sha256 in cached  # type: ignore[union-attr]
+    assert reg.adapter("a3").current.content_digest in cached  # type: ignore[union-attr]
     reg.close()
 
 
@@ -392,10 +392,10 @@ def test_download_cache_folder_never_exceeds_its_cap(
             seen.append(_bytes_under(reg.cache.root))
         # An evicted version comes back (downloaded again, sha256 checked) within the cap.
         first = reg.adapter("a0").current  # type: ignore[union-attr]
-        assert first is not None and reg.cache.get(first.sha256) is None
+        assert first is not None and reg.cache.get(first.content_digest) is None
         assert reg.local_files(first).parent == reg.cache.root
         seen.append(_bytes_under(reg.cache.root))
-        assert v.sha256 in {p.name for p in reg.cache.root.iterdir()}
+        assert v.content_digest in {p.name for p in reg.cache.root.iterdir()}
         assert len(seen) == 10 and max(seen) <= reg.cache.max_bytes, seen
         assert list((reg.config.storage_dir / "staging").iterdir()) == []
     finally:

@@ -77,7 +77,7 @@ def test_truncated_safetensors(tmp_path: Path, base: BaseModelShapes) -> None:
     ("payload", "message"),
     [
         (b"", "too short"),
-        (b"\xff" * 8 + b"{}", "exceeds the file"),
+        (b"\xff" * 8 + b"{}", "above the cap"),
         (b"\x04\x00\x00\x00\x00\x00\x00\x00nope", "not valid JSON"),
     ],
 )
