@@ -628,7 +628,11 @@ def test_tokenize_and_detokenize(client: TestClient) -> None:
     ("path", "body", "param"),
     [
         ("/v1/chat/completions", {"messages": HI, "top_logprobs": 2}, "top_logprobs"),
-        ("/v1/chat/completions", {"messages": HI, "stream_options": {}}, "stream_options"),
+        (
+            "/v1/chat/completions",
+            {"messages": HI, "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),
         ("/v1/chat/completions", {"messages": HI, "tools": []}, "tools"),
         ("/v1/completions", {"prompt": ""}, "prompt"),
         ("/v1/responses", {"input": "", "prompt": "hi"}, "prompt"),
