@@ -72,7 +72,6 @@ class Case:
     code: str
     message: str = ""  # a fragment the error message must contain
     # The refusal is implemented on another branch: expected to fail here until merged.
-    xfail: str | None = None
     # Other (status, code) answers that are as right (the branch doing it picks one).
     also: tuple[tuple[int, str], ...] = ()
 
@@ -122,7 +121,6 @@ def _fifo(folder: Path, _: Path) -> None:
     os.mkfifo(folder / WEIGHTS)
 
 
-_SOURCES = "fixed on branch sources"
 # A symlinked file is refused as outside the roots, or as an unsafe or malformed adapter.
 _SYMLINK_REFUSALS = (
     (422, "adapter_malformed"),
@@ -180,7 +178,6 @@ CASES = (
         _symlinked_weights,
         403,
         "path_outside_roots",
-        xfail=_SOURCES,
         also=_SYMLINK_REFUSALS,
     ),
     Case(
@@ -188,7 +185,6 @@ CASES = (
         _symlinked_config,
         403,
         "path_outside_roots",
-        xfail=_SOURCES,
         also=_SYMLINK_REFUSALS,
     ),
     Case("fifo", _fifo, 422, "adapter_malformed", WEIGHTS),
