@@ -77,7 +77,7 @@ from server.app import create_app
 from server.settings import Settings
 from tests.adapters import make_adapter, make_base
 from tests.fakes import FakeEngine
-from tests.fuzz_support import BASE, FRESH, path_pools, pools
+from tests.fuzz_support import BASE, FRESH, MODELS, Pools, path_pools, pools
 
 KEY = "fuzz-admin-key"
 ADMIN = {"authorization": f"Bearer {KEY}"}
@@ -295,12 +295,22 @@ def _settings() -> hypothesis.settings:
     )
 
 
+def _path_pools(path: str, key_ids: list[str]) -> Pools:
+    """tests/fuzz_support.py's path parameters, and `{model}` (GET /v1/models/{model})."""
+    params = path_pools(path, key_ids)
+    if "{model}" in path:
+        params.valid["model"] = list(MODELS)
+        edge = ["nope", f"{BASE}:nope", f"{BASE}:", ":pirate", "pirate@1", "acme", "a/b/../c"]
+        params.edge["model"] = [*edge, "x" * 300, "\u00e9t\u00e9"]
+    return params
+
+
 @pytest.mark.parametrize("label", OPERATIONS)
 def test_fuzz_operation(label: str, fuzz: Fuzz) -> None:
     method, path = label.split(" ", 1)
     operation = fuzz.schema[path][method]
     fuzz.seed()
-    params = path_pools(path, fuzz.key_ids)
+    params = _path_pools(path, fuzz.key_ids)
     plain = st.fixed_dictionaries({k: st.sampled_from(v) for k, v in params.valid.items()})
     named = plain
     if params.edge:
@@ -374,7 +384,7 @@ def test_edge_values(label: str, fuzz: Fuzz) -> None:
     operation = fuzz.schema[path][method]
     fuzz.seed()
     values = pools(fuzz.root, fuzz.key_ids)
-    params = path_pools(path, fuzz.key_ids)
+    params = _path_pools(path, fuzz.key_ids)
     media_type, fields = BODIES[label]
     plain_params = {k: v[0] for k, v in params.valid.items()}
     plain_body = {k: values.valid[k][0] for k in sorted(fields & set(values.valid))}
