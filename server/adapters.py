@@ -237,6 +237,12 @@ class AdapterRouter:
     ) -> VersionRecord:
         record = self.registry.adapter(name)
         if record is not None and not usable_by(record, tenant):
+            # The work an absent name costs (a look in the adapters folder, on a worker
+            # thread), so that the answer's timing does not tell another tenant's private
+            # name from one that does not exist (review M8).
+            if self._catalog is not None:
+                with contextlib.suppress(AdapterError):
+                    await asyncio.to_thread(self._catalog.get, name)
             raise _not_found(model)
         if record is None or self._discovered(record):
             record = await self._discover(name, model, record)
