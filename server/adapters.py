@@ -117,42 +117,49 @@ class AdapterRouter:
     def base_name(self) -> str:
         return self._base
 
-    def model_names(self, tenant: str | None = None) -> tuple[list[str], list[str]]:
+    async def model_names(self, tenant: str | None = None) -> tuple[list[str], list[str]]:
         """(adapter names, alias names) that /v1/models lists for `tenant`. Callers must
         not modify the lists (they are cached until the registry changes)."""
+        return self._names_with(tenant, await self._unregistered_folders(tenant))
+
+    def _names_with(
+        self, tenant: str | None, folders: tuple[str, ...]
+    ) -> tuple[list[str], list[str]]:
         adapters, aliases, _ = self._registered_names(tenant)
-        folders = self._unregistered_folders(tenant)
         if folders:
             adapters = sorted(set(folders).union(adapters))
         return adapters, aliases
 
-    def models_body(
+    async def models_body(
         self, tenant: str | None, render: Callable[[list[str], list[str]], bytes]
     ) -> bytes:
         """/v1/models' encoded body for `tenant`: `render(*model_names(tenant))`, computed
         once per registry generation (and set of unregistered folders), so that listing
         10,000 adapters again costs a dictionary lookup; at most _MAX_BODIES are kept."""
+        folders = await self._unregistered_folders(tenant)
         generation = self.registry.generation
         if generation != self._bodies_generation:
             self._bodies.clear()
             self._bodies_generation = generation
-        key = (tenant, self._unregistered_folders(tenant))
+        key = (tenant, folders)
         body = self._bodies.get(key)
         if body is None:
-            body = self._bodies[key] = render(*self.model_names(tenant))
+            body = self._bodies[key] = render(*self._names_with(tenant, folders))
             while len(self._bodies) > _MAX_BODIES:
                 self._bodies.popitem(last=False)
         else:
             self._bodies.move_to_end(key)
         return body
 
-    def _unregistered_folders(self, tenant: str | None) -> tuple[str, ...]:
+    async def _unregistered_folders(self, tenant: str | None) -> tuple[str, ...]:
         """Adapters-directory folders not registered yet (shared once they are: see
-        _discover), sorted; they change without the registry changing."""
+        _discover), sorted; they change without the registry changing. The folder is
+        read once per call, on a worker thread (review L6)."""
         if self._catalog is None:
             return ()
+        names = await asyncio.to_thread(self._catalog.names)
         taken = self._registered_names(tenant)[2]
-        return tuple(name for name in self._catalog.names() if name not in taken)
+        return tuple(name for name in names if name not in taken)
 
     def _registered_names(self, tenant: str | None) -> tuple[list[str], list[str], frozenset[str]]:
         generation = self.registry.generation

@@ -78,7 +78,7 @@ async def list_models(router_: RouterDep, gateway: GatewayDep, principal: Princi
             listing, ensure_ascii=False, allow_nan=False, separators=(",", ":")
         ).encode()
 
-    body = router_.models_body(principal.tenant_name, render)
+    body = await router_.models_body(principal.tenant_name, render)
     return Response(body, media_type="application/json")
 
 
@@ -91,7 +91,7 @@ async def retrieve_model(
     if name is None:
         card = gateway.layer.model_card(base, None, None)
     else:
-        adapters, aliases = router_.model_names(principal.tenant_name)
+        adapters, aliases = await router_.model_names(principal.tenant_name)
         if name in aliases:
             card = gateway.layer.model_card(f"{base}:{name}", base, "alias")
         elif name in adapters:

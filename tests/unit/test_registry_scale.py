@@ -164,7 +164,7 @@ async def test_idle_versions_replaced_in_the_adapters_folder_are_released(
         reg.close()
 
 
-def test_model_names_are_cached_until_the_registry_changes(
+async def test_model_names_are_cached_until_the_registry_changes(
     registry: Registry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     registry.register("a", _w(registry, 0))
@@ -176,16 +176,16 @@ def test_model_names_are_cached_until_the_registry_changes(
     listing = registry.adapters
     monkeypatch.setattr(registry, "adapters", lambda: calls.append(1) or listing())
 
-    adapters, aliases = router.model_names()
+    adapters, aliases = await router.model_names()
     assert len(adapters) == 102 and aliases == [] and "mine" in adapters
-    assert router.model_names() == (adapters, aliases)
-    assert router.model_names("t")[0] == ["mine"]  # only its own (nothing is shared)
+    assert await router.model_names() == (adapters, aliases)
+    assert (await router.model_names("t"))[0] == ["mine"]  # only its own (nothing is shared)
     assert len(calls) == 2  # once per tenant
     registry.put_alias("ab", (Variant("a", 1, 1),))
-    assert router.model_names() == (adapters, ["ab"])
+    assert await router.model_names() == (adapters, ["ab"])
     registry.delete_adapter("mine")
-    assert "mine" not in router.model_names()[0]
-    assert router.model_names("t") == ([], [])
+    assert "mine" not in (await router.model_names())[0]
+    assert await router.model_names("t") == ([], [])
     assert len(calls) == 5
 
 
@@ -230,7 +230,7 @@ def test_models_body_is_encoded_once_per_registry_generation_and_tenant(
         assert "tiny:other" in [m["id"] for m in client.get("/v1/models").json()["data"]]
 
 
-def test_models_body_cache_is_bounded(registry: Registry) -> None:
+async def test_models_body_cache_is_bounded(registry: Registry) -> None:
     registry.register("a", _w(registry, 0))
     router = AdapterRouter("tiny", registry, None, FakeEngine())
     renders: list[int] = []
@@ -240,7 +240,7 @@ def test_models_body_cache_is_bounded(registry: Registry) -> None:
         return repr((adapters, aliases)).encode()
 
     for i in range(500):
-        router.models_body(f"t{i}", render)
+        await router.models_body(f"t{i}", render)
     assert len(router._bodies) <= 64
-    assert router.models_body(None, render) == router.models_body(None, render)
+    assert await router.models_body(None, render) == await router.models_body(None, render)
     assert len(renders) == 501
