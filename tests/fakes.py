@@ -187,8 +187,7 @@ class FakeEngineClient:
         await engine.on_generate(request_id)
         prompt_ids = list(prompt.get("prompt_token_ids") or [])
         reply = self.tokenizer.encode(
-            reply_text(lora_request.lora_name if lora_request else None),
-            add_special_tokens=False,
+            reply_text(_version_name(lora_request)), add_special_tokens=False
         )
         choices = [_Choice(i, params, self.tokenizer) for i in range(params.n)]
         kind = params.output_kind
@@ -228,6 +227,16 @@ class FakeEngineClient:
             raise
         finally:
             engine.running.discard(request_id)
+
+
+def _version_name(lora_request: Any) -> str | None:
+    """`adapter@version` of a LoRARequest (None: the base): its lora_name without the
+    content digest our engine names carry (server/engine/base.py LoraHandle.engine_name),
+    so tests can predict the reply."""
+    if lora_request is None:
+        return None
+    name: str = lora_request.lora_name
+    return name.split("+", 1)[0]
 
 
 class _Choice:

@@ -575,7 +575,9 @@ def test_engine_gets_the_adapter_and_a_unique_request_id(
         assert r.status_code == 200, r.text
     (first, lora), (second, none) = engine.requests
     assert first != second  # clients choose x-request-id; engine ids never collide
-    assert (lora.lora_name, lora.lora_int_id) == ("pirate@1", engine.loaded[0].lora_id)
+    handle = engine.loaded[0]
+    assert (lora.lora_name, lora.lora_int_id) == (handle.engine_name, handle.lora_id)
+    assert lora.lora_name.startswith("pirate@1+")  # the version, and its content digest
     assert none is None
     assert engine.priorities == [0, 0]  # no tenants: one priority for all
 
