@@ -23,7 +23,7 @@ from adapters_registry.sources import SourcesConfig
 from server.adapters import AdapterRouter
 from server.auth import OpenMode
 from server.engine.base import Engine
-from server.engine.openai_layer import OpenAILayer, vllm_args
+from server.engine.openai_layer import OpenAILayer, VLLMError, as_server_error, vllm_args
 from server.errors import ErrorKind, InvalidRequest, ServerError, describe, error_body
 from server.lifecycle import AdmissionMiddleware, Lifecycle
 from server.metrics import Metrics, RequestInfo, log_request
@@ -220,6 +220,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ServerError, known)
     app.add_exception_handler(AdapterError, known)
     app.add_exception_handler(RequestValidationError, invalid)
+
+    async def from_vllm(request: Request, exc: Exception) -> JSONResponse:
+        # vLLM's own errors, e.g. raised by its request models' validators while the body
+        # is parsed (they are not ValueErrors, so pydantic lets them through).
+        return await known(request, as_server_error(exc))
+
+    app.add_exception_handler(VLLMError, from_vllm)
     app.add_exception_handler(Exception, known)
 
 

@@ -55,7 +55,7 @@ from vllm.entrypoints.serve.engine.protocol import (
 from vllm.entrypoints.serve.exception_handling.error_response import create_error_response
 from vllm.entrypoints.serve.tokenize.protocol import DetokenizeRequest, TokenizeRequest
 from vllm.entrypoints.serve.tokenize.serving import ServingTokenization
-from vllm.exceptions import VLLMValidationError
+from vllm.exceptions import VLLMError, VLLMValidationError
 from vllm.renderers.chat_utils import load_chat_template
 from vllm.renderers.inputs.preprocess import extract_prompt_len
 from vllm.renderers.online_renderer import OnlineRenderer
@@ -87,6 +87,8 @@ __all__ = [
     "RequestScope",
     "ResponsesRequest",
     "TokenizeRequest",
+    "VLLMError",
+    "as_server_error",
     "vllm_args",
 ]
 
@@ -300,7 +302,7 @@ def _dump(obj: Any) -> dict[str, Any]:
     return dict(obj.model_dump())
 
 
-def _as_error(err: ErrorResponse | Exception) -> ServerError:
+def as_server_error(err: ErrorResponse | Exception) -> ServerError:
     """vLLM's verdict on a request, as our error (one table maps ours to HTTP)."""
     if isinstance(err, ServerError):
         return err
@@ -441,9 +443,9 @@ class OpenAILayer:
         except ServerError:
             raise
         except Exception as exc:
-            raise _as_error(exc) from exc
+            raise as_server_error(exc) from exc
         if isinstance(result, ErrorResponse):
-            raise _as_error(result)
+            raise as_server_error(result)
         if isinstance(
             result, (ChatCompletionResponse, CompletionResponse, ResponsesResponse)
         ) or hasattr(result, "model_dump"):
@@ -487,7 +489,7 @@ async def _our_error_frames(frames: AsyncIterator[str], client: Any) -> AsyncGen
 def _reframe(frame: str, client: Any) -> str:
     try:
         info = json.loads(frame.removeprefix("data: "))["error"]
-        err: ServerError = _as_error(
+        err: ServerError = as_server_error(
             create_error_response(str(info.get("message")), status_code=HTTPStatus(info["code"]))
         )
     except (ValueError, KeyError, TypeError):

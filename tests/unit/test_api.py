@@ -620,12 +620,6 @@ def test_tokenize_and_detokenize(client: TestClient) -> None:
     assert client.post("/tokenize", json={"model": "nope", "prompt": "x"}).status_code == 404
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="server bug: vLLM's request models raise VLLMValidationError in their "
-    "validators (not a ValueError: pydantic lets it through), and server/app.py maps it "
-    "to 500 through the catch-all; found by tests/unit/test_fuzz.py",
-)
 @pytest.mark.parametrize(
     ("path", "body", "param"),
     [

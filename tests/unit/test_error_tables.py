@@ -13,13 +13,6 @@ from clients import errors as client
 from server.errors import ERROR_TABLE, ErrorKind
 
 KINDS = sorted(set(ERROR_TABLE.values()), key=lambda k: (k.status, k.type, k.code or ""))
-# Codes server/errors.py gained (NotImplementedByEngine with vLLM's OpenAI layer, and
-# InvalidChecksum) that clients/errors.py does not know yet: a stream frame of either
-# reads as a 400 there. Strict: this fails once the client table has them.
-_CLIENT_LACKS = {"not_implemented": 501, "invalid_sha256": 422}
-_CLIENT_TABLE_BEHIND = pytest.mark.xfail(
-    strict=True, reason=f"clients/errors.py _STATUS_BY_CODE lacks {_CLIENT_LACKS}"
-)
 
 
 def codes_by_status() -> dict[str, set[int]]:
@@ -30,7 +23,6 @@ def codes_by_status() -> dict[str, set[int]]:
     return out
 
 
-@_CLIENT_TABLE_BEHIND
 def test_every_unambiguous_server_code_is_in_the_client_table_with_its_status() -> None:
     for code, statuses in codes_by_status().items():
         if len(statuses) == 1:
@@ -50,11 +42,7 @@ def test_client_types_are_server_types() -> None:
     assert set(client._STATUS_BY_TYPE) <= server_types
 
 
-@pytest.mark.parametrize(
-    "kind",
-    [pytest.param(k, marks=_CLIENT_TABLE_BEHIND) if k.code in _CLIENT_LACKS else k for k in KINDS],
-    ids=lambda k: f"{k.status}-{k.type}-{k.code}",
-)
+@pytest.mark.parametrize("kind", KINDS, ids=lambda k: f"{k.status}-{k.type}-{k.code}")
 def test_a_stream_error_gets_the_status_and_class_the_server_answers_it_with(
     kind: ErrorKind,
 ) -> None:
