@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 from adapters_registry import keys
 from adapters_registry.base_model import BaseModelShapes
+from adapters_registry.database import Database
 from adapters_registry.errors import (
     AdapterError,
     AdapterNotFound,
@@ -119,6 +120,11 @@ class Registry:
         self._orphans: dict[str, set[Path]] = {}
         self._reload()
         self._sweep()
+
+    @property
+    def database(self) -> Database:
+        """The registry's database, shared with the experiment tables (experiments.py)."""
+        return self._store.database
 
     def close(self) -> None:
         self.sources.close()

@@ -26,6 +26,7 @@ from adapters_registry.errors import (
     InvalidAlias,
     TenantNotFound,
 )
+from adapters_registry.experiments import MIGRATION as EXPERIMENTS_MIGRATION
 from adapters_registry.records import (
     AdapterRecord,
     AliasRecord,
@@ -36,7 +37,7 @@ from adapters_registry.records import (
 )
 from adapters_registry.spec import AdapterSpec
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 # BIGINT and DOUBLE PRECISION, not INTEGER and REAL: the same affinities in SQLite, while
 # PostgreSQL's INTEGER is 32-bit (sizes, quotas) and REAL a 32-bit float (timestamps
 # to ~2 minutes).
@@ -115,6 +116,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
         # 1/0; NULL for adapters registered before, for which the router infers it.
         "ALTER TABLE adapters ADD COLUMN discovered INTEGER",
     ),
+    # A/B experiments: the exposure log, feedback, guardrails (adapters_registry/experiments.py).
+    4: EXPERIMENTS_MIGRATION,
 }
 
 

@@ -15,6 +15,7 @@ import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from contextlib import ExitStack
 from typing import TYPE_CHECKING, Any, Concatenate, Generic, ParamSpec, TypeVar, overload
+from urllib.parse import urlencode
 
 import httpx
 
@@ -38,6 +39,8 @@ from clients.types import (
     DeletedAdapter,
     DeletedKey,
     DeletedTenant,
+    ExposureInfo,
+    FeedbackInfo,
     ModelInfo,
     NewApiKey,
     ProgressCallback,
@@ -262,6 +265,60 @@ class Endpoints:
     def models(self) -> Op[list[ModelInfo]]:
         """The base, every adapter (`<base>:<adapter>`) and every alias (`kind: alias`)."""
         return Op(Spec("GET", "/v1/models", "api", replayable=True), data_list)
+
+    # -- A/B experiments ---------------------------------------------------------------
+
+    @endpoint
+    def feedback(
+        self,
+        /,
+        response_id: str | None = None,
+        *,
+        request_id: str | None = None,
+        label: str | int | bool | None = None,
+        score: float | None = None,
+        metric: str = "default",
+    ) -> Op[FeedbackInfo]:
+        """Report an outcome of a response served through an alias: its `response_id`
+        (`completion.body["id"]`) or `request_id`, and a `label` ("positive"/"negative",
+        1/0, True/False) and/or a numeric `score`, under `metric`. Sending it again
+        replaces it (the last one counts). NotFoundError: no such response of yours."""
+        if isinstance(label, bool):
+            label = int(label)
+        body = {
+            "response_id": response_id,
+            "request_id": request_id,
+            "label": label,
+            "score": score,
+            "metric": metric,
+        }
+        body = {k: v for k, v in body.items() if v is not None}
+        # Idempotent per (response, metric) on the server: safe to send twice.
+        return Op(Spec("POST", "/v1/feedback", "api", replayable=True, json=body), json_body)
+
+    @endpoint
+    def exposure(self, response_id: str) -> Op[ExposureInfo]:
+        """Which alias arm served one of your responses (by response id)."""
+        spec = Spec("GET", f"/v1/exposures/{segment(response_id)}", "api", replayable=True)
+        return Op(spec, json_body)
+
+    @endpoint
+    def experiment_report(
+        self,
+        alias: str,
+        *,
+        since: float | str | None = None,
+        until: float | str | None = None,
+        control: str | None = None,
+    ) -> Op[JSON]:
+        """The statistics of alias `alias`'s experiment (admin): per arm exposures, users,
+        errors, latency, tokens, each metric's mean and 95% interval, and against the
+        `control` arm (default: the first) difference, lift and p-value; and the
+        sample-ratio-mismatch check. `since`/`until`: Unix seconds or ISO 8601."""
+        query = {"since": since, "until": until, "control": control}
+        params = urlencode({k: str(v) for k, v in query.items() if v is not None})
+        path = f"/admin/aliases/{segment(alias)}/experiment" + (f"?{params}" if params else "")
+        return Op(_read(path), json_body)
 
     # -- adapters ----------------------------------------------------------------------
 

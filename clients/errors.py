@@ -172,6 +172,7 @@ _STATUS_BY_CODE = {
     "path_outside_roots": 403,
     "model_not_found": 404,
     "tenant_not_found": 404,
+    "response_not_found": 404,
     "already_exists": 409,
     "in_use": 409,
     "source_changed": 409,

@@ -65,6 +65,43 @@ class AliasInfo(TypedDict):
     updated_at: float
 
 
+class FeedbackInfo(TypedDict):
+    """An outcome recorded for one response (A/B experiments); the last one sent per
+    (response, metric) is the one kept."""
+
+    object: str  # "feedback"
+    response_id: str
+    request_id: str
+    alias: str
+    variant: str  # the arm that served the response, e.g. "pirate@3"
+    metric: str
+    label: int | None  # 1 positive, 0 negative
+    score: float | None
+    created_at: float
+    updated_at: float
+
+
+class ExposureInfo(TypedDict):
+    """Which alias arm served one response, and how it went."""
+
+    object: str  # "exposure"
+    response_id: str
+    request_id: str
+    alias: str
+    variant: str
+    adapter: str
+    version: int
+    content_digest: str
+    tenant: str | None
+    user_hash: str | None  # sha256 of the request's user; the user itself is not kept
+    created_at: float
+    status: int
+    prompt_tokens: int
+    completion_tokens: int
+    ttft_s: float | None
+    latency_s: float
+
+
 class TenantInfo(TypedDict):
     """A tenant: its quotas (None: no limit), its API keys' ids, its requests running."""
 

@@ -18,6 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_registry import AdapterError, BaseModelShapes, DirectoryCatalog, Limits
+from adapters_registry.experiments import ExperimentStore
 from adapters_registry.registry import Registry, RegistryConfig
 from adapters_registry.sources import SourcesConfig
 from server.adapters import AdapterRouter
@@ -25,10 +26,11 @@ from server.auth import OpenMode
 from server.engine.base import Engine
 from server.engine.openai_layer import OpenAILayer, VLLMError, as_server_error, vllm_args
 from server.errors import ErrorKind, InvalidRequest, ServerError, describe, error_body
+from server.experiments.log import ExposureLog
 from server.lifecycle import AdmissionMiddleware, Lifecycle
 from server.metrics import Metrics, RequestInfo, log_request
 from server.quotas import Quotas
-from server.routes import admin, health, metrics_route, openai
+from server.routes import admin, experiments, health, metrics_route, openai
 from server.serving import Gateway
 from server.settings import Settings
 
@@ -145,6 +147,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.state.metrics_key = (
             settings.metrics_key.get_secret_value() if settings.metrics_key is not None else None
         )
+        # The exposure log of A/B experiments, in the registry's database, written by a
+        # background task (server/experiments/log.py).
+        app.state.exposures = exposures = ExposureLog(
+            ExperimentStore(router.registry.database), settings.experiments, metrics
+        )
+        writer = asyncio.create_task(exposures.run())
         for record in router.registry.adapters():
             if record.pinned:
                 await router.warm(record.name)
@@ -160,6 +168,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 poll.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await poll
+            writer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await writer
+            await exposures.close()  # what the last requests left in the queue
             router.registry.close()
             if own:
                 eng.shutdown()
@@ -177,6 +189,9 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     def observe(info: RequestInfo) -> None:
         metrics.observe(info)
         log_request(info)
+        exposures: ExposureLog | None = getattr(app.state, "exposures", None)
+        if exposures is not None:
+            exposures.record(info)  # served through an alias: its exposure row, queued
 
     app.add_middleware(
         AdmissionMiddleware,
@@ -189,6 +204,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
     )
     app.include_router(openai.router)
     app.include_router(admin.router)
+    app.include_router(experiments.router)
+    app.include_router(experiments.admin_router)
     app.include_router(health.router)
     app.include_router(metrics_route.router)
     _install_error_handlers(app)

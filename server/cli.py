@@ -15,6 +15,7 @@ import uvicorn
 from rich.console import Console
 
 from server.cli_admin import adapters_app, aliases_app, tenants_app
+from server.cli_experiments import experiments_app
 from server.lifecycle import Lifecycle
 from server.settings import OpenAISettings, Settings
 
@@ -25,6 +26,11 @@ app.add_typer(adapters_app, name="adapters", help="Manage adapters on a running 
 app.add_typer(aliases_app, name="aliases", help="Manage A/B aliases on a running server.")
 app.add_typer(
     tenants_app, name="tenants", help="Manage tenants, quotas and API keys on a running server."
+)
+app.add_typer(
+    experiments_app,
+    name="experiments",
+    help="A/B experiments: feedback on responses, reports of aliases.",
 )
 console = Console(stderr=True)
 

@@ -9,6 +9,7 @@
     │   ├── WrongAdminKey        403  an admin key that is not the configured one
     │   └── AdminDisabled        403  no admin key is configured
     ├── ModelNotFound            404  no base, adapter or alias by that name
+    ├── ResponseNotFound         404  no response by that id (of this caller): feedback
     ├── RequestTooLarge          413  the request body is above the limit
     ├── RateLimited              429  a tenant quota (concurrency or tokens/minute)
     ├── Overloaded               503  the server-wide bound on work in flight
@@ -73,6 +74,10 @@ class ModelNotFound(ServerError):
     pass
 
 
+class ResponseNotFound(ServerError):
+    pass
+
+
 class RequestTooLarge(ServerError):
     pass
 
@@ -116,6 +121,7 @@ ERROR_TABLE: dict[type[Exception], ErrorKind] = {
     InvalidApiKey: ErrorKind(401, "authentication_error", "invalid_api_key"),
     Forbidden: ErrorKind(403, "permission_error", "permission_denied"),
     ModelNotFound: ErrorKind(404, _INVALID, "model_not_found"),
+    ResponseNotFound: ErrorKind(404, _INVALID, "response_not_found"),
     RequestTooLarge: ErrorKind(413, _INVALID, "request_too_large"),
     RateLimited: ErrorKind(429, "rate_limit_error", "rate_limit_exceeded"),
     Overloaded: ErrorKind(503, "service_unavailable_error", "server_overloaded"),

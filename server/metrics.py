@@ -40,6 +40,11 @@ class RequestInfo:
     version: str = ""
     variant: str = ""
     tenant: str = ""
+    # A/B: set when an alias served the request, for its exposure row (server/experiments)
+    alias: str = ""
+    response_id: str = ""  # the id in the response body (chatcmpl-..., cmpl-..., resp_...)
+    digest: str = ""  # the version's content digest (not logged: long, and in the registry)
+    user_hash: str = ""  # sha256 of the end user (not logged)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft_s: float | None = None
@@ -147,6 +152,27 @@ class Metrics:
             registry=r,
         )
 
+        # A/B experiments (server/experiments): the exposure log and the guardrails.
+        self.exposures_written = Counter(
+            "loraswap_exposures_written", "Exposure rows written to the database.", registry=r
+        )
+        self.exposures_dropped = Counter(
+            "loraswap_exposures_dropped",
+            "Exposures not recorded, by reason (queue_full: the writer fell behind; "
+            "write_failed: the database refused a batch).",
+            ["reason"],
+            registry=r,
+        )
+        self.exposures_queued = Gauge(
+            "loraswap_exposures_queued", "Exposures waiting to be written.", registry=r
+        )
+        self.guardrail_rollbacks = Counter(
+            "loraswap_guardrail_rollbacks",
+            "Alias arms set to weight 0 by a guardrail, by alias, arm and rule.",
+            ["alias", "variant", "rule"],
+            registry=r,
+        )
+
     def observe(self, info: RequestInfo) -> None:
         adapter = self._adapter(info.adapter)
         bounded = adapter not in ("", OTHER)
@@ -195,6 +221,6 @@ def log_request(info: RequestInfo) -> None:
     record["latency_ms"] = round(1000 * info.latency_s, 1)
     if info.ttft_s is not None:
         record["ttft_ms"] = round(1000 * info.ttft_s, 1)
-    for key in ("started", "ended", "ttft_s"):
+    for key in ("started", "ended", "ttft_s", "digest", "user_hash"):
         record.pop(key, None)
     log.info(json.dumps(record, separators=(",", ":")))

@@ -20,6 +20,7 @@ server/lifecycle.py), whatever happened to it.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -85,7 +86,7 @@ class Gateway:
         )
         info: RequestInfo | None = getattr(request.state, "info", None)
         if info is not None:
-            _describe(info, target, caller)
+            _describe(info, target, caller, _response_id(body, request))
         ticket = self._quotas.admit(caller.tenant, self._known_tokens(body))
         finalizers: list[Callable[[], None]] = [ticket.release]
         request.state.finalizers = finalizers
@@ -186,14 +187,35 @@ def caller_of(tenant: TenantRecord | None, body: Any, request: Request) -> Calle
     return Caller(tenant=tenant, user=user)
 
 
-def _describe(info: RequestInfo, target: Target, caller: Caller) -> None:
-    """Tell the request's log line and metrics what serves it."""
+def _describe(info: RequestInfo, target: Target, caller: Caller, response_id: str) -> None:
+    """Tell the request's log line and metrics what serves it; through an alias, also
+    what its exposure row needs (written when the request is over: server/experiments)."""
     info.model = target.model
     info.tenant = caller.tenant_name or ""
     if target.version is not None:
         info.adapter = target.version.adapter
         info.version = str(target.version.version)
+        if target.alias is not None:
+            info.alias = target.alias
+            info.response_id = response_id
+            info.digest = target.version.content_digest
+            # Never the user itself: the exposure log is joined on it, not read for it.
+            info.user_hash = hashlib.sha256(caller.user.encode()).hexdigest() if caller.user else ""
     info.variant = target.variant or ""
+
+
+# The id vLLM gives a response: a prefix and the request id we hand it (see _for_vllm);
+# the Responses API names its responses by the body's `request_id` instead.
+_RESPONSE_ID_PREFIX = {"/v1/chat/completions": "chatcmpl-", "/v1/completions": "cmpl-"}
+
+
+def _response_id(body: Any, request: Request) -> str:
+    """The id of the response this request gets ("" for tokenize/detokenize: none)."""
+    route = getattr(request.scope.get("route"), "path", "")
+    if route == "/v1/responses":
+        return str(_get(body, "request_id") or "")
+    prefix = _RESPONSE_ID_PREFIX.get(route)
+    return "" if prefix is None else prefix + str(request.state.request_id)
 
 
 def _headers(target: Target, request: Request) -> dict[str, str]:

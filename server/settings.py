@@ -107,6 +107,36 @@ class RegistrySettings(BaseModel):
     )
 
 
+class ExperimentsSettings(BaseModel):
+    """A/B experiments: the exposure log of requests served through aliases (README:
+    Experiments)."""
+
+    exposure_log: bool = Field(
+        True, description="Record one exposure row per request served through an alias."
+    )
+    queue_max: int = Field(
+        10_000,
+        ge=1,
+        description="Exposures waiting to be written at most; past it new ones are dropped "
+        "and counted (loraswap_exposures_dropped), never delaying a request.",
+    )
+    batch_size: int = Field(500, ge=1, description="Exposures written per transaction at most.")
+    flush_interval_s: float = Field(
+        1.0,
+        gt=0,
+        description="How often waiting exposures are written (sooner when a batch is full).",
+    )
+    retention_days: float | None = Field(
+        90.0,
+        gt=0,
+        description="Exposures (and their feedback) older than this are deleted; none = kept.",
+    )
+    max_rows: int | None = Field(
+        10_000_000, ge=1, description="Exposures kept at most (the oldest go first); none = no cap."
+    )
+    prune_interval_s: float = Field(300.0, gt=0, description="How often retention runs.")
+
+
 class SourcesSettings(BaseModel):
     """Where adapters may be registered from, besides paths and uploads (README: Sources)."""
 
@@ -211,6 +241,7 @@ class Settings(BaseSettings):
     sources: SourcesSettings = Field(default_factory=SourcesSettings)
     engine: EngineSettings = Field(default_factory=EngineSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
+    experiments: ExperimentsSettings = Field(default_factory=ExperimentsSettings)
 
     @model_validator(mode="after")
     def _one_registry_database(self) -> Settings:

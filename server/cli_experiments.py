@@ -1,0 +1,208 @@
+"""`loraswap experiments ...`: feedback on responses and the report of an alias's experiment.
+
+Like the other admin commands (server/cli_admin.py) these talk HTTP through
+`clients.Client`. `feedback` acts as a tenant when given `--api-key` (the tenant whose
+request it was), else as the operator with the admin key; `report` is an admin call.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from clients import DEFAULT_URL
+from server.cli_admin import (
+    AdminKey,
+    AliasName,
+    AsJson,
+    ClientFactory,
+    Url,
+    _query,
+    _session,
+    default_client,
+    out,
+)
+
+ApiKey = Annotated[
+    str | None,
+    typer.Option(
+        "--api-key",
+        envvar="LORASWAP_API_KEY",
+        help="The tenant's API key (default: act as the operator with the admin key).",
+        show_default=False,
+    ),
+]
+
+
+def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}" if abs(value) < 1e-3 and value != 0 else f"{value:.{digits}f}"
+    return str(value)
+
+
+def _interval(ci: list[float] | None, digits: int = 3) -> str:
+    return "-" if not ci else f"[{_fmt(ci[0], digits)}, {_fmt(ci[1], digits)}]"
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{1000 * seconds:.0f}"
+
+
+def arms_table(report: dict[str, Any]) -> Table:
+    table = Table(title=f"alias {report['alias']}: {report['exposures']} exposures")
+    for column in ("arm", "weight", "exposures", "users", "error rate"):
+        table.add_column(column, justify="left" if column == "arm" else "right")
+    for column in ("p50 ms", "p95 ms", "TTFT p50 ms", "TTFT p95 ms", "tokens in/out"):
+        table.add_column(column, justify="right")
+    for arm in report["variants"]:
+        table.add_row(
+            arm["variant"] + (" (control)" if arm["control"] else ""),
+            str(arm["weight"]),
+            str(arm["exposures"]),
+            str(arm["users"]),
+            _fmt(arm["error_rate"]),
+            _ms(arm["latency_s"]["p50"]),
+            _ms(arm["latency_s"]["p95"]),
+            _ms(arm["ttft_s"]["p50"]),
+            _ms(arm["ttft_s"]["p95"]),
+            f"{arm['prompt_tokens']}/{arm['completion_tokens']}",
+        )
+    return table
+
+
+def metrics_table(report: dict[str, Any]) -> Table:
+    table = Table(title="outcomes (95% intervals; against the control)")
+    for column in ("metric", "arm", "n", "mean", "95% CI", "difference", "lift", "p-value"):
+        table.add_column(column, justify="left" if column in ("metric", "arm") else "right")
+    for metric in report["metrics"]:
+        for arm in report["variants"]:
+            for kind, block in arm["metrics"].get(metric, {}).items():
+                versus = block.get("vs_control") or {}
+                lift = versus.get("lift")
+                table.add_row(
+                    f"{metric} ({kind})",
+                    arm["variant"],
+                    str(block["count"]),
+                    _fmt(block["mean"]),
+                    _interval(block["ci95"]),
+                    _fmt(versus.get("difference")) + " " + _interval(versus.get("ci95")),
+                    "-"
+                    if lift is None
+                    else f"{100 * lift:+.1f}% " + _percent(versus.get("lift_ci95")),
+                    _fmt(versus.get("p_value"), 4),
+                )
+    return table
+
+
+def _percent(ci: list[float] | None) -> str:
+    return "" if not ci else f"[{100 * ci[0]:+.1f}%, {100 * ci[1]:+.1f}%]"
+
+
+def srm_line(report: dict[str, Any]) -> str:
+    srm = report.get("srm")
+    if srm is None:
+        return "sample ratio: not checked (fewer than two weighted arms with exposures)"
+    verdict = "[red]MISMATCH[/red]" if srm["flagged"] else "ok"
+    observed = ", ".join(f"{k}={v}" for k, v in srm["observed"].items())
+    return f"sample ratio: {verdict} (chi-square p = {srm['p_value']:.3g}; {observed})"
+
+
+def make_experiments_app(connect: ClientFactory = default_client) -> typer.Typer:
+    """The `experiments` commands, each opening its client through `connect`."""
+    app = typer.Typer(
+        help="A/B experiments over aliases: feedback and reports.", no_args_is_help=True
+    )
+
+    @app.command("feedback")
+    def feedback(
+        response_id: Annotated[
+            str | None,
+            typer.Argument(help="The response's id (chatcmpl-...).", show_default=False),
+        ] = None,
+        request_id: Annotated[
+            str | None,
+            typer.Option("--request-id", help="Or the request's x-request-id.", show_default=False),
+        ] = None,
+        label: Annotated[
+            str | None,
+            typer.Option("--label", help="positive, negative, 1 or 0.", show_default=False),
+        ] = None,
+        score: Annotated[
+            float | None, typer.Option("--score", help="A numeric outcome.", show_default=False)
+        ] = None,
+        metric: Annotated[str, typer.Option("--metric", help="The outcome's name.")] = "default",
+        url: Url = DEFAULT_URL,
+        admin_key: AdminKey = None,
+        api_key: ApiKey = None,
+        as_json: AsJson = False,
+    ) -> None:
+        """Record an outcome of a response (sending it again replaces it)."""
+        value: str | int | None = label
+        if label in ("0", "1"):
+            value = int(label)
+        with _session(connect, url, admin_key) as client:
+            client.api_key = api_key or admin_key
+            result = client.feedback(
+                response_id, request_id=request_id, label=value, score=score, metric=metric
+            )
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        outcome = ", ".join(
+            part
+            for part in (
+                None if result["label"] is None else f"label {result['label']}",
+                None if result["score"] is None else f"score {result['score']}",
+            )
+            if part
+        )
+        out.print(
+            f"{result['response_id']} ({result['alias']}: {result['variant']}): "
+            f"{result['metric']} = {outcome}"
+        )
+
+    @app.command("report")
+    def report(
+        name: AliasName,
+        since: Annotated[
+            str | None,
+            typer.Option(help="Window start: Unix seconds or ISO 8601.", show_default=False),
+        ] = None,
+        until: Annotated[
+            str | None, typer.Option(help="Window end (excluded).", show_default=False)
+        ] = None,
+        control: Annotated[
+            str | None,
+            typer.Option(help="The control arm (default: the first).", show_default=False),
+        ] = None,
+        url: Url = DEFAULT_URL,
+        admin_key: AdminKey = None,
+        as_json: AsJson = False,
+    ) -> None:
+        """Per-arm statistics of an alias: exposures, errors, latency, outcomes against
+        the control, and the sample-ratio-mismatch check."""
+        result = _query(
+            connect,
+            url,
+            admin_key,
+            lambda client: client.experiment_report(
+                name, since=since, until=until, control=control
+            ),
+            as_json,
+        )
+        if result is None:
+            return
+        out.print(arms_table(result))
+        if result["metrics"]:
+            out.print(metrics_table(result))
+        out.print(srm_line(result))
+
+    return app
+
+
+experiments_app = make_experiments_app()

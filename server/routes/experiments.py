@@ -1,0 +1,218 @@
+"""A/B experiments over HTTP: feedback on a response (/v1), the report of an alias (/admin).
+
+Feedback is a tenant's word about one of its own responses: the exposure is looked up
+by response id (or request id) among the caller's exposures only, and an id that is
+unknown and one that belongs to another tenant get the same 404 (no existence leak). The
+operator (admin key, or open mode) may give feedback on any.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from datetime import UTC, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from adapters_registry.errors import AdapterNotFound
+from adapters_registry.experiments import Exposure, Feedback
+from adapters_registry.names import NAME_PATTERN
+from server.auth import require_admin
+from server.deps import PrincipalDep, RouterDep
+from server.errors import InvalidRequest, ResponseNotFound
+from server.experiments.log import ExposureLog
+from server.experiments.report import build_report
+
+router = APIRouter(tags=["experiments"])
+admin_router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+
+def get_exposures(request: Request) -> ExposureLog:
+    log: ExposureLog = request.app.state.exposures
+    return log
+
+
+ExposuresDep = Annotated[ExposureLog, Depends(get_exposures)]
+
+
+class FeedbackBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    response_id: str | None = Field(
+        None,
+        min_length=1,
+        max_length=256,
+        description="The response's id (`chatcmpl-...`, `cmpl-...`, `resp_...`).",
+    )
+    request_id: str | None = Field(
+        None, min_length=1, max_length=128, description="Or its x-request-id."
+    )
+    metric: str = Field(
+        "default",
+        pattern=NAME_PATTERN.pattern,
+        description="Which outcome this is (several per experiment), e.g. `thumbs`, `resolved`.",
+    )
+    label: Literal["positive", "negative", 0, 1] | None = Field(
+        None, description='A binary outcome: "positive" / 1 or "negative" / 0.'
+    )
+    score: float | None = Field(None, allow_inf_nan=False, description="A numeric outcome.")
+
+    @model_validator(mode="after")
+    def _one_id_and_an_outcome(self) -> FeedbackBody:
+        if (self.response_id is None) == (self.request_id is None):
+            raise ValueError("give exactly one of response_id and request_id")
+        if self.label is None and self.score is None:
+            raise ValueError("give a label, a score, or both")
+        return self
+
+    @property
+    def label_value(self) -> int | None:
+        if self.label is None:
+            return None
+        return 1 if self.label in ("positive", 1) else 0
+
+
+def _feedback(exposure: Exposure, f: Feedback) -> dict[str, Any]:
+    return {
+        "object": "feedback",
+        "response_id": exposure.response_id,
+        "request_id": exposure.request_id,
+        "alias": exposure.alias,
+        "variant": exposure.variant,
+        "metric": f.metric,
+        "label": f.label,
+        "score": f.score,
+        "created_at": f.created_at,
+        "updated_at": f.updated_at,
+    }
+
+
+async def _find(
+    log: ExposureLog, response_id: str | None, request_id: str | None, tenant: str | None
+) -> Exposure | None:
+    def mine() -> Exposure | None:
+        found = log.store.find_exposure(response_id=response_id, request_id=request_id)
+        return next((e for e in found if tenant is None or e.tenant == tenant), None)
+
+    exposure = await asyncio.to_thread(mine)
+    if exposure is None and log.pending:
+        # The response may be so recent that its exposure still waits in the queue.
+        await log.flush()
+        exposure = await asyncio.to_thread(mine)
+    return exposure
+
+
+@router.post("/v1/feedback", summary="Report an outcome of a response (A/B experiments)")
+async def post_feedback(
+    body: FeedbackBody, principal: PrincipalDep, log: ExposuresDep
+) -> dict[str, Any]:
+    """Idempotent per (response, metric): the last outcome sent is the one kept."""
+    exposure = await _find(log, body.response_id, body.request_id, principal.tenant_name)
+    if exposure is None:
+        given = body.response_id or body.request_id
+        which = "response_id" if body.response_id else "request_id"
+        raise ResponseNotFound(f"no response {given!r} served through an alias", param=which)
+    record = await asyncio.to_thread(
+        log.store.put_feedback,
+        exposure.exposure_id,
+        body.metric,
+        label=body.label_value,
+        score=body.score,
+    )
+    return _feedback(exposure, record)
+
+
+@router.get("/v1/exposures/{response_id}", summary="Which arm served one of your responses")
+async def get_exposure(
+    response_id: str, principal: PrincipalDep, log: ExposuresDep
+) -> dict[str, Any]:
+    exposure = await _find(log, response_id, None, principal.tenant_name)
+    if exposure is None:
+        raise ResponseNotFound(f"no response {response_id!r} served through an alias")
+    return _exposure(exposure)
+
+
+def _exposure(e: Exposure) -> dict[str, Any]:
+    return {
+        "object": "exposure",
+        "response_id": e.response_id,
+        "request_id": e.request_id,
+        "alias": e.alias,
+        "variant": e.variant,
+        "adapter": e.adapter,
+        "version": e.version,
+        "content_digest": e.content_digest,
+        "tenant": e.tenant,
+        "user_hash": e.user_hash,
+        "created_at": e.created_at,
+        "status": e.status,
+        "prompt_tokens": e.prompt_tokens,
+        "completion_tokens": e.completion_tokens,
+        "ttft_s": e.ttft_s,
+        "latency_s": e.latency_s,
+    }
+
+
+def parse_time(value: str | None, param: str) -> float | None:
+    """Unix seconds, or an ISO 8601 time (UTC unless it says otherwise)."""
+    if value is None or value == "":
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidRequest(
+                f"{param}: {value!r} is neither Unix seconds nor an ISO 8601 time", param=param
+            ) from None
+        if moment.tzinfo is None:
+            moment = moment.replace(tzinfo=UTC)
+        seconds = moment.timestamp()
+    if not math.isfinite(seconds):
+        raise InvalidRequest(f"{param} must be finite", param=param)
+    return seconds
+
+
+@admin_router.get(
+    "/aliases/{name}/experiment", summary="Per-arm statistics of an alias's experiment"
+)
+async def experiment_report(
+    name: str,
+    router_: RouterDep,
+    log: ExposuresDep,
+    since: Annotated[
+        str | None, Query(description="Window start: Unix seconds or ISO 8601.")
+    ] = None,
+    until: Annotated[str | None, Query(description="Window end (excluded).")] = None,
+    control: Annotated[str | None, Query(description="The control arm [the first].")] = None,
+) -> dict[str, Any]:
+    start, end = parse_time(since, "since"), parse_time(until, "until")
+    alias = router_.registry.alias(name)
+    await log.flush()  # what has been served so far is in the report
+
+    def read() -> tuple[list[Exposure], list[tuple[str, Feedback]]]:
+        return (
+            log.store.exposures(name, since=start, until=end),
+            log.store.feedback(name, since=start, until=end),
+        )
+
+    exposures, feedback = await asyncio.to_thread(read)
+    if alias is None and not exposures:
+        raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
+    variants = alias.variants if alias is not None else ()
+    try:
+        return await asyncio.to_thread(
+            build_report,
+            name,
+            variants,
+            exposures,
+            feedback,
+            control=control,
+            since=start,
+            until=end,
+        )
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="control") from None
