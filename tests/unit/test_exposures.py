@@ -1,0 +1,444 @@
+"""The exposure log and feedback, through the real app (fake engine), on both databases:
+one exposure row per request served through an alias, written off the hot path (never
+delaying or failing a request), bounded; feedback only on one's own responses."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from adapters_registry.database import open_database
+from adapters_registry.experiments import ExperimentStore, Exposure
+from adapters_registry.store import Store
+from server.app import create_app
+from server.experiments.log import ExposureLog
+from server.metrics import Metrics, RequestInfo
+from server.settings import ExperimentsSettings, Settings
+from tests.adapters import make_adapter, make_base
+from tests.databases import database_contents, registry_settings
+from tests.fakes import FakeEngine
+
+ADMIN = {"authorization": "Bearer admin-key"}
+HI = [{"role": "user", "content": "hi"}]
+
+
+def settings(tmp_path: Path, database: str | Path, **extra: Any) -> Settings:
+    if not (tmp_path / "base").exists():
+        make_base(tmp_path / "base")
+    (tmp_path / "allowed").mkdir(exist_ok=True)
+    return Settings(
+        served_model_name="tiny",
+        model=tmp_path / "base",
+        home=tmp_path / "home",
+        admin_key="admin-key",
+        allowed_roots=[tmp_path / "allowed"],
+        **registry_settings(database),
+        **extra,
+    )  # type: ignore[arg-type]
+
+
+class World:
+    def __init__(self, client: TestClient, keys: dict[str, str]) -> None:
+        self.c = client
+        self.keys = keys
+
+    def auth(self, who: str) -> dict[str, str]:
+        return ADMIN if who == "admin" else {"authorization": f"Bearer {self.keys[who]}"}
+
+    def chat(self, who: str, user: str | None = "u1", model: str = "bot", **extra: Any):
+        body: dict[str, Any] = {"model": model, "messages": HI, "max_tokens": 4, **extra}
+        if user is not None:
+            body["user"] = user
+        return self.c.post("/v1/chat/completions", json=body, headers=self.auth(who))
+
+    def feedback(self, who: str, **body: Any) -> httpx.Response:
+        return self.c.post("/v1/feedback", json=body, headers=self.auth(who))
+
+    @property
+    def app(self) -> Any:
+        return self.c.app
+
+    def flush(self) -> None:
+        log: ExposureLog = self.app.state.exposures
+        self.c.portal.call(log.flush)  # type: ignore[union-attr]
+
+    def exposures(self, alias: str = "bot") -> list[Exposure]:
+        self.flush()
+        store: ExperimentStore = self.app.state.exposures.store
+        return sorted(store.exposures(alias), key=lambda e: e.created_at)
+
+
+@contextmanager
+def open_world(tmp_path: Path, database: str | Path, **extra: Any) -> Iterator[World]:
+    """Tenants a and b; adapters pirate and formal, shared; alias bot = pirate 1 : formal 1,
+    shared; and a plain adapter request for contrast."""
+    allowed = tmp_path / "allowed"
+    engine = extra.pop("engine", None) or FakeEngine()
+    app = create_app(settings(tmp_path, database, **extra), engine=engine)
+    with TestClient(app) as c:
+        keys = {}
+        for t in ("a", "b"):
+            assert c.put(f"/admin/tenants/{t}", headers=ADMIN, json={}).status_code == 200
+            keys[t] = c.post(f"/admin/tenants/{t}/keys", headers=ADMIN).json()["key"]
+        for i, name in enumerate(("pirate", "formal")):
+            r = c.post(
+                "/admin/adapters",
+                headers=ADMIN,
+                json={
+                    "name": name,
+                    "source": str(make_adapter(allowed / name, seed=i + 1)),
+                    "shared": True,
+                },
+            )
+            assert r.status_code == 201, r.text
+        r = c.put(
+            "/admin/aliases/bot",
+            headers=ADMIN,
+            json={"variants": {"pirate@1": 1, "formal@1": 1}, "shared": True},
+        )
+        assert r.status_code == 200, r.text
+        yield World(c, keys)
+
+
+@pytest.fixture
+def world(tmp_path: Path, database: str | Path) -> Iterator[World]:
+    with open_world(tmp_path, database) as w:
+        yield w
+
+
+# -- the exposure log ----------------------------------------------------------------------
+
+
+def test_each_request_through_an_alias_records_one_exposure(world: World) -> None:
+    r = world.chat("a", user="alice@example.com")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    world.chat("a", user=None, model="pirate")  # not through an alias: no exposure
+    stream = world.chat("b", user="bob", stream=True, stream_options={"include_usage": True})
+    assert stream.status_code == 200
+    (mine, theirs) = world.exposures()
+    assert mine.response_id == body["id"] and body["id"] == f"chatcmpl-{mine.request_id}"
+    assert mine.request_id == r.headers["x-request-id"]
+    assert mine.variant == r.headers["x-alias-variant"]
+    adapter, _, version = mine.variant.partition("@")
+    assert (mine.alias, mine.adapter, mine.version) == ("bot", adapter, int(version))
+    record = world.app.state.router.registry.adapter(adapter).version(int(version))
+    assert mine.content_digest == record.content_digest
+    assert mine.tenant == "a" and theirs.tenant == "b"
+    assert mine.user_hash == hashlib.sha256(b"alice@example.com").hexdigest()
+    assert mine.status == 200
+    assert mine.prompt_tokens == body["usage"]["prompt_tokens"]
+    assert mine.completion_tokens == body["usage"]["completion_tokens"] == 4
+    assert mine.ttft_s is not None and 0 <= mine.ttft_s <= mine.latency_s
+    assert mine.latency_s > 0
+    assert theirs.completion_tokens == 4 and theirs.response_id.startswith("chatcmpl-")
+
+
+def test_the_raw_user_is_never_stored(world: World, database: str | Path) -> None:
+    assert world.chat("a", user="secret-user-4242").status_code == 200
+    world.flush()
+    contents = database_contents(database)
+    assert b"secret-user-4242" not in contents
+    assert hashlib.sha256(b"secret-user-4242").hexdigest().encode() in contents
+
+
+def test_completions_and_failed_requests_are_exposures_too(world: World) -> None:
+    r = world.c.post(
+        "/v1/completions",
+        json={"model": "bot", "prompt": "hi", "max_tokens": 3, "user": "u"},
+        headers=world.auth("a"),
+    )
+    assert r.status_code == 200
+    assert r.json()["id"].startswith("cmpl-")
+    # A request refused after the arm was chosen (here: vLLM's own check of the
+    # context length) is an exposure with its status.
+    bad = world.chat("a", max_tokens=1000)
+    assert bad.status_code == 400
+    done, refused = world.exposures()
+    assert done.response_id == r.json()["id"] and done.status == 200
+    assert refused.status == 400 and refused.completion_tokens == 0
+
+
+def test_an_exposure_is_written_after_its_response_never_before(
+    tmp_path: Path, database: str | Path
+) -> None:
+    """Off the hot path: with a long flush interval nothing is written while serving,
+    everything once the writer runs (or at shutdown)."""
+    with open_world(tmp_path, database, experiments={"flush_interval_s": 3600}) as w:
+        for i in range(3):
+            assert w.chat("a", user=f"u{i}").status_code == 200
+        store: ExperimentStore = w.app.state.exposures.store
+        assert store.count_exposures() == 0 and w.app.state.exposures.pending == 3
+    # shut down: what was queued is written
+    assert ExperimentStore(open_database(database)).count_exposures() == 3
+
+
+def test_a_full_queue_drops_and_counts_never_failing_a_request(
+    tmp_path: Path, database: str | Path
+) -> None:
+    extra = {"experiments": {"flush_interval_s": 3600, "queue_max": 2}}
+    with open_world(tmp_path, database, **extra) as w:
+        for i in range(5):
+            assert w.chat("a", user=f"u{i}").status_code == 200
+        metrics: Metrics = w.app.state.metrics
+        assert metrics.exposures_dropped.labels("queue_full")._value.get() == 3
+        assert len(w.exposures()) == 2
+        assert metrics.exposures_written._value.get() == 2
+
+
+def test_a_failing_database_never_fails_a_request(world: World) -> None:
+    log: ExposureLog = world.app.state.exposures
+
+    def refuse(rows: Any) -> None:
+        raise RuntimeError("database away")
+
+    log.store.add_exposures = refuse  # type: ignore[method-assign]
+    for i in range(3):
+        assert world.chat("a", user=f"u{i}").status_code == 200
+    world.flush()
+    metrics: Metrics = world.app.state.metrics
+    assert metrics.exposures_dropped.labels("write_failed")._value.get() == 3
+    assert log.pending == 0
+
+
+def test_the_request_does_not_wait_for_the_database(world: World) -> None:
+    """A writer stuck in the database does not hold up requests (it runs on a thread,
+    from the queue): 5 requests answer while one batch write takes 2 s."""
+    log: ExposureLog = world.app.state.exposures
+    real = log.store.add_exposures
+    slow_started = []
+
+    def slow(rows: Any) -> None:
+        slow_started.append(time.monotonic())
+        time.sleep(2)
+        real(rows)
+
+    log.store.add_exposures = slow  # type: ignore[method-assign]
+    assert world.chat("a").status_code == 200
+    future = world.c.portal.start_task_soon(log.flush)  # type: ignore[union-attr]
+    while not slow_started:
+        time.sleep(0.01)
+    start = time.monotonic()
+    for i in range(5):
+        assert world.chat("a", user=f"v{i}").status_code == 200
+    assert time.monotonic() - start < 1.5
+    future.result()
+
+
+def _exposure(i: int, created_at: float, **fields: Any) -> Exposure:
+    row: dict[str, Any] = {
+        "exposure_id": f"e{i}",
+        "response_id": f"chatcmpl-{i}",
+        "request_id": f"{i}",
+        "alias": "bot",
+        "variant": "pirate@1",
+        "adapter": "pirate",
+        "version": 1,
+        "content_digest": "d" * 64,
+        "tenant": None,
+        "user_hash": None,
+        "created_at": created_at,
+        "status": 200,
+        "prompt_tokens": 1,
+        "completion_tokens": 1,
+        "ttft_s": 0.01,
+        "latency_s": 0.02,
+        **fields,
+    }
+    return Exposure(**row)
+
+
+def test_retention_by_age_and_by_rows_takes_the_feedback_along(database: str | Path) -> None:
+    Store(database).close()  # migrates
+    store = ExperimentStore(open_database(database))
+    now = 1_000_000.0
+    store.add_exposures([_exposure(i, now - 1000 + i) for i in range(1000)])
+    store.put_feedback("e0", "default", label=1, score=None)
+    store.put_feedback("e999", "default", label=0, score=None)
+    settings = ExperimentsSettings(retention_days=500 / 86400, max_rows=300)
+    log = ExposureLog(store, settings, Metrics(), clock=lambda: now)
+    # age: the 500 older than now - 500 s go; rows: then all but the newest 300
+    assert asyncio.run(log.prune()) == 700
+    left = sorted(e.exposure_id for e in store.exposures("bot"))
+    assert left == sorted(f"e{i}" for i in range(700, 1000))
+    assert [f.exposure_id for _, f in store.feedback("bot")] == ["e999"]
+    assert asyncio.run(log.prune()) == 0
+
+
+def test_exposure_of_describes_only_alias_requests() -> None:
+    from server.experiments.log import exposure_of
+
+    info = RequestInfo(request_id="r", method="POST", path="/v1/chat/completions", started=0.0)
+    assert exposure_of(info) is None
+    info.alias, info.response_id, info.version = "bot", "chatcmpl-r", "1"
+    info.ended = 0.5
+    exposure = exposure_of(info, now=7.0)
+    assert exposure is not None
+    assert (exposure.status, exposure.latency_s, exposure.created_at) == (499, 0.5, 7.0)
+
+
+# -- feedback -------------------------------------------------------------------------------
+
+
+def test_feedback_on_ones_own_response(world: World) -> None:
+    r = world.chat("a")
+    rid = r.json()["id"]
+    f = world.feedback("a", response_id=rid, label="positive")
+    assert f.status_code == 200, f.text
+    got = f.json()
+    assert got["object"] == "feedback"
+    assert (got["response_id"], got["alias"], got["variant"]) == (
+        rid,
+        "bot",
+        r.headers["x-alias-variant"],
+    )
+    assert (got["metric"], got["label"], got["score"]) == ("default", 1, None)
+    # by request id, another metric, a score
+    g = world.feedback("a", request_id=r.headers["x-request-id"], metric="csat", score=4.5)
+    assert g.status_code == 200 and g.json()["score"] == 4.5
+    store: ExperimentStore = world.app.state.exposures.store
+    assert sorted((f.metric, f.label, f.score) for _, f in store.feedback("bot")) == [
+        ("csat", None, 4.5),
+        ("default", 1, None),
+    ]
+
+
+def test_feedback_is_idempotent_per_response_and_metric_last_wins(world: World) -> None:
+    rid = world.chat("a").json()["id"]
+    first = world.feedback("a", response_id=rid, label=1).json()
+    assert world.feedback("a", response_id=rid, label=1).json()["label"] == 1
+    last = world.feedback("a", response_id=rid, label="negative").json()
+    assert last["label"] == 0 and last["created_at"] == first["created_at"]
+    store: ExperimentStore = world.app.state.exposures.store
+    assert [(f.metric, f.label) for _, f in store.feedback("bot")] == [("default", 0)]
+
+
+def test_feedback_on_a_foreign_or_unknown_response_is_the_same_404(world: World) -> None:
+    rid = world.chat("a").json()["id"]
+    foreign = world.feedback("b", response_id=rid, label=1)
+    unknown = world.feedback("b", response_id="chatcmpl-nope", label=1)
+    assert foreign.status_code == unknown.status_code == 404
+    assert foreign.json()["error"]["code"] == "response_not_found"
+    assert foreign.json()["error"]["message"].replace(rid, "X") == unknown.json()["error"][
+        "message"
+    ].replace("chatcmpl-nope", "X")
+    assert world.c.get(f"/v1/exposures/{rid}", headers=world.auth("b")).status_code == 404
+    # the tenant itself, and the operator, may
+    assert world.c.get(f"/v1/exposures/{rid}", headers=world.auth("a")).json()["alias"] == "bot"
+    assert world.feedback("admin", response_id=rid, label=0).status_code == 200
+    # a plain adapter's response is no exposure
+    plain = world.chat("a", model="pirate").json()["id"]
+    assert world.feedback("a", response_id=plain, label=1).status_code == 404
+
+
+def test_feedback_right_after_the_response_finds_it(tmp_path: Path, database: str | Path) -> None:
+    """The exposure may still wait in the queue: the lookup flushes it first."""
+    with open_world(tmp_path, database, experiments={"flush_interval_s": 3600}) as w:
+        rid = w.chat("a").json()["id"]
+        assert w.app.state.exposures.pending == 1
+        assert w.feedback("a", response_id=rid, label=1).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"label": 1},  # no id
+        {"response_id": "x", "request_id": "y", "label": 1},  # both ids
+        {"response_id": "x"},  # no outcome
+        {"response_id": "x", "label": "great"},
+        {"response_id": "x", "label": 2},
+        {"response_id": "x", "score": "NaN"},
+        {"response_id": "x", "label": 1, "metric": "Bad Metric"},
+        {"response_id": "x", "label": 1, "extra": True},
+    ],
+)
+def test_bad_feedback_is_a_400(world: World, body: dict[str, Any]) -> None:
+    r = world.feedback("a", **body)
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["type"] == "invalid_request_error"
+
+
+# -- the report through the API ---------------------------------------------------------------
+
+
+def test_report_of_served_requests_and_feedback(world: World) -> None:
+    served: dict[str, list[str]] = {}
+    for i in range(40):
+        r = world.chat("a", user=f"user-{i}")
+        served.setdefault(r.headers["x-alias-variant"], []).append(r.json()["id"])
+    assert set(served) == {"pirate@1", "formal@1"}  # 40 users over two 50/50 arms
+    for rid in served["pirate@1"]:
+        world.feedback("a", response_id=rid, label=1, metric="thumbs")
+    for rid in served["formal@1"]:
+        world.feedback("a", response_id=rid, label=0, metric="thumbs")
+    r = world.c.get("/admin/aliases/bot/experiment", headers=ADMIN)
+    assert r.status_code == 200, r.text
+    report = r.json()
+    assert report["control"] == "pirate@1" and report["exposures"] == 40
+    arms = {a["variant"]: a for a in report["variants"]}
+    assert arms["pirate@1"]["exposures"] == len(served["pirate@1"])
+    assert arms["formal@1"]["users"] == len(served["formal@1"])
+    assert arms["formal@1"]["error_rate"] == 0
+    assert arms["pirate@1"]["latency_s"]["p95"] >= arms["pirate@1"]["latency_s"]["p50"] > 0
+    assert arms["pirate@1"]["completion_tokens"] == 4 * len(served["pirate@1"])
+    thumbs = arms["formal@1"]["metrics"]["thumbs"]["label"]
+    assert thumbs["mean"] == 0 and thumbs["vs_control"]["difference"] == -1
+    assert thumbs["vs_control"]["p_value"] < 1e-6
+    assert report["srm"]["flagged"] is False
+    # the other control, a window that holds nothing
+    other = world.c.get("/admin/aliases/bot/experiment?control=formal@1", headers=ADMIN).json()
+    assert other["control"] == "formal@1"
+    future = world.c.get(
+        "/admin/aliases/bot/experiment", params={"since": "2999-01-01T00:00:00Z"}, headers=ADMIN
+    ).json()
+    assert future["exposures"] == 0 and future["srm"] is None
+
+
+def test_report_errors(world: World) -> None:
+    bad = world.c.get("/admin/aliases/bot/experiment?control=nobody", headers=ADMIN)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "control"
+    bad = world.c.get("/admin/aliases/bot/experiment?since=yesterday", headers=ADMIN)
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "since"
+    assert world.c.get("/admin/aliases/nobody/experiment", headers=ADMIN).status_code == 404
+    # admin only
+    assert world.c.get("/admin/aliases/bot/experiment", headers=world.auth("a")).status_code == 403
+
+
+def test_srm_flags_60_40_of_a_50_50_alias_over_10000_rows_not_a_fair_split(
+    world: World,
+) -> None:
+    store: ExperimentStore = world.app.state.exposures.store
+    now = time.time()
+    rows = [
+        _exposure(i, now - 100, variant="pirate@1" if i < 6000 else "formal@1")
+        for i in range(10_000)
+    ]
+    store.add_exposures(rows)
+    flagged = world.c.get("/admin/aliases/bot/experiment", headers=ADMIN).json()["srm"]
+    assert flagged["observed"] == {"pirate@1": 6000, "formal@1": 4000}
+    assert flagged["flagged"] is True and flagged["p_value"] < 1e-80
+    # a fair split, 5,040 / 4,960 (p ~ 0.42), in a window without the 60/40 rows
+    fair = [
+        _exposure(
+            20_000 + i,
+            now + 10,
+            exposure_id=f"f{i}",
+            variant="pirate@1" if i < 5040 else "formal@1",
+        )
+        for i in range(10_000)
+    ]
+    store.add_exposures(fair)
+    report = world.c.get(
+        "/admin/aliases/bot/experiment", params={"since": now}, headers=ADMIN
+    ).json()
+    assert report["srm"]["observed"] == {"pirate@1": 5040, "formal@1": 4960}
+    assert report["srm"]["flagged"] is False
