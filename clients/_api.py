@@ -320,6 +320,44 @@ class Endpoints:
         path = f"/admin/aliases/{segment(alias)}/experiment" + (f"?{params}" if params else "")
         return Op(_read(path), json_body)
 
+    @endpoint
+    def set_guardrails(
+        self,
+        alias: str,
+        *,
+        min_exposures: int = 100,
+        max_error_rate: float | None = None,
+        max_p95_latency_ratio: float | None = None,
+        metric: str | None = None,
+        min_metric_ratio: float | None = None,
+        control: str | None = None,
+    ) -> Op[JSON]:
+        """Set alias `alias`'s guardrails (admin): an arm past a limit, judged over at
+        least `min_exposures` of its exposures, gets weight 0 at once. Limits:
+        `max_error_rate` (5xx share), `max_p95_latency_ratio` (its p95 over the
+        control's), `metric` + `min_metric_ratio` (its mean outcome over the control's).
+        Answers the limits and the rollbacks so far."""
+        body = {
+            "min_exposures": min_exposures,
+            "max_error_rate": max_error_rate,
+            "max_p95_latency_ratio": max_p95_latency_ratio,
+            "metric": metric,
+            "min_metric_ratio": min_metric_ratio,
+            "control": control,
+        }
+        body = {k: v for k, v in body.items() if v is not None}
+        return Op(_put(f"/admin/aliases/{segment(alias)}/guardrails", body), json_body)
+
+    @endpoint
+    def get_guardrails(self, alias: str) -> Op[JSON]:
+        """An alias's guardrail limits and its rollbacks (`events`: rule, numbers, time)."""
+        return Op(_read(f"/admin/aliases/{segment(alias)}/guardrails"), json_body)
+
+    @endpoint
+    def delete_guardrails(self, alias: str) -> Op[JSON]:
+        """Remove an alias's guardrails (its rollbacks stay on record)."""
+        return Op(_delete(f"/admin/aliases/{segment(alias)}/guardrails"), json_body)
+
     # -- adapters ----------------------------------------------------------------------
 
     @endpoint

@@ -26,6 +26,7 @@ from server.auth import OpenMode
 from server.engine.base import Engine
 from server.engine.openai_layer import OpenAILayer, VLLMError, as_server_error, vllm_args
 from server.errors import ErrorKind, InvalidRequest, ServerError, describe, error_body
+from server.experiments.guardrails import Guardrails
 from server.experiments.log import ExposureLog
 from server.lifecycle import AdmissionMiddleware, Lifecycle
 from server.metrics import Metrics, RequestInfo, log_request
@@ -152,6 +153,10 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.state.exposures = exposures = ExposureLog(
             ExperimentStore(router.registry.database), settings.experiments, metrics
         )
+        # Guardrails judge each arm from the exposures as they are recorded.
+        app.state.guardrails = guardrails = Guardrails(router.registry, exposures.store, metrics)
+        await asyncio.to_thread(guardrails.load)
+        exposures.listeners.append(guardrails.observe)
         writer = asyncio.create_task(exposures.run())
         for record in router.registry.adapters():
             if record.pinned:

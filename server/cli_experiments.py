@@ -8,6 +8,7 @@ request it was), else as the operator with the admin key; `report` is an admin c
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Annotated, Any
 
 import typer
@@ -201,6 +202,72 @@ def make_experiments_app(connect: ClientFactory = default_client) -> typer.Typer
         if result["metrics"]:
             out.print(metrics_table(result))
         out.print(srm_line(result))
+
+    @app.command("guardrails")
+    def guardrails(
+        name: AliasName,
+        min_exposures: Annotated[
+            int, typer.Option(min=1, help="Exposures an arm needs before it is judged.")
+        ] = 100,
+        max_error_rate: Annotated[
+            float | None,
+            typer.Option(min=0, max=1, help="Largest 5xx share of an arm.", show_default=False),
+        ] = None,
+        max_p95_latency_ratio: Annotated[
+            float | None,
+            typer.Option(help="Largest p95 latency over the control's.", show_default=False),
+        ] = None,
+        metric: Annotated[
+            str | None, typer.Option(help="A feedback metric to guard.", show_default=False)
+        ] = None,
+        min_metric_ratio: Annotated[
+            float | None,
+            typer.Option(help="Smallest mean of --metric over the control's.", show_default=False),
+        ] = None,
+        control: Annotated[
+            str | None, typer.Option(help="The control arm (default: the first).")
+        ] = None,
+        clear: Annotated[bool, typer.Option("--clear", help="Remove the limits.")] = False,
+        url: Url = DEFAULT_URL,
+        admin_key: AdminKey = None,
+        as_json: AsJson = False,
+    ) -> None:
+        """Show an alias's guardrails and rollbacks; with a limit, set them (an arm past
+        one gets weight 0 at once); --clear removes them."""
+        setting = any(
+            v is not None for v in (max_error_rate, max_p95_latency_ratio, metric, min_metric_ratio)
+        )
+        with _session(connect, url, admin_key) as client:
+            if clear:
+                result = client.delete_guardrails(name)
+            elif setting:
+                result = client.set_guardrails(
+                    name,
+                    min_exposures=min_exposures,
+                    max_error_rate=max_error_rate,
+                    max_p95_latency_ratio=max_p95_latency_ratio,
+                    metric=metric,
+                    min_metric_ratio=min_metric_ratio,
+                    control=control,
+                )
+            else:
+                result = client.get_guardrails(name)
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        limits = result["limits"]
+        if limits is None:
+            out.print(f"{name}: no guardrails")
+        else:
+            shown = ", ".join(f"{k}={v}" for k, v in limits.items() if v is not None)
+            out.print(f"{name}: {shown}")
+        for event in result["events"]:
+            when = (
+                datetime.fromtimestamp(event["created_at"]).astimezone().isoformat(" ", "seconds")
+            )
+            out.print(
+                f"  {when} {event['variant']} -> weight 0 ({event['rule']}: {event['detail']})"
+            )
 
     return app
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from dataclasses import asdict
 from datetime import UTC, datetime
 from typing import Annotated, Any, Literal
 
@@ -17,11 +18,12 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapters_registry.errors import AdapterNotFound
-from adapters_registry.experiments import Exposure, Feedback
+from adapters_registry.experiments import Exposure, Feedback, GuardrailEvent
 from adapters_registry.names import NAME_PATTERN
 from server.auth import require_admin
 from server.deps import PrincipalDep, RouterDep
 from server.errors import InvalidRequest, ResponseNotFound
+from server.experiments.guardrails import Guardrails, Limits
 from server.experiments.log import ExposureLog
 from server.experiments.report import build_report
 
@@ -34,7 +36,13 @@ def get_exposures(request: Request) -> ExposureLog:
     return log
 
 
+def get_guardrails(request: Request) -> Guardrails:
+    guardrails: Guardrails = request.app.state.guardrails
+    return guardrails
+
+
 ExposuresDep = Annotated[ExposureLog, Depends(get_exposures)]
+GuardrailsDep = Annotated[Guardrails, Depends(get_guardrails)]
 
 
 class FeedbackBody(BaseModel):
@@ -106,7 +114,7 @@ async def _find(
 
 @router.post("/v1/feedback", summary="Report an outcome of a response (A/B experiments)")
 async def post_feedback(
-    body: FeedbackBody, principal: PrincipalDep, log: ExposuresDep
+    body: FeedbackBody, principal: PrincipalDep, log: ExposuresDep, guardrails: GuardrailsDep
 ) -> dict[str, Any]:
     """Idempotent per (response, metric): the last outcome sent is the one kept."""
     exposure = await _find(log, body.response_id, body.request_id, principal.tenant_name)
@@ -121,6 +129,10 @@ async def post_feedback(
         label=body.label_value,
         score=body.score,
     )
+    if record.created_at == record.updated_at:  # a first outcome: the guardrails count it
+        value = record.label if record.label is not None else record.score
+        if value is not None:
+            guardrails.feedback(exposure, record.metric, float(value))
     return _feedback(exposure, record)
 
 
@@ -216,3 +228,81 @@ async def experiment_report(
         )
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="control") from None
+
+
+class GuardrailsBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    min_exposures: int = Field(
+        100, ge=1, le=1_000_000_000, description="Exposures an arm needs before it is judged."
+    )
+    max_error_rate: float | None = Field(
+        None, ge=0, le=1, description="Largest share of 5xx answers an arm may have."
+    )
+    max_p95_latency_ratio: float | None = Field(
+        None, gt=0, description="Largest p95 latency of an arm over the control's, e.g. 1.5."
+    )
+    metric: str | None = Field(
+        None, pattern=NAME_PATTERN.pattern, description="A feedback metric to guard."
+    )
+    min_metric_ratio: float | None = Field(
+        None, gt=0, description="Smallest mean of `metric` over the control's, e.g. 0.8."
+    )
+    control: str | None = Field(None, description="The control arm [the alias's first].")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GuardrailsBody:
+        if (self.metric is None) != (self.min_metric_ratio is None):
+            raise ValueError("metric and min_metric_ratio go together")
+        if self.max_error_rate is None and self.max_p95_latency_ratio is None and not self.metric:
+            raise ValueError("set at least one limit")
+        return self
+
+
+def _guardrails(name: str, limits: Limits | None, events: list[GuardrailEvent]) -> dict[str, Any]:
+    return {
+        "alias": name,
+        "limits": None if limits is None else asdict(limits),
+        "events": [
+            {
+                "variant": e.variant,
+                "rule": e.rule,
+                "detail": e.detail,
+                "created_at": e.created_at,
+            }
+            for e in events
+        ],
+    }
+
+
+@admin_router.put("/aliases/{name}/guardrails", summary="Set an alias's guardrail limits")
+async def put_guardrails(
+    name: str, body: GuardrailsBody, router_: RouterDep, guardrails: GuardrailsDep
+) -> dict[str, Any]:
+    alias = router_.registry.alias(name)
+    if alias is None:
+        raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
+    if body.control is not None and body.control not in {v.key for v in alias.variants}:
+        raise InvalidRequest(f"control {body.control!r} is not an arm of {name!r}", param="control")
+    limits = Limits(**body.model_dump())
+    await guardrails.set_limits(name, limits)
+    events = await asyncio.to_thread(guardrails.store.events, name)
+    return _guardrails(name, limits, events)
+
+
+@admin_router.get("/aliases/{name}/guardrails", summary="An alias's limits and rollbacks")
+async def get_guardrails_of(name: str, guardrails: GuardrailsDep) -> dict[str, Any]:
+    limits = guardrails.limits(name)
+    events = await asyncio.to_thread(guardrails.store.events, name)
+    if limits is None and not events:
+        raise AdapterNotFound(f"alias {name!r} has no guardrails", adapter=name)
+    return _guardrails(name, limits, events)
+
+
+@admin_router.delete("/aliases/{name}/guardrails", summary="Remove an alias's limits")
+async def delete_guardrails(name: str, guardrails: GuardrailsDep) -> dict[str, Any]:
+    if guardrails.limits(name) is None:
+        raise AdapterNotFound(f"alias {name!r} has no guardrails", adapter=name)
+    await guardrails.set_limits(name, None)
+    events = await asyncio.to_thread(guardrails.store.events, name)
+    return _guardrails(name, None, events)
