@@ -156,9 +156,17 @@ class Guardrails:
     # -- judging ---------------------------------------------------------------------------
 
     def _judge(self, alias: AliasRecord, limits: Limits, window: _Window, key: str) -> None:
-        breach = self._breach(alias, limits, window, key)
-        if breach is not None:
-            self._take_out(alias, key, *breach)
+        # A change of the control's numbers may put any other arm past a ratio.
+        control = limits.control or alias.variants[0].key
+        keys = [key] if key != control else [key, *(k for k in window.arms if k != key)]
+        live = {v.key for v in alias.variants if v.weight > 0}
+        for candidate in keys:
+            if candidate not in live:
+                continue
+            breach = self._breach(alias, limits, window, candidate)
+            if breach is not None:
+                self._take_out(alias, candidate, *breach)
+                return
 
     def _breach(
         self, alias: AliasRecord, limits: Limits, window: _Window, key: str

@@ -144,7 +144,8 @@ class ExposureLog:
     async def run(self) -> None:
         """The background writer: until cancelled (then `close` writes what is left)."""
         while True:
-            with contextlib.suppress(TimeoutError):
+            # asyncio.TimeoutError: not the builtin one before Python 3.11
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._full_batch.wait(), self._settings.flush_interval_s)
             self._full_batch.clear()
             try:

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import re
 from dataclasses import asdict
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Query, Request
@@ -45,18 +46,20 @@ ExposuresDep = Annotated[ExposureLog, Depends(get_exposures)]
 GuardrailsDep = Annotated[Guardrails, Depends(get_guardrails)]
 
 
+# What an id we hand out can look like (x-request-id's own pattern, server/lifecycle.py,
+# with its prefix): anything else names no response, and never reaches the database.
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,256}$")
+
+
 class FeedbackBody(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     response_id: str | None = Field(
         None,
-        min_length=1,
-        max_length=256,
+        pattern=_ID.pattern,
         description="The response's id (`chatcmpl-...`, `cmpl-...`, `resp_...`).",
     )
-    request_id: str | None = Field(
-        None, min_length=1, max_length=128, description="Or its x-request-id."
-    )
+    request_id: str | None = Field(None, pattern=_ID.pattern, description="Or its x-request-id.")
     metric: str = Field(
         "default",
         pattern=NAME_PATTERN.pattern,
@@ -140,7 +143,9 @@ async def post_feedback(
 async def get_exposure(
     response_id: str, principal: PrincipalDep, log: ExposuresDep
 ) -> dict[str, Any]:
-    exposure = await _find(log, response_id, None, principal.tenant_name)
+    exposure = None
+    if _ID.fullmatch(response_id):
+        exposure = await _find(log, response_id, None, principal.tenant_name)
     if exposure is None:
         raise ResponseNotFound(f"no response {response_id!r} served through an alias")
     return _exposure(exposure)
@@ -176,13 +181,13 @@ def parse_time(value: str | None, param: str) -> float | None:
     except ValueError:
         try:
             moment = datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
+            if moment.tzinfo is None:
+                moment = moment.replace(tzinfo=timezone.utc)
+            seconds = moment.timestamp()
+        except (ValueError, OverflowError):
             raise InvalidRequest(
                 f"{param}: {value!r} is neither Unix seconds nor an ISO 8601 time", param=param
             ) from None
-        if moment.tzinfo is None:
-            moment = moment.replace(tzinfo=UTC)
-        seconds = moment.timestamp()
     if not math.isfinite(seconds):
         raise InvalidRequest(f"{param} must be finite", param=param)
     return seconds
@@ -203,6 +208,8 @@ async def experiment_report(
 ) -> dict[str, Any]:
     start, end = parse_time(since, "since"), parse_time(until, "until")
     alias = router_.registry.alias(name)
+    if alias is None and not NAME_PATTERN.fullmatch(name):
+        raise AdapterNotFound(f"alias {name!r} not found", adapter=name)  # none ever was
     await log.flush()  # what has been served so far is in the report
 
     def read() -> tuple[list[Exposure], list[tuple[str, Feedback]]]:
@@ -237,16 +244,26 @@ class GuardrailsBody(BaseModel):
         100, ge=1, le=1_000_000_000, description="Exposures an arm needs before it is judged."
     )
     max_error_rate: float | None = Field(
-        None, ge=0, le=1, description="Largest share of 5xx answers an arm may have."
+        None,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Largest share of 5xx answers an arm may have.",
     )
     max_p95_latency_ratio: float | None = Field(
-        None, gt=0, description="Largest p95 latency of an arm over the control's, e.g. 1.5."
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Largest p95 latency of an arm over the control's, e.g. 1.5.",
     )
     metric: str | None = Field(
         None, pattern=NAME_PATTERN.pattern, description="A feedback metric to guard."
     )
     min_metric_ratio: float | None = Field(
-        None, gt=0, description="Smallest mean of `metric` over the control's, e.g. 0.8."
+        None,
+        gt=0,
+        allow_inf_nan=False,
+        description="Smallest mean of `metric` over the control's, e.g. 0.8.",
     )
     control: str | None = Field(None, description="The control arm [the alias's first].")
 
@@ -292,6 +309,8 @@ async def put_guardrails(
 
 @admin_router.get("/aliases/{name}/guardrails", summary="An alias's limits and rollbacks")
 async def get_guardrails_of(name: str, guardrails: GuardrailsDep) -> dict[str, Any]:
+    if not NAME_PATTERN.fullmatch(name):
+        raise AdapterNotFound(f"alias {name!r} has no guardrails", adapter=name)
     limits = guardrails.limits(name)
     events = await asyncio.to_thread(guardrails.store.events, name)
     if limits is None and not events:
