@@ -163,6 +163,8 @@ class Metrics:
             ["reason"],
             registry=r,
         )
+        for reason in ("queue_full", "write_failed"):  # both series exist from the start
+            self.exposures_dropped.labels(reason)
         self.exposures_queued = Gauge(
             "loraswap_exposures_queued", "Exposures waiting to be written.", registry=r
         )

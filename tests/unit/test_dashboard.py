@@ -176,6 +176,7 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> Scrape:
         model=tmp / "base",
         adapters_dir=tmp / "adapters",
         home=tmp / "home",
+        admin_key="k",
     )
     with TestClient(create_app(settings, engine=FlakyLoads())) as client:
         body = {"prompt": "hello", "max_tokens": 4}
@@ -188,7 +189,15 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> Scrape:
         with client.stream("POST", "/v1/completions", json=stream) as r:
             assert r.status_code == 200
             r.read()
-        text = client.get("/metrics").text
+        # An alias arm taken out by a guardrail: the rollback series (server/experiments).
+        admin = {"authorization": "Bearer k"}
+        ab = {"variants": {"pirate": 1, "broken": 1}}
+        assert client.put("/admin/aliases/ab", headers=admin, json=ab).status_code == 200
+        guard = {"min_exposures": 1, "max_error_rate": 0.5}
+        assert client.put("/admin/aliases/ab/guardrails", headers=admin, json=guard).is_success
+        for i in range(20):
+            client.post("/v1/completions", json={**body, "model": "ab", "user": f"u{i}"})
+        text = client.get("/metrics", headers=admin).text
     return parse_scrape(text)
 
 
@@ -207,6 +216,7 @@ def test_scrape_has_the_labelled_series(scrape: Scrape) -> None:
     assert "reason" in series["loraswap_adapter_load_failures_total"]
     assert "le" in series["loraswap_time_per_output_token_seconds_bucket"]
     assert "running_lora_adapters" in series["vllm:lora_requests_info"]
+    assert {"alias", "variant", "rule"} <= series["loraswap_guardrail_rollbacks_total"]
 
 
 def test_every_query_uses_exposed_metrics_and_labels(
