@@ -180,3 +180,19 @@ def test_cli_feedback_and_report(cli: Callable[..., Any], transport: httpx.BaseT
     assert "(response_not_found)" in err
     err = cli("experiments", "report", "bot", "--control", "nobody", code=1).stderr
     assert err.startswith("error: ")
+
+
+def test_client_and_cli_guardrails(cli: Callable[..., Any], transport: httpx.BaseTransport) -> None:
+    with Client(URL, admin_key=ADMIN_KEY, transport=transport) as admin:
+        got = admin.set_guardrails("bot", min_exposures=5, max_error_rate=0.1)
+        assert got["limits"]["max_error_rate"] == 0.1 and got["events"] == []
+        assert admin.get_guardrails("bot")["limits"]["min_exposures"] == 5
+        assert admin.delete_guardrails("bot")["limits"] is None
+        with pytest.raises(NotFoundError):
+            admin.get_guardrails("bot")
+    out = cli("experiments", "guardrails", "bot", "--max-error-rate", "0.2", "--min-exposures", "9")
+    assert out.stdout.strip() == "bot: min_exposures=9, max_error_rate=0.2"
+    shown = cli("experiments", "guardrails", "bot", "--json").stdout
+    assert json.loads(shown)["limits"]["min_exposures"] == 9
+    assert cli("experiments", "guardrails", "bot", "--clear").stdout.strip() == "bot: no guardrails"
+    cli("experiments", "guardrails", "bot", code=1)  # none left: 404
