@@ -196,3 +196,11 @@ def test_client_and_cli_guardrails(cli: Callable[..., Any], transport: httpx.Bas
     assert json.loads(shown)["limits"]["min_exposures"] == 9
     assert cli("experiments", "guardrails", "bot", "--clear").stdout.strip() == "bot: no guardrails"
     cli("experiments", "guardrails", "bot", code=1)  # none left: 404
+
+
+def test_the_loraswap_command_has_the_experiments_group() -> None:
+    from server.cli import app
+
+    shown = runner.invoke(app, ["experiments", "--help"], env={"COLUMNS": "200"})
+    assert shown.exit_code == 0, shown.stdout
+    assert all(command in shown.stdout for command in ("feedback", "report", "guardrails"))
