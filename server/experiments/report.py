@@ -25,6 +25,7 @@ over successful (200) exposures.
 from __future__ import annotations
 
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -198,7 +199,27 @@ def build_report(
 
     Arms are the alias's configured variants, in order, then any arm seen in the window
     but no longer configured; the control is `control` or the first configured arm.
+    Undefined statistics (no spread, too few outcomes) are None, never NaN.
     """
+    # Degenerate samples (all equal, all 0) make numpy/scipy warn on their way to NaN,
+    # which the report turns into None: nothing to warn about.
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return _report(
+            alias, variants, exposures, feedback, control=control, since=since, until=until
+        )
+
+
+def _report(
+    alias: str,
+    variants: Sequence[Variant],
+    exposures: Sequence[Exposure],
+    feedback: Sequence[tuple[str, Feedback]],
+    *,
+    control: str | None = None,
+    since: float | None = None,
+    until: float | None = None,
+) -> dict[str, Any]:
     order = [v.key for v in variants]
     for e in exposures:
         if e.variant not in order:

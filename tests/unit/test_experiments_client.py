@@ -71,8 +71,9 @@ def transport(tmp_path: Path) -> Iterator[httpx.BaseTransport]:
         transport = PortalTransport(app, portal)
         with Client(URL, admin_key=ADMIN_KEY, transport=transport) as admin:
             for i, name in enumerate(("pirate", "formal")):
-                admin.register_adapter(name, str(make_adapter(root / name, seed=i + 1)))
-            admin.set_alias("bot", {"pirate@1": 1, "formal@1": 1})
+                path = make_adapter(root / name, seed=i + 1)
+                admin.register_adapter(name, str(path), shared=True)
+            admin.set_alias("bot", {"pirate@1": 1, "formal@1": 1}, shared=True)
             admin.put_tenant("acme")
         yield transport
 
@@ -111,6 +112,7 @@ def test_client_feedback_exposure_and_report(transport: httpx.BaseTransport) -> 
 
 async def test_async_client_feedback(tmp_path: Path) -> None:
     root = tmp_path / "allowed"
+    root.mkdir()
     app = create_app(
         Settings(
             served_model_name="tiny",
