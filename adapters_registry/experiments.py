@@ -1,4 +1,4 @@
-"""Persistence of A/B experiments: the exposure log, feedback, guardrail events.
+"""Persistence of A/B experiments: the exposure log, feedback, guardrails, ramps.
 
 An *exposure* is one inference request served through an alias: which arm served it
 (variant key, concrete adapter@version and its content digest), for whom (tenant, a
@@ -19,6 +19,7 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from adapters_registry.database import Connection, Database
 
@@ -57,6 +58,11 @@ MIGRATION = (
     "CREATE TABLE IF NOT EXISTS guardrail_events ("
     "event_id TEXT PRIMARY KEY, alias TEXT NOT NULL, variant TEXT NOT NULL, "
     "rule TEXT NOT NULL, detail TEXT NOT NULL, created_at DOUBLE PRECISION NOT NULL)",
+    # Ramps: a schedule of the candidate arm's share, and where it stands.
+    "CREATE TABLE IF NOT EXISTS ramps ("
+    "alias TEXT PRIMARY KEY, config TEXT NOT NULL, step BIGINT NOT NULL, "
+    "state TEXT NOT NULL, step_started_at DOUBLE PRECISION NOT NULL, "
+    "updated_at DOUBLE PRECISION NOT NULL)",
 )
 
 
@@ -317,6 +323,78 @@ class ExperimentStore:
             for r in rows
         ]
         return sorted(out, key=lambda e: e.created_at)
+
+
+@dataclass(frozen=True)
+class RampRecord:
+    alias: str
+    config: dict[str, Any]  # candidate, steps (percent), every_exposures, every_s
+    step: int  # index into steps of the share now in force
+    state: str  # "running", "done" (the last step is in force) or "halted" (by a guardrail)
+    step_started_at: float
+    updated_at: float
+
+
+def _ramp(row: Sequence[object]) -> RampRecord:
+    return RampRecord(
+        alias=str(row[0]),
+        config=json.loads(str(row[1])),
+        step=int(str(row[2])),
+        state=str(row[3]),
+        step_started_at=float(str(row[4])),
+        updated_at=float(str(row[5])),
+    )
+
+
+_RAMP_COLUMNS = "alias, config, step, state, step_started_at, updated_at"
+
+
+class RampStore:
+    """Ramps in the registry's database (schema 4). A step is taken with a conditional
+    update, so that of several replicas sharing the database exactly one takes it."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    def put(self, alias: str, config: dict[str, Any], now: float) -> RampRecord:
+        with self._db.write() as db:
+            db.execute(
+                f"INSERT INTO ramps ({_RAMP_COLUMNS}) VALUES (?,?,0,'running',?,?) "
+                "ON CONFLICT (alias) DO UPDATE SET config=excluded.config, step=0, "
+                "state='running', step_started_at=excluded.step_started_at, "
+                "updated_at=excluded.updated_at",
+                (alias, json.dumps(config), now, now),
+            )
+        found = self.get(alias)
+        assert found is not None
+        return found
+
+    def get(self, alias: str) -> RampRecord | None:
+        with self._db.read() as db:
+            row = db.execute(
+                f"SELECT {_RAMP_COLUMNS} FROM ramps WHERE alias=?", (alias,)
+            ).fetchone()
+        return None if row is None else _ramp(row)
+
+    def all(self) -> list[RampRecord]:
+        with self._db.read() as db:
+            rows = db.execute(f"SELECT {_RAMP_COLUMNS} FROM ramps").fetchall()
+        return [_ramp(r) for r in rows]
+
+    def advance(self, alias: str, from_step: int, to_step: int, state: str, now: float) -> bool:
+        """Move the ramp from `from_step` on; False if it is no longer there (another
+        replica took the step, or the ramp was removed or replaced)."""
+        with self._db.write() as db:
+            changed = db.execute(
+                "UPDATE ramps SET step=?, state=?, step_started_at=?, updated_at=? "
+                "WHERE alias=? AND step=? AND state='running'",
+                (to_step, state, now, now, alias, from_step),
+            ).rowcount
+        return changed == 1
+
+    def delete(self, alias: str) -> bool:
+        with self._db.write() as db:
+            return db.execute("DELETE FROM ramps WHERE alias=?", (alias,)).rowcount == 1
 
 
 def _insert_event(db: Connection, event: GuardrailEvent) -> None:

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from adapters_registry import AdapterError, BaseModelShapes, DirectoryCatalog, Limits
-from adapters_registry.experiments import ExperimentStore
+from adapters_registry.experiments import ExperimentStore, RampStore
 from adapters_registry.registry import Registry, RegistryConfig
 from adapters_registry.sources import SourcesConfig
 from server.adapters import AdapterRouter
@@ -28,6 +28,7 @@ from server.engine.openai_layer import OpenAILayer, VLLMError, as_server_error, 
 from server.errors import ErrorKind, InvalidRequest, ServerError, describe, error_body
 from server.experiments.guardrails import Guardrails
 from server.experiments.log import ExposureLog
+from server.experiments.ramps import Ramps
 from server.lifecycle import AdmissionMiddleware, Lifecycle
 from server.metrics import Metrics, RequestInfo, log_request
 from server.quotas import Quotas
@@ -157,7 +158,14 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.state.guardrails = guardrails = Guardrails(router.registry, exposures.store, metrics)
         await asyncio.to_thread(guardrails.load)
         exposures.listeners.append(guardrails.observe)
+        # Ramps step an alias's candidate up while the guardrails hold.
+        app.state.ramps = ramps = Ramps(
+            router.registry, RampStore(router.registry.database), exposures.store
+        )
+        await asyncio.to_thread(ramps.load)
+        exposures.listeners.append(ramps.observe)
         writer = asyncio.create_task(exposures.run())
+        stepper = asyncio.create_task(ramps.run())
         for record in router.registry.adapters():
             if record.pinned:
                 await router.warm(record.name)
@@ -173,9 +181,11 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 poll.cancel()
                 with contextlib.suppress(asyncio.CancelledError):
                     await poll
-            writer.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await writer
+            for task in (stepper, writer):
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await ramps.settle()
             await exposures.close()  # what the last requests left in the queue
             router.registry.close()
             if own:

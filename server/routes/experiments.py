@@ -19,13 +19,14 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapters_registry.errors import AdapterNotFound
-from adapters_registry.experiments import Exposure, Feedback, GuardrailEvent
+from adapters_registry.experiments import Exposure, Feedback, GuardrailEvent, RampRecord
 from adapters_registry.names import NAME_PATTERN
 from server.auth import require_admin
 from server.deps import PrincipalDep, RouterDep
 from server.errors import InvalidRequest, ResponseNotFound
 from server.experiments.guardrails import Guardrails, Limits
 from server.experiments.log import ExposureLog
+from server.experiments.ramps import RampPlan, Ramps
 from server.experiments.report import build_report
 
 router = APIRouter(tags=["experiments"])
@@ -42,7 +43,13 @@ def get_guardrails(request: Request) -> Guardrails:
     return guardrails
 
 
+def get_ramps(request: Request) -> Ramps:
+    ramps: Ramps = request.app.state.ramps
+    return ramps
+
+
 ExposuresDep = Annotated[ExposureLog, Depends(get_exposures)]
+RampsDep = Annotated[Ramps, Depends(get_ramps)]
 GuardrailsDep = Annotated[Guardrails, Depends(get_guardrails)]
 
 
@@ -325,3 +332,84 @@ async def delete_guardrails(name: str, guardrails: GuardrailsDep) -> dict[str, A
     await guardrails.set_limits(name, None)
     events = await asyncio.to_thread(guardrails.store.events, name)
     return _guardrails(name, None, events)
+
+
+Percent = Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
+
+
+class RampBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    candidate: str = Field(description="The arm to ramp up, e.g. `support@2`.")
+    steps: list[Percent] = Field(
+        min_length=1,
+        max_length=100,
+        description="Its share of the traffic at each step, in percent, increasing: "
+        "[1, 5, 25, 50, 100].",
+    )
+    every_exposures: int | None = Field(
+        None, ge=1, le=1_000_000_000, description="Next step after this many exposures."
+    )
+    every_s: float | None = Field(
+        None,
+        gt=0,
+        le=366 * 86400,
+        allow_inf_nan=False,
+        description="Next step after this many seconds.",
+    )
+
+    @model_validator(mode="after")
+    def _schedule(self) -> RampBody:
+        if any(b <= a for a, b in zip(self.steps, self.steps[1:], strict=False)):
+            raise ValueError("steps must increase")
+        if self.every_exposures is None and self.every_s is None:
+            raise ValueError("give every_exposures, every_s, or both")
+        return self
+
+
+def _ramp(record: RampRecord) -> dict[str, Any]:
+    plan = RampPlan.of(record)
+    return {
+        "alias": record.alias,
+        **plan.config(),
+        "step": record.step,
+        "percent": plan.steps[record.step],
+        "state": record.state,
+        "step_started_at": record.step_started_at,
+        "updated_at": record.updated_at,
+    }
+
+
+@admin_router.put("/aliases/{name}/ramp", summary="Ramp an arm up while guardrails hold")
+async def put_ramp(
+    name: str, body: RampBody, router_: RouterDep, ramps: RampsDep
+) -> dict[str, Any]:
+    alias = router_.registry.alias(name)
+    if alias is None:
+        raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
+    keys = [v.key for v in alias.variants]
+    if body.candidate not in keys:
+        raise InvalidRequest(
+            f"candidate {body.candidate!r} is not an arm of {name!r}: {keys}", param="candidate"
+        )
+    if len(keys) < 2:
+        raise InvalidRequest(f"alias {name!r} has one arm: nothing to ramp from", param="candidate")
+    plan = RampPlan(body.candidate, tuple(body.steps), body.every_exposures, body.every_s)
+    return _ramp(await ramps.start(alias, plan))
+
+
+@admin_router.get("/aliases/{name}/ramp", summary="An alias's ramp and where it stands")
+async def get_ramp(name: str, ramps: RampsDep) -> dict[str, Any]:
+    record = ramps.get(name)
+    if record is None:
+        raise AdapterNotFound(f"alias {name!r} has no ramp", adapter=name)
+    return _ramp(record)
+
+
+@admin_router.delete("/aliases/{name}/ramp", summary="Stop a ramp (the weights stay)")
+async def delete_ramp(name: str, ramps: RampsDep) -> dict[str, Any]:
+    record = ramps.get(name)
+    if record is None:
+        raise AdapterNotFound(f"alias {name!r} has no ramp", adapter=name)
+    await ramps.stop(name)
+    return {**_ramp(record), "state": "stopped"}
