@@ -358,6 +358,40 @@ class Endpoints:
         """Remove an alias's guardrails (its rollbacks stay on record)."""
         return Op(_delete(f"/admin/aliases/{segment(alias)}/guardrails"), json_body)
 
+    @endpoint
+    def set_ramp(
+        self,
+        alias: str,
+        candidate: str,
+        steps: Sequence[float],
+        *,
+        every_exposures: int | None = None,
+        every_s: float | None = None,
+    ) -> Op[JSON]:
+        """Ramp arm `candidate` of `alias` up (admin): `steps` are its share in percent
+        (`[1, 5, 25, 50, 100]`), the first applied at once, the next after
+        `every_exposures` exposures and/or `every_s` seconds, each only while the
+        guardrails hold (a guardrail taking the candidate out halts the ramp)."""
+        body = {
+            "candidate": candidate,
+            "steps": list(steps),
+            "every_exposures": every_exposures,
+            "every_s": every_s,
+        }
+        body = {k: v for k, v in body.items() if v is not None}
+        return Op(_put(f"/admin/aliases/{segment(alias)}/ramp", body), json_body)
+
+    @endpoint
+    def get_ramp(self, alias: str) -> Op[JSON]:
+        """An alias's ramp: its schedule, `step`, `percent` and `state` (running, done,
+        halted)."""
+        return Op(_read(f"/admin/aliases/{segment(alias)}/ramp"), json_body)
+
+    @endpoint
+    def delete_ramp(self, alias: str) -> Op[JSON]:
+        """Stop an alias's ramp; the weights stay as they are."""
+        return Op(_delete(f"/admin/aliases/{segment(alias)}/ramp"), json_body)
+
     # -- adapters ----------------------------------------------------------------------
 
     @endpoint

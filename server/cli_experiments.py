@@ -269,6 +269,51 @@ def make_experiments_app(connect: ClientFactory = default_client) -> typer.Typer
                 f"  {when} {event['variant']} -> weight 0 ({event['rule']}: {event['detail']})"
             )
 
+    @app.command("ramp")
+    def ramp(
+        name: AliasName,
+        candidate: Annotated[
+            str | None, typer.Option(help="The arm to ramp up.", show_default=False)
+        ] = None,
+        steps: Annotated[
+            str | None,
+            typer.Option(help="Its shares in percent: 1,5,25,50,100.", show_default=False),
+        ] = None,
+        every_exposures: Annotated[
+            int | None, typer.Option(min=1, help="Next step after N exposures.", show_default=False)
+        ] = None,
+        every_s: Annotated[
+            float | None, typer.Option(help="Next step after N seconds.", show_default=False)
+        ] = None,
+        stop: Annotated[bool, typer.Option("--stop", help="Stop the ramp.")] = False,
+        url: Url = DEFAULT_URL,
+        admin_key: AdminKey = None,
+        as_json: AsJson = False,
+    ) -> None:
+        """Show an alias's ramp; with --candidate and --steps, start one; --stop ends it
+        (the weights stay)."""
+        try:
+            shares = None if steps is None else [float(s) for s in steps.split(",") if s.strip()]
+        except ValueError:
+            raise typer.BadParameter(f"--steps: {steps!r} is not a list of numbers") from None
+        with _session(connect, url, admin_key) as client:
+            if stop:
+                result = client.delete_ramp(name)
+            elif candidate is not None and shares:
+                result = client.set_ramp(
+                    name, candidate, shares, every_exposures=every_exposures, every_s=every_s
+                )
+            else:
+                result = client.get_ramp(name)
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        shown = ", ".join(f"{s:g}%" for s in result["steps"])
+        out.print(
+            f"{name}: {result['candidate']} at {result['percent']:g}% "
+            f"(step {result['step'] + 1} of {len(result['steps'])}: {shown}); {result['state']}"
+        )
+
     return app
 
 

@@ -334,7 +334,8 @@ async def delete_guardrails(name: str, guardrails: GuardrailsDep) -> dict[str, A
     return _guardrails(name, None, events)
 
 
-Percent = Annotated[float, Field(gt=0, le=100, allow_inf_nan=False)]
+# At least one weight unit (server/experiments/ramps.py: 1% = 100 of 10,000).
+Percent = Annotated[float, Field(ge=0.01, le=100, allow_inf_nan=False)]
 
 
 class RampBody(BaseModel):

@@ -206,3 +206,28 @@ def test_the_loraswap_command_has_the_experiments_group() -> None:
     shown = runner.invoke(app, ["experiments", "--help"], env={"COLUMNS": "200"})
     assert shown.exit_code == 0, shown.stdout
     assert all(command in shown.stdout for command in ("feedback", "report", "guardrails"))
+
+
+def test_client_and_cli_ramps(cli: Callable[..., Any], transport: httpx.BaseTransport) -> None:
+    with Client(URL, admin_key=ADMIN_KEY, transport=transport) as admin:
+        got = admin.set_ramp("bot", "formal@1", [10, 50, 100], every_exposures=1000)
+        assert (got["percent"], got["state"]) == (10, "running")
+        assert admin.get_alias("bot")["variants"] == {"pirate@1": 9000, "formal@1": 1000}
+        assert admin.get_ramp("bot")["step"] == 0
+        assert admin.delete_ramp("bot")["state"] == "stopped"
+    out = cli(
+        "experiments",
+        "ramp",
+        "bot",
+        "--candidate",
+        "formal@1",
+        "--steps",
+        "5,25,100",
+        "--every-s",
+        "600",
+    )
+    assert out.stdout.strip() == "bot: formal@1 at 5% (step 1 of 3: 5%, 25%, 100%); running"
+    assert "at 5%" in cli("experiments", "ramp", "bot").stdout
+    assert cli("experiments", "ramp", "bot", "--stop").stdout.strip().endswith("; stopped")
+    cli("experiments", "ramp", "bot", code=1)  # none left: 404
+    cli("experiments", "ramp", "bot", "--candidate", "formal@1", "--steps", "x", code=2)
