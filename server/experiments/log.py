@@ -89,7 +89,11 @@ class ExposureLog:
         never raises: a full queue drops it, counted."""
         if not self._settings.exposure_log:
             return
-        exposure = exposure_of(info, self._clock())
+        try:
+            exposure = exposure_of(info, self._clock())
+        except Exception:  # runs in the request's teardown: never let it fail there
+            log.exception("exposure of request %s not recorded", info.request_id)
+            return
         if exposure is None:
             return
         for listen in self.listeners:
