@@ -206,11 +206,13 @@ def path_pools(path: str, key_ids: list[str]) -> Pools:
         "name": [first, *names],
         "version": [1, 2],
         "key_id": key_ids,
+        "response_id": ["chatcmpl-nope"],  # GET /v1/exposures/{response_id}
     }
     edge: dict[str, list[Any]] = {
         "name": ["nope", "Bad Name", "x" * 65],
         "version": [0, 3, *BIG],
         "key_id": ["nope"],
+        "response_id": ["Bad Id", "x" * 300, "resp_\u00e9"],
     }
     keep = [k for k in valid if f"{{{k}}}" in path]
     return Pools(valid={k: valid[k] for k in keep}, edge={k: edge[k] for k in keep})
