@@ -41,3 +41,24 @@ async def test_a_cancelled_request_still_releases_the_engine(tmp_path: Path) -> 
     await lease_endings(router)
     assert router.loaded() == []
     assert engine.removed == [loaded[0].lora_id], "the router dropped it, the engine kept it"
+
+
+async def test_resolving_loads_nothing_so_churn_cannot_evict_before_the_lease(
+    tmp_path: Path,
+) -> None:
+    """Review L3: a version is loaded when its request takes the lease, not when the name
+    is resolved, so another request's load cannot evict it in between (and load it twice)."""
+    roots = tmp_path / "allowed"
+    reg = open_registry(tmp_path, roots, tmp_path / "registry.db")
+    for name, seed in (("a", 1), ("b", 2)):
+        reg.register(name, str(make_adapter(roots / name, seed=seed)))
+    engine = FakeEngine()
+    router = AdapterRouter("tiny", reg, None, engine, max_resident=1)
+    first, second = await router.resolve("tiny:a"), await router.resolve("tiny:b")
+    assert engine.loaded == []
+    async with router.lease(first):
+        pass
+    async with router.lease(second):
+        pass
+    await lease_endings(router)
+    assert [h.name for h in engine.loaded] == ["a@1", "b@1"]
