@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 from urllib.parse import unquote, urlsplit, urlunsplit
 
-from adapters_registry.errors import AdapterError, AlreadyExists, Conflict
+from adapters_registry.errors import AdapterError, AlreadyExists, Conflict, RegistryUnavailable
 
 if TYPE_CHECKING:
     import psycopg
@@ -218,7 +218,9 @@ class PostgresDatabase(Database):
             # implicit one left open (and holding a snapshot) between calls.
             return self._psycopg.connect(self._url, autocommit=True, connect_timeout=10)
         except self._psycopg.OperationalError as exc:
-            raise RuntimeError(
+            # A typed, transient error: a write during a database restart is a 503 the
+            # client may retry, not a 500 (and at startup it still says what failed).
+            raise RegistryUnavailable(
                 f"cannot connect to registry database {self.display}: {exc}"
             ) from exc
 
@@ -252,11 +254,23 @@ class PostgresDatabase(Database):
                 conn.execute("ROLLBACK")
                 unique = isinstance(exc, errors.UniqueViolation)
                 raise _integrity_error(str(exc).splitlines()[0], unique=unique) from exc
+            except self._psycopg.OperationalError as exc:
+                if not conn.broken:
+                    conn.execute("ROLLBACK")
+                    raise
+                raise self._lost(exc) from exc
             except BaseException:
                 if not conn.broken:
                     conn.execute("ROLLBACK")
                 raise
-            conn.execute("COMMIT")
+            try:
+                conn.execute("COMMIT")
+            except self._psycopg.OperationalError as exc:
+                if not conn.broken:
+                    raise
+                # Whether the COMMIT reached the server is unknown; the caller is told
+                # so, and a retry of a registration finds either nothing or the name.
+                raise self._lost(exc) from exc
 
     @contextmanager
     def read(self) -> Iterator[Connection]:
@@ -264,9 +278,18 @@ class PostgresDatabase(Database):
             conn = self._begin("BEGIN ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             try:
                 yield _PgConnection(conn)
+            except self._psycopg.OperationalError as exc:
+                if not conn.broken:
+                    raise
+                raise self._lost(exc) from exc
             finally:
                 if not conn.broken:
                     conn.execute("COMMIT")
+
+    def _lost(self, exc: Exception) -> RegistryUnavailable:
+        """The connection died mid-transaction (server stopped or restarting)."""
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        return RegistryUnavailable(f"lost the registry database {self.display}: {first}")
 
     def close(self) -> None:
         with self._lock:

@@ -12,6 +12,8 @@
     ├── InvalidSource            a source we cannot fetch (bad URL, scheme, download error)
     ├── InvalidChecksum          an expected sha256 that is not 64 hex digits
     ├── CacheFull                the download cache holds only adapters in use (transient)
+    ├── RegistryUnavailable      the registry database cannot be reached (transient)
+    ├── InsufficientStorage      no disk space left for adapter files (the server's disk)
     ├── InvalidAlias             weights or variants of an alias are not valid
     └── InvalidAdapter           the files exist but cannot be served as-is
         ├── UnsafeFormat         pickle / non-safetensors weights
@@ -89,6 +91,22 @@ class CacheFull(AdapterError):
     ) -> None:
         super().__init__(message, adapter=adapter)
         self.retry_after = retry_after
+
+
+class RegistryUnavailable(AdapterError):
+    """The registry database is unreachable (PostgreSQL down, restarting, failing over).
+    Transient: reads keep being served from the in-memory snapshot; writes must wait."""
+
+    def __init__(
+        self, message: str, *, adapter: str | None = None, retry_after: float = 5.0
+    ) -> None:
+        super().__init__(message, adapter=adapter)
+        self.retry_after = retry_after
+
+
+class InsufficientStorage(AdapterError):
+    """The disk holding the registry's files (uploads, download cache) is full (ENOSPC)
+    or over quota (EDQUOT): the server's problem, not the request's."""
 
 
 class InvalidAlias(AdapterError):

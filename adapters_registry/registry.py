@@ -26,6 +26,7 @@ from adapters_registry.errors import (
     AdapterNotFound,
     AlreadyExists,
     CacheFull,
+    InsufficientStorage,
     InvalidAlias,
     InvalidChecksum,
     InvalidSource,
@@ -52,6 +53,7 @@ from adapters_registry.sources import (
     is_url,
     staging,
 )
+from adapters_registry.sources.base import storage_errors
 from adapters_registry.sources.cache import sweep_staging
 from adapters_registry.spec import AdapterSpec
 from adapters_registry.store import Store
@@ -243,7 +245,8 @@ class Registry:
     ) -> VersionRecord:
         """A source copied into the store (uploads, local folders): fetched into a
         staging folder, validated there, then moved in, fsynced, and recorded."""
-        with staging(self._uploads) as tmp:
+        # storage_errors outside staging: the staged files are gone before it reports.
+        with storage_errors(), staging(self._uploads) as tmp:
             fetched = self.sources.fetch(source, tmp, max_bytes=self.config.limits.max_bytes)
             spec = self._inspect(tmp, name, sha256)
             # Keyed by weights *and* config: the same weights uploaded with another config
@@ -280,7 +283,7 @@ class Registry:
     ) -> VersionRecord:
         # Always fetched: a cache entry found by the weights' sha256 alone would pin the
         # config of whoever registered those weights first (review M4).
-        with self.cache.staging() as tmp:
+        with storage_errors(), self.cache.staging() as tmp:
             fetched = self.sources.fetch(source, tmp, max_bytes=self._download_cap())
             spec = self._inspect(tmp, name, sha256)
             created = self.cache.get(spec.content_digest) is None
@@ -368,11 +371,11 @@ class Registry:
             return path
         try:
             source = self.sources.parse(version.source)
-            with self.cache.staging() as tmp:
+            with storage_errors(), self.cache.staging() as tmp:
                 self.sources.fetch(source, tmp, max_bytes=self._download_cap())
                 self._verify(tmp, version)
                 path = self.cache.put(tmp, version.content_digest)
-        except CacheFull:
+        except (CacheFull, InsufficientStorage):  # transient, the server's: say so
             raise
         except AdapterError as exc:
             log.warning("%s: fetching %s again failed: %s", _label(version), version.source, exc)

@@ -195,6 +195,8 @@ _STATUS_BY_CODE = {
     "engine_unavailable": 503,
     "server_overloaded": 503,
     "adapter_cache_full": 503,
+    "registry_unavailable": 503,
+    "insufficient_storage": 507,
 }
 _STATUS_BY_TYPE = {
     "invalid_request_error": 400,

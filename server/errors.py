@@ -138,6 +138,8 @@ ERROR_TABLE: dict[type[Exception], ErrorKind] = {
     reg.InvalidSource: ErrorKind(400, _INVALID, "invalid_source"),
     reg.InvalidChecksum: ErrorKind(422, _INVALID, "invalid_sha256"),
     reg.CacheFull: ErrorKind(503, "service_unavailable_error", "adapter_cache_full"),
+    reg.RegistryUnavailable: ErrorKind(503, "service_unavailable_error", "registry_unavailable"),
+    reg.InsufficientStorage: ErrorKind(507, "server_error", "insufficient_storage"),
     reg.InvalidAlias: ErrorKind(422, _INVALID, "invalid_alias"),
     reg.ChecksumMismatch: ErrorKind(422, _INVALID, "checksum_mismatch"),
     reg.InvalidAdapterName: ErrorKind(422, _INVALID, "invalid_adapter_name"),

@@ -29,8 +29,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from adapters_registry.records import TenantRecord
-from server.adapters import AdapterRouter, Target
-from server.engine.openai_layer import Answer, OpenAILayer, RequestScope
+from server.adapters import AdapterRouter, Lease, Target
+from server.engine.openai_layer import Answer, OpenAILayer, RequestScope, Usage
 from server.errors import InvalidRequest
 from server.metrics import RequestInfo
 from server.quotas import Quotas
@@ -88,29 +88,35 @@ class Gateway:
         if info is not None:
             _describe(info, target, caller, _response_id(body, request))
         ticket = self._quotas.admit(caller.tenant, self._known_tokens(body))
-        finalizers: list[Callable[[], None]] = [ticket.release]
-        request.state.finalizers = finalizers
-        lease = await self._router.acquire(target)
+        usage = Usage()
+        leases: list[Lease] = []
+
+        def finish() -> None:
+            # Whatever ended the request (a failed load, a client gone before the first
+            # token, the last token), the quota learns what was really used: a request
+            # that never reached the engine gives its whole reservation back (review L1).
+            ticket.used_tokens = usage.prompt_tokens + usage.completion_tokens
+            if info is not None:
+                info.prompt_tokens = usage.prompt_tokens
+                info.completion_tokens = usage.completion_tokens
+                if usage.first_token_at is not None:
+                    info.ttft_s = usage.first_token_at - info.started
+            for lease in leases:
+                lease.release()
+
+        # Run by the middleware once the response is over; finish before the ticket's
+        # release, so that the refund is known.
+        request.state.finalizers = [finish, ticket.release]
+        leases.append(await self._router.acquire(target))
         scope = RequestScope(
             model=target.model,
-            lora=lease.handle,
+            lora=leases[0].handle,
             priority=ticket.priority,
             max_tokens_cap=self._max_tokens_cap,
             requested_max_tokens=_requested_max_tokens(body),
             reserve=ticket.reserve,
+            usage=usage,
         )
-
-        def finish() -> None:
-            ticket.used_tokens = scope.usage.prompt_tokens + scope.usage.completion_tokens
-            if info is not None:
-                info.prompt_tokens = scope.usage.prompt_tokens
-                info.completion_tokens = scope.usage.completion_tokens
-                if scope.usage.first_token_at is not None:
-                    info.ttft_s = scope.usage.first_token_at - info.started
-            lease.release()
-
-        # Runs before the ticket's release: the quota learns what was really used.
-        finalizers.insert(0, finish)
         self._layer.enter(scope)
         answer = await _until_disconnect(run(body, _for_vllm(request)), request)
         headers = _headers(target, request)

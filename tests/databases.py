@@ -71,10 +71,17 @@ def _server_user() -> str | None:
 class PostgresServer:
     """A running server and an admin connection URL; `new_database()` per test."""
 
-    def __init__(self, admin_url: str, folder: Path | None = None, stop: list[str] | None = None):
+    def __init__(
+        self,
+        admin_url: str,
+        folder: Path | None = None,
+        stop: list[str] | None = None,
+        start: list[str] | None = None,
+    ):
         self.admin_url = admin_url
         self._folder = folder
         self._stop = stop
+        self._start = start
         self._names = itertools.count()
 
     @classmethod
@@ -113,30 +120,28 @@ class PostgresServer:
                 "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
                 "-c max_connections=100 -c shared_buffers=16MB"
             )
-            _run(
-                [
-                    *as_user,
-                    str(bindir / "pg_ctl"),
-                    "start",
-                    "-w",
-                    "-t",
-                    "60",
-                    "-D",
-                    str(data),
-                    "-l",
-                    str(folder / "server.log"),
-                    "-o",
-                    options,
-                ],
-                log=folder / "server.log",
-            )
+            start = [
+                *as_user,
+                str(bindir / "pg_ctl"),
+                "start",
+                "-w",
+                "-t",
+                "60",
+                "-D",
+                str(data),
+                "-l",
+                str(folder / "server.log"),
+                "-o",
+                options,
+            ]
+            _run(start, log=folder / "server.log")
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
         # immediate: the data is thrown away, so skip the shutdown checkpoint (seconds).
         stop = [*as_user, str(bindir / "pg_ctl"), "stop", "-m", "immediate", "-D", str(data)]
         admin = f"postgresql://postgres@/postgres?host={quote(str(folder), safe='')}"
-        return cls(admin, folder, stop)
+        return cls(admin, folder, stop, start)
 
     def new_database(self) -> str:
         """A new empty database; its URL."""
@@ -147,6 +152,21 @@ class PostgresServer:
             conn.execute(f'CREATE DATABASE "{name}"')
         parts = urlsplit(self.admin_url)
         return urlunsplit(parts._replace(path="/" + name))
+
+    @property
+    def restartable(self) -> bool:
+        """Whether halt()/resume() work: only on a server these tests started."""
+        return self._start is not None and self._stop is not None
+
+    def halt(self) -> None:
+        """Stop the server, keeping its data (fault injection: the database goes away)."""
+        assert self._stop is not None, "not a server these tests started"
+        _run(self._stop)
+
+    def resume(self) -> None:
+        """Start again on the same data, after halt()."""
+        assert self._start is not None and self._folder is not None
+        _run(self._start, log=self._folder / "server.log")
 
     def stop(self) -> None:
         if self._stop is not None:

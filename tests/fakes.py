@@ -140,7 +140,7 @@ class FakeEngineClient:
 
     async def abort(self, request_id: Any) -> None:
         ids = [request_id] if isinstance(request_id, str) else list(request_id)
-        self._engine.aborted.extend(ids)
+        self._engine.aborted.extend(i for i in ids if i not in self._engine.aborted)
 
     def get_tokenizer(self) -> Any:
         return self.tokenizer
@@ -191,6 +191,9 @@ class FakeEngineClient:
         )
         choices = [_Choice(i, params, self.tokenizer) for i in range(params.n)]
         kind = params.output_kind
+        delta = kind == RequestOutputKind.DELTA
+        prompt_logprobs = _prompt_logprobs(params, prompt_ids, self.tokenizer)
+        first = True
         engine.running.add(request_id)
         try:
             for step in range(params.max_tokens):
@@ -209,17 +212,18 @@ class FakeEngineClient:
                 finished = all(c.done for c in choices)
                 if kind == RequestOutputKind.FINAL_ONLY and not finished:
                     continue
-                delta = kind == RequestOutputKind.DELTA
                 yield RequestOutput(
                     request_id=request_id,
                     prompt=prompt.get("prompt"),
                     prompt_token_ids=prompt_ids,
-                    prompt_logprobs=_prompt_logprobs(params, prompt_ids, self.tokenizer),
-                    outputs=[c.output(delta=delta) for c in choices if delta is False or c.fresh],
+                    # Streamed (DELTA): the prompt's logprobs come with the first output only.
+                    prompt_logprobs=prompt_logprobs if first or not delta else None,
+                    outputs=[c.output(delta=delta) for c in choices if not delta or c.fresh],
                     finished=finished,
                     lora_request=lora_request,
                     num_cached_tokens=0,
                 )
+                first = False
                 if finished:
                     return
         except (asyncio.CancelledError, GeneratorExit):

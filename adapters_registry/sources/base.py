@@ -11,17 +11,19 @@ fails with SourceChanged. Every failure is one of our typed errors (errors.py).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import ipaddress
 import os
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-from adapters_registry.errors import AdapterTooLarge, InvalidSource
+from adapters_registry.errors import AdapterTooLarge, InsufficientStorage, InvalidSource
 from adapters_registry.validate import CONFIG_FILE, WEIGHTS_FILE
 
 ADAPTER_FILES = (CONFIG_FILE, WEIGHTS_FILE)
@@ -127,7 +129,7 @@ def write_capped(
     digest = hashlib.sha256()
     total = 0
     source = chunks if chunks is not None else _chunks(read)
-    with dest.open("xb") as out:
+    with storage_errors(), dest.open("xb") as out:
         for chunk in source:
             if deadline is not None:
                 deadline.remaining()
@@ -139,6 +141,25 @@ def write_capped(
         out.flush()
         os.fsync(out.fileno())
     return digest.hexdigest()
+
+
+_NO_SPACE = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextmanager
+def storage_errors() -> Iterator[None]:
+    """Our disk full (or over quota) as InsufficientStorage. Here, because every source
+    writes through write_capped and catches OSError as a *download* failure (a 400 that
+    blames the request); the registry wraps its other writes (staging, moves) too."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in _NO_SPACE:
+            raise InsufficientStorage(
+                "no disk space left for adapter files on the server; free some space "
+                "(or unregister adapters) and try again"
+            ) from exc
+        raise
 
 
 def _chunks(read: Readable | None) -> Iterable[bytes]:

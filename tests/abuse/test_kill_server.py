@@ -6,6 +6,7 @@ delete stays deleted; a re-created name continues its numbering; nothing is half
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import random
@@ -17,6 +18,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -137,3 +139,161 @@ def test_kill_9_during_registrations_then_restart(tmp_path: Path) -> None:
                     assert r.status_code == 200, (name, r.text)
     acks = [v for what, _, v in log if what == "ACK"]
     assert len(acks) >= 10 and 2 in acks  # work was done, and names were re-created
+
+
+def _settings(tmp_path: Path, **extra: object) -> Path:
+    make_base(tmp_path / "base")
+    settings = tmp_path / "settings.json"
+    settings.write_text(
+        json.dumps(
+            {
+                "served_model_name": "tiny",
+                "model": str(tmp_path / "base"),
+                "home": str(tmp_path / "home"),
+                "admin_key": KEY,
+                "allowed_roots": [str(tmp_path / "allowed")],
+                **extra,
+            }
+        )
+    )
+    return settings
+
+
+def _leftovers(storage: Path) -> list[Path]:
+    """Staging folders (downloads and copies in progress) under the storage folder."""
+    return [p for p in storage.rglob(".staging-*")]
+
+
+def test_kill_9_during_a_download_then_restart(tmp_path: Path) -> None:
+    """The server dies with half an http download staged: after the restart the staged
+    half is gone, the unacknowledged name is not registered, the acknowledged one serves,
+    and the same registration then works."""
+    root = tmp_path / "www"
+    make_adapter(root / "a0", seed=0)
+    make_adapter(root / "a1", seed=1)
+    stalled, release = threading.Event(), threading.Event()
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(root), **kwargs)
+
+        def do_GET(self) -> None:
+            if self.path == "/a1/adapter_model.safetensors" and not release.is_set():
+                body = (root / "a1" / "adapter_model.safetensors").read_bytes()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body[: len(body) // 2])
+                self.wfile.flush()
+                stalled.set()  # half sent: the server is now mid-download
+                release.wait(30)
+                return
+            super().do_GET()
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    www = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=www.serve_forever, daemon=True).start()
+    url = f"http://127.0.0.1:{www.server_address[1]}"
+    settings = _settings(tmp_path, sources={"http_allowed_networks": ["127.0.0.1/32"]})
+    storage = tmp_path / "home" / "registry"
+    try:
+        with server(settings) as (api, proc), httpx.Client(base_url=api, headers=AUTH) as c:
+            r = c.post("/admin/adapters", json={"name": "dl0", "source": f"{url}/a0"})
+            assert r.status_code == 201, r.text
+            answer: list[object] = []
+
+            def register() -> None:
+                try:
+                    answer.append(
+                        c.post("/admin/adapters", json={"name": "dl1", "source": f"{url}/a1"})
+                    )
+                except httpx.TransportError as exc:
+                    answer.append(exc)
+
+            worker = threading.Thread(target=register)
+            worker.start()
+            assert stalled.wait(30), "the download never started"
+            time.sleep(0.2)  # let the first half reach the staged file
+            assert _leftovers(storage), "no staging folder: the kill would not be mid-download"
+            proc.send_signal(signal.SIGKILL)
+            worker.join(timeout=30)
+            assert answer and isinstance(answer[0], httpx.TransportError), answer
+        release.set()
+        with server(settings) as (api, _), httpx.Client(base_url=api, headers=AUTH) as c:
+            assert _leftovers(storage) == [], "the killed download's staging folder stayed"
+            listed = {a["name"] for a in c.get("/admin/adapters").json()["data"]}
+            assert listed == {"dl0"}
+            body = {"model": "dl0", "messages": [{"role": "user", "content": "x"}]}
+            assert c.post("/v1/chat/completions", json={**body, "max_tokens": 2}).status_code == 200
+            r = c.post("/admin/adapters", json={"name": "dl1", "source": f"{url}/a1"})
+            assert r.status_code == 201, r.text
+            assert r.json()["versions"][-1]["version"] == 1
+            body["model"] = "dl1"
+            assert c.post("/v1/chat/completions", json={**body, "max_tokens": 2}).status_code == 200
+    finally:
+        release.set()
+        www.shutdown()
+        www.server_close()
+
+
+def _swapper(url: str, sources: list[Path], log: list[tuple[str, int]]) -> None:
+    """Swaps of adapter "sw" until the server dies: a new version made current (the hot
+    swap), or a rollback to an older one. Logs ("ACK", current) once acknowledged and
+    ("TRY", target) before each call, so the one in flight at the kill is known."""
+    body = {"model": "sw", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+    with httpx.Client(base_url=url, headers=AUTH, timeout=10) as c:
+        latest = 1
+        for i in range(10_000):
+            try:
+                if i % 2 == 0:
+                    src = sources[i % len(sources)]
+                    log.append(("TRY", latest + 1))
+                    r = c.post("/admin/adapters/sw/versions", json={"source": str(src)})
+                    assert r.status_code == 201, r.text
+                    latest = r.json()["version"]
+                    log.append(("ACK", latest))
+                else:
+                    target = 1 + i % latest
+                    log.append(("TRY", target))
+                    r = c.put("/admin/adapters/sw/current", json={"version": target})
+                    assert r.status_code == 200, r.text
+                    log.append(("ACK", r.json()["current_version"]))
+                assert c.post("/v1/chat/completions", json=body).status_code == 200
+            except (httpx.TransportError, AssertionError):
+                return
+
+
+def test_kill_9_during_swaps_then_restart(tmp_path: Path) -> None:
+    """Kill -9 while versions are hot-swapped and rolled back under requests: after the
+    restart the current version is the last acknowledged one or the one in flight,
+    every acknowledged version is there with files that verify (each one serves), and
+    no staging folder is left."""
+    sources = [make_adapter(tmp_path / "allowed" / f"s{i}", seed=i) for i in range(3)]
+    settings = _settings(tmp_path)
+    rng = random.Random(14)
+    log: list[tuple[str, int]] = []
+    with server(settings) as (url, proc), httpx.Client(base_url=url, headers=AUTH) as c:
+        r = c.post("/admin/adapters", json={"name": "sw", "source": str(sources[0])})
+        assert r.status_code == 201, r.text
+        worker = threading.Thread(target=_swapper, args=(url, sources, log))
+        worker.start()
+        time.sleep(0.5 + rng.random())
+        proc.send_signal(signal.SIGKILL)
+        worker.join(timeout=30)
+        assert not worker.is_alive()
+    acked = [v for what, v in log if what == "ACK"]
+    assert len(acked) >= 3, log  # swaps were done before the kill
+    in_flight = log[-1][1] if log[-1][0] == "TRY" else None
+    with server(settings) as (url, _), httpx.Client(base_url=url, headers=AUTH) as c:
+        assert _leftovers(tmp_path / "home" / "registry") == []
+        sw = c.get("/admin/adapters/sw").json()
+        assert sw["current_version"] in {acked[-1], in_flight}, (sw["current_version"], log[-3:])
+        versions = [v["version"] for v in sw["versions"]]
+        assert set(versions) >= {1, *acked}
+        body = {"model": "sw", "messages": [{"role": "user", "content": "x"}], "max_tokens": 2}
+        for version in versions:  # every recorded version's files are there and verify
+            r = c.put("/admin/adapters/sw/current", json={"version": version})
+            assert r.status_code == 200, r.text
+            assert c.post("/v1/chat/completions", json=body).status_code == 200, version

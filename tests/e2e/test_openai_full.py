@@ -215,3 +215,42 @@ def test_structured_outputs_and_tools_in_a_mixed_batch(server: ServerProc) -> No
     for args in (pirate_args, base_args):
         assert "city" in args
     assert "Shiver" in pirate_args["city"] or "arr" in pirate_args["city"].lower(), pirate_args
+
+
+# -- vLLM's own sampling extensions: each has its effect, with adapters too --------------
+
+
+def _greedy_text(client: openai.OpenAI, model: str, **extra: Any) -> Any:
+    return _completion(client, model, max_tokens=12, extra_body=extra or None)
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_vllm_sampling_extensions_have_their_effect(client: openai.OpenAI, model: str) -> None:
+    plain = _greedy_text(client, model, return_token_ids=True)
+    ids = plain.choices[0].model_extra["token_ids"]
+    # allowed_token_ids: only those tokens come out
+    only = _greedy_text(client, model, allowed_token_ids=[ids[0]], return_token_ids=True)
+    assert set(only.choices[0].model_extra["token_ids"]) == {ids[0]}
+    # bad_words: the greedy first word can no longer be produced
+    first_word = plain.choices[0].text.split()[0]
+    banned = _greedy_text(client, model, bad_words=[first_word]).choices[0].text
+    assert banned.split()[0] != first_word, (first_word, banned)
+    # top_k=1 at temperature 1 is greedy
+    sampled = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=12, temperature=1.0,
+        seed=3, extra_body={"top_k": 1},
+    )  # fmt: skip
+    assert sampled.choices[0].text == plain.choices[0].text
+    # truncate_prompt_tokens: the prompt is cut to its last N tokens
+    cut = _greedy_text(client, model, truncate_prompt_tokens=3)
+    assert cut.usage is not None and cut.usage.prompt_tokens == 3
+    # prompt_logprobs: logprobs of the prompt's tokens come back
+    lp = _greedy_text(client, model, prompt_logprobs=1)
+    assert lp.choices[0].model_extra.get("prompt_logprobs")
+    # include_stop_str_in_output: the stop string stays in the text
+    stop = plain.choices[0].text[3:5] if len(plain.choices[0].text) > 5 else " "
+    kept = client.completions.create(
+        model=model, prompt="The capital of France is", max_tokens=12, temperature=0,
+        stop=[stop], extra_body={"include_stop_str_in_output": True},
+    )  # fmt: skip
+    assert kept.choices[0].text.endswith(stop), (kept.choices[0].text, stop)

@@ -10,6 +10,8 @@ import pytest
 from fastapi.testclient import TestClient
 
 from server.app import create_app
+from server.engine.base import LoraHandle
+from server.errors import EngineFailure
 from tests.adapters import make_adapter
 from tests.fakes import FakeEngine
 from tests.unit.test_tenants import ADMIN, settings
@@ -61,3 +63,25 @@ def test_a_request_that_can_never_fit_is_400_before_work(
     c, engine, key = world
     assert _chat(c, key, "tiny:shared1", 2000) == 400
     assert engine.loaded == []
+
+
+class _FailingLoads(FakeEngine):
+    async def add_lora(self, lora: LoraHandle) -> None:
+        raise EngineFailure("the engine refused the adapter")
+
+
+def test_a_request_that_never_reaches_the_engine_gives_its_reservation_back(
+    tmp_path: Path,
+) -> None:
+    """Review L1: whatever ends a request before the engine produced a token (here its
+    adapter fails to load after admission), what it reserved comes back in full."""
+    with TestClient(create_app(settings(tmp_path), engine=_FailingLoads(2048))) as c:
+        c.put("/admin/tenants/t", headers=ADMIN, json={"tokens_per_minute": 1000})
+        key = c.post("/admin/tenants/t/keys", headers=ADMIN).json()["key"]
+        source = make_adapter(tmp_path / "allowed" / "s1", seed=1)
+        r = c.post("/admin/adapters", headers=ADMIN,
+                   json={"name": "s1", "source": str(source), "shared": True})  # fmt: skip
+        assert r.status_code == 201, r.text
+        for _ in range(3):  # 3 x 900 > 1000: only passes if each one is refunded
+            assert _chat(c, key, "tiny:s1", 900) == 500
+        assert _chat(c, key, "tiny", 900) == 200

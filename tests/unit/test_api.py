@@ -78,9 +78,7 @@ HI = [{"role": "user", "content": "hi"}]
         ("pirate", "tiny:pirate", "pirate@1"),
     ],
 )
-def test_model_names_route(
-    client: TestClient, engine: FakeEngine, model: str, served: str, lora: str | None
-) -> None:
+def test_model_names_route(client: TestClient, model: str, served: str, lora: str | None) -> None:
     r = chat(client, model)
     assert r.status_code == 200, r.text
     body = r.json()
@@ -158,7 +156,7 @@ def test_models_lists_base_and_adapters(client: TestClient) -> None:
     }
 
 
-def test_completions(client: TestClient, engine: FakeEngine) -> None:
+def test_completions(client: TestClient) -> None:
     r = client.post(
         "/v1/completions",
         json={"model": "tiny:formal", "prompt": "abc", "max_tokens": 5, "n": 2, "logprobs": 2},
@@ -183,13 +181,13 @@ def test_completions(client: TestClient, engine: FakeEngine) -> None:
     assert completion.usage.prompt_tokens == len(prompt_ids("abc"))
 
 
-def test_token_ids_extension(client: TestClient, engine: FakeEngine) -> None:
+def test_token_ids_extension(client: TestClient) -> None:
     body = chat(client, "tiny", return_token_ids=True, max_tokens=3).json()
     assert body["prompt_token_ids"] == chat_prompt_ids(HI)
     assert body["choices"][0]["token_ids"] == reply_ids(None, 3)
 
 
-def test_stop_strings(client: TestClient, engine: FakeEngine) -> None:
+def test_stop_strings(client: TestClient) -> None:
     body = chat(client, "tiny", stop=["e:"], max_tokens=50).json()
     assert body["choices"][0]["finish_reason"] == "stop"
     assert body["choices"][0]["message"]["content"] == "bas"
@@ -204,7 +202,7 @@ def sse_events(response) -> list[object]:
     return events
 
 
-def test_chat_streaming_with_usage(client: TestClient, engine: FakeEngine) -> None:
+def test_chat_streaming_with_usage(client: TestClient) -> None:
     body = {
         "model": "tiny:pirate",
         "messages": [{"role": "user", "content": "hi"}],
@@ -233,7 +231,7 @@ def test_chat_streaming_with_usage(client: TestClient, engine: FakeEngine) -> No
     assert all(c.get("usage") is None for c in chunks[:-1])
 
 
-def test_completion_streaming_without_usage(client: TestClient, engine: FakeEngine) -> None:
+def test_completion_streaming_without_usage(client: TestClient) -> None:
     body = {"model": "tiny", "prompt": "x", "max_tokens": 3, "stream": True}
     with client.stream("POST", "/v1/completions", json=body) as r:
         events = sse_events(r)
@@ -310,7 +308,7 @@ def test_prompt_longer_than_context(client: TestClient, engine: FakeEngine) -> N
     assert engine.requests == []  # refused before the engine
 
 
-def test_prompt_plus_max_tokens_over_context(client: TestClient, engine: FakeEngine) -> None:
+def test_prompt_plus_max_tokens_over_context(client: TestClient) -> None:
     messages = [{"role": "user", "content": "hello " * 150}]
     assert len(chat_prompt_ids(messages)) + 50 > 200 > len(chat_prompt_ids(messages))
     r = chat(client, "tiny", messages=messages, max_tokens=50)
@@ -644,3 +642,24 @@ def test_vllm_request_validation_is_400_naming_the_param(
         err = error_of(r)
         assert (err["type"], err["param"]) == ("invalid_request_error", param)
         assert c.post(path, json={"model": "tiny", **body}).status_code == 400  # still up
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_completion_echo_with_logprobs(client: TestClient, stream: bool) -> None:
+    body = {"model": "tiny", "prompt": "hello world", "max_tokens": 2, "echo": True}
+    body |= {"logprobs": 1, "stream": stream}
+    if stream:
+        with client.stream("POST", "/v1/completions", json=body) as r:
+            events = [e for e in sse_events(r) if isinstance(e, dict)]
+        text = "".join(e["choices"][0]["text"] for e in events)
+        tokens = [t for e in events for t in e["choices"][0]["logprobs"]["tokens"]]
+    else:
+        r = client.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        # Raw JSON: the first prompt token has no logprob (null, as OpenAI's legacy API
+        # sends it), which the SDK's Completion type does not allow.
+        choice = r.json()["choices"][0]
+        assert choice["logprobs"]["token_logprobs"][0] is None
+        text, tokens = choice["text"], choice["logprobs"]["tokens"]
+    assert text == "hello world" + reply(None, 2)
+    assert "".join(tokens) == text  # the prompt's tokens, then the reply's

@@ -206,7 +206,7 @@ def test_error_frame_of_a_dead_engine_is_503_engine_unavailable(
 
 
 def test_503_is_retried_then_raised(client: Client, server: Server) -> None:
-    server.app.state.lifecycle.draining = True  # every request: 503 engine_unavailable
+    server.engine.dead = True
     with pytest.raises(ServiceUnavailableError) as info:
         client.chat("tiny", HI, max_tokens=4)
     assert len(server.sleeps) == 2  # max_retries=2: three attempts
@@ -457,7 +457,7 @@ async def test_async_client_end_to_end(server: Server, tmp_path: Path) -> None:
 
         with pytest.raises(NotFoundError):
             await client.rollback("pirate", 9)
-        server.app.state.lifecycle.draining = True
+        server.engine.dead = True
         with pytest.raises(ServiceUnavailableError):
             await client.completions("tiny", "x", max_tokens=2)
         assert len(sleeps) == 2

@@ -18,7 +18,7 @@ from adapters_registry.digest import config_digest, content_digest
 from adapters_registry.registry import Registry
 from server.adapters import AdapterRouter
 from tests.adapters import make_adapter
-from tests.fakes import FakeEngine
+from tests.fakes import FakeEngine, lease_endings
 from tests.unit.test_registry import open_registry
 
 CONFIG = "adapter_config.json"
@@ -58,12 +58,13 @@ async def test_a_recreated_adapter_never_gets_the_old_weights(
     async with router.lease(target) as held:
         registry.delete_adapter("pirate")
         new = upload(registry, "pirate", make_adapter(tmp_path / "new", seed=2))
-        fresh = await router.resolve("tiny:pirate")
-        assert fresh.version == new
-        assert fresh.lora is not None and held is not None
-        assert fresh.lora.lora_id != held.lora_id
-        assert fresh.lora.digest == new.content_digest != old.content_digest
-        assert (fresh.lora.name, held.name) != ("pirate@1", "pirate@1")
+        fresh_target = await router.resolve("tiny:pirate")
+        assert fresh_target.version == new
+        async with router.lease(fresh_target) as fresh:
+            assert fresh is not None and held is not None
+            assert fresh.lora_id != held.lora_id
+            assert fresh.digest == new.content_digest != old.content_digest
+            assert (fresh.name, held.name) != ("pirate@1", "pirate@1")
 
 
 async def test_residency_is_keyed_by_content_not_by_name_and_number(
@@ -73,7 +74,8 @@ async def test_residency_is_keyed_by_content_not_by_name_and_number(
     another replica's stale snapshot), the engine's copy of the first is not reused."""
     router = AdapterRouter("tiny", registry, None, FakeEngine())
     upload(registry, "pirate", make_adapter(tmp_path / "a", seed=1))
-    first = await router.resolve("tiny:pirate")
+    async with router.lease(await router.resolve("tiny:pirate")) as first:
+        pass  # loaded, and idle
     other = upload(registry, "other", make_adapter(tmp_path / "b", seed=2))
     record = registry.adapter("pirate")
     assert record is not None and record.current is not None
@@ -84,13 +86,14 @@ async def test_residency_is_keyed_by_content_not_by_name_and_number(
     monkeypatch.setitem(
         registry._adapters, "pirate", dataclasses.replace(record, versions=(impostor,))
     )
-    second = await router.resolve("tiny:pirate")
-    assert first.lora is not None and second.lora is not None
-    assert second.lora.lora_id != first.lora.lora_id
-    assert second.lora.digest == other.content_digest
+    async with router.lease(await router.resolve("tiny:pirate")) as second:
+        pass
+    assert first is not None and second is not None
+    assert second.lora_id != first.lora_id
+    assert second.digest == other.content_digest
     # The name vLLM sees (its prefix cache keys on it) differs as well.
-    assert second.lora.engine_name != first.lora.engine_name
-    assert other.content_digest[:16] in second.lora.engine_name
+    assert second.engine_name != first.engine_name
+    assert other.content_digest[:16] in second.engine_name
 
 
 # -- M4: the config is pinned ------------------------------------------------------------
@@ -121,15 +124,20 @@ def test_config_digest_is_canonical() -> None:
 
 
 def test_a_config_changed_after_registration_is_refused(registry: Registry, tmp_path: Path) -> None:
-    """Same weights, other lora_alpha in place: 409 source_changed, never the old name
-    serving another scale."""
+    """Same weights, other lora_alpha in place: never the old name serving another scale.
+    A local source is copied at registration, so a change in the source folder is not
+    served; a change in the stored copy is 409 source_changed."""
     folder = make_adapter(tmp_path / "allowed" / "pirate")
     v = registry.register("pirate", str(folder))
     registry.local_files(v)  # as registered: fine
     set_config(folder, lora_alpha=64)
-    with pytest.raises(SourceChanged, match=r"adapter_config\.json changed"):
+    assert json.loads((registry.local_files(v) / CONFIG).read_text())["lora_alpha"] == 16
+    stored = Path(v.path)
+    set_config(stored, lora_alpha=64)
+    registry._verified.clear()  # as on its first use after a start
+    with pytest.raises(SourceChanged, match="changed"):
         registry.local_files(v)
-    set_config(folder, lora_alpha=16)  # back as it was: served again
+    set_config(stored, lora_alpha=16)  # back as it was: served again
     registry.local_files(v)
 
 
@@ -163,6 +171,7 @@ async def test_delete_keeps_files_until_the_last_request_ends(
         await router.release_unreachable()
         # The engine may re-read the folder while this request runs on it.
         assert (files / WEIGHTS).is_file()
+    await lease_endings(router)
     assert not files.exists()
     assert registry.release_files() == []
 
@@ -204,19 +213,17 @@ async def test_another_replica_drops_the_old_content_of_a_recreated_name(
         a.register("pirate", str(make_adapter(roots / "old", seed=1)))
         b.refresh()
         router_b = AdapterRouter("tiny", b, None, FakeEngine())
-        old = await router_b.resolve("tiny:pirate")
-        async with router_b.lease(old):
+        async with router_b.lease(await router_b.resolve("tiny:pirate")) as old:
             pass  # B now holds the old content, idle
         a.delete_adapter("pirate")
         new = a.register("pirate", str(make_adapter(roots / "new", seed=2)))
         assert b.refresh()
         await router_b.release_unreachable()  # what the server does after a refresh
-        assert old.lora is not None and all(
-            h.lora_id != old.lora.lora_id for h, _ in router_b.loaded()
-        )
-        fresh = await router_b.resolve("tiny:pirate")
-        assert fresh.lora is not None and fresh.lora.lora_id != old.lora.lora_id
-        assert fresh.version == new
+        assert old is not None and all(h.lora_id != old.lora_id for h, _ in router_b.loaded())
+        target = await router_b.resolve("tiny:pirate")
+        assert target.version == new
+        async with router_b.lease(target) as fresh:
+            assert fresh is not None and fresh.lora_id != old.lora_id
     finally:
         a.close()
         b.close()

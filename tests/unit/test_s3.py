@@ -273,7 +273,7 @@ def test_evicted_version_is_fetched_again_and_verified(
     put_adapter(s3, bucket, "a", src)
     v = registry.register("a", f"s3://{bucket}/a")
     first = registry.local_files(v)
-    registry.cache.remove(v.sha256)
+    registry.cache.remove(v.content_digest)
     assert not first.exists()
     again = registry.local_files(v)
     assert sha(again) == v.sha256
@@ -295,7 +295,7 @@ def test_overwrite_in_an_unversioned_bucket_is_source_changed(
     v = registry.register("a", f"s3://{bucket}/a")
     assert "e.adapter_model.safetensors" in v.source  # pinned by ETag (no versioning)
     put_adapter(s3, bucket, "a", make_adapter(tmp_path / "b", seed=7))  # overwritten
-    registry.cache.remove(v.sha256)
+    registry.cache.remove(v.content_digest)
     with pytest.raises(SourceChanged, match="a@1") as caught:
         registry.local_files(v)
     assert bucket not in caught.value.message  # no source names to /v1 callers (M7)
@@ -314,7 +314,7 @@ def test_overwrite_in_a_versioned_bucket_keeps_the_registered_version(
     v = registry.register("a", f"s3://{bucket}/a")
     assert "v.adapter_model.safetensors" in v.source  # pinned by object version
     put_adapter(s3, bucket, "a", make_adapter(tmp_path / "b", seed=7))
-    registry.cache.remove(v.sha256)
+    registry.cache.remove(v.content_digest)
     assert sha(registry.local_files(v)) == sha(src)  # the pinned objects, not the new ones
     v2 = registry.register("a", f"s3://{bucket}/a", create=False)
     assert v2.sha256 == sha(tmp_path / "b") != v.sha256
@@ -476,17 +476,17 @@ def _bad_json(path: Path) -> Path:
     return path
 
 
-def test_refetch_is_checked_by_sha256_even_without_pins(
+def test_a_source_registered_by_a_cached_sha256_is_pinned_and_checked(
     registry: Registry, tmp_path: Path, s3: Any, bucket: str
 ) -> None:
-    """A second adapter registered with the sha256 of weights already cached records the
-    source unpinned (nothing was fetched); a later fetch is still checked by sha256."""
+    """A second adapter registered with the sha256 of weights already cached: its source
+    is fetched and pinned all the same, and a later fetch is checked."""
     src = make_adapter(tmp_path / "a")
     put_adapter(s3, bucket, "a", src)
     registry.register("a", f"s3://{bucket}/a")
     v = registry.register("b", f"s3://{bucket}/a", sha256=sha(src))
-    assert v.source == f"s3://{bucket}/a"  # no pins: served from the cache as it was
+    assert v.source.startswith(f"s3://{bucket}/a#")  # pinned (by ETag: no versioning)
     put_adapter(s3, bucket, "a", make_adapter(tmp_path / "other", seed=5))
-    registry.cache.remove(v.sha256)
+    registry.cache.remove(v.content_digest)
     with pytest.raises(SourceChanged, match="b@1"):
         registry.local_files(v)

@@ -68,7 +68,7 @@ def test_revision_is_pinned_to_its_commit(tmp_path: Path, monkeypatch: pytest.Mo
     try:
         v = reg.register("a", "hf://org/adapter@main")
         assert v.source == f"hf://org/adapter@{COMMIT}"
-        reg.cache.remove(v.sha256)
+        reg.cache.remove(v.content_digest)
         reg.local_files(v)  # fetched again: from the commit
         assert asked == [("org/adapter", "main"), ("org/adapter", COMMIT)]
         with pytest.raises(InvalidSource, match="hf://org/repo"):

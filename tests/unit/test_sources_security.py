@@ -338,7 +338,7 @@ def test_errors_on_the_serving_path_name_no_paths_or_urls(
 ) -> None:
     url, root = www
     v = registry.register("a", f"{url}/a")
-    registry.cache.remove(v.sha256)
+    registry.cache.remove(v.content_digest)
     make_adapter(root / "a", seed=9)  # changed at the source
     with pytest.raises(SourceChanged) as caught:
         registry.local_files(v)
