@@ -9,6 +9,9 @@ from fastapi import Depends, Request
 from server.adapters import AdapterRouter
 from server.auth import Principal, authenticate
 from server.engine.base import Engine
+from server.experiments.guardrails import Guardrails
+from server.experiments.log import ExposureLog
+from server.experiments.ramps import Ramps
 from server.quotas import Quotas
 from server.serving import Gateway
 
@@ -45,3 +48,23 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
 QuotasDep = Annotated[Quotas, Depends(get_quotas)]
+
+
+def get_exposures(request: Request) -> ExposureLog:
+    log: ExposureLog = request.app.state.exposures
+    return log
+
+
+def get_guardrails(request: Request) -> Guardrails:
+    guardrails: Guardrails = request.app.state.guardrails
+    return guardrails
+
+
+def get_ramps(request: Request) -> Ramps:
+    ramps: Ramps = request.app.state.ramps
+    return ramps
+
+
+ExposuresDep = Annotated[ExposureLog, Depends(get_exposures)]
+RampsDep = Annotated[Ramps, Depends(get_ramps)]
+GuardrailsDep = Annotated[Guardrails, Depends(get_guardrails)]

@@ -15,42 +15,22 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query, Request
+from fastapi import APIRouter, Depends, Query
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapters_registry.errors import AdapterNotFound
 from adapters_registry.experiments import Exposure, Feedback, GuardrailEvent, RampRecord
 from adapters_registry.names import NAME_PATTERN
 from server.auth import require_admin
-from server.deps import PrincipalDep, RouterDep
+from server.deps import ExposuresDep, GuardrailsDep, PrincipalDep, RampsDep, RouterDep
 from server.errors import InvalidRequest, ResponseNotFound
-from server.experiments.guardrails import Guardrails, Limits
+from server.experiments.guardrails import Limits
 from server.experiments.log import ExposureLog
-from server.experiments.ramps import RampPlan, Ramps
+from server.experiments.ramps import RampPlan
 from server.experiments.report import build_report
 
 router = APIRouter(tags=["experiments"])
 admin_router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
-
-
-def get_exposures(request: Request) -> ExposureLog:
-    log: ExposureLog = request.app.state.exposures
-    return log
-
-
-def get_guardrails(request: Request) -> Guardrails:
-    guardrails: Guardrails = request.app.state.guardrails
-    return guardrails
-
-
-def get_ramps(request: Request) -> Ramps:
-    ramps: Ramps = request.app.state.ramps
-    return ramps
-
-
-ExposuresDep = Annotated[ExposureLog, Depends(get_exposures)]
-RampsDep = Annotated[Ramps, Depends(get_ramps)]
-GuardrailsDep = Annotated[Guardrails, Depends(get_guardrails)]
 
 
 # What an id we hand out can look like (x-request-id's own pattern, server/lifecycle.py,
