@@ -47,6 +47,7 @@ class RequestRecord:
     output_tokens: int = 0
     error: str | None = None
     served_version: int | None = None
+    user: str | None = None  # the `user` sent, if the workload names users
 
     @property
     def latency_s(self) -> float | None:

@@ -82,10 +82,15 @@ class Workload:
     max_outstanding: int = 1024
     temperature: float = 0.0
     request_timeout_s: float = 600.0
+    # > 0: each request names one of this many end users (`user`, drawn uniformly), as an
+    # alias's sticky assignment and the exposure log see them; 0: no `user`.
+    users: int = 0
 
     def __post_init__(self) -> None:
         if self.mode not in ("closed", "open"):
             raise ValueError(f"unknown mode {self.mode!r}")
+        if self.users < 0:
+            raise ValueError("users must be >= 0")
         if self.concurrency < 1 or self.max_outstanding < 1:
             raise ValueError("concurrency and max_outstanding must be >= 1")
         if not self.duration_s > 0:
@@ -140,6 +145,8 @@ class _Phase:
         # Separate streams: the arrival times must not depend on what the requests drew,
         # so the same seed gives the same arrivals and the same request sequence.
         self.rng = random.Random(workload.seed)
+        # Its own stream: naming users leaves the prompts and lengths of a seed unchanged.
+        self.user_rng = random.Random(f"users-{workload.seed}")
         self.arrival_rng = random.Random(workload.seed + 1)
         self.sampler = ModelSampler(
             workload.adapters,
@@ -230,6 +237,7 @@ class _Phase:
             adapter=adapter,
             max_tokens=wl.output_len.sample(self.rng),
             status="cancelled",
+            user=f"user-{self.user_rng.randrange(wl.users)}" if wl.users else None,
         )
         self.record.requests.append(record)
         return record, prompt
@@ -247,6 +255,7 @@ class _Phase:
                 max_tokens=record.max_tokens,
                 temperature=wl.temperature,
                 stream_options={"include_usage": True},
+                **({"user": record.user} if record.user is not None else {}),
             )
             record.served_version = stream.served_by.adapter_version
             async with stream:

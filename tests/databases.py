@@ -85,7 +85,9 @@ class PostgresServer:
         self._names = itertools.count()
 
     @classmethod
-    def start(cls) -> PostgresServer:
+    def start(cls, *, durable: bool = False) -> PostgresServer:
+        """`durable`: fsync and synchronous commits on, as in production (benchmarks);
+        off by default, for the tests' speed."""
         if url := os.environ.get("LORASWAP_TEST_POSTGRES_URL"):
             return cls(url)
         bindir = find_bindir()
@@ -115,10 +117,11 @@ class PostgresServer:
             )
             # fsync off: these servers die with the test run, and the tests check the
             # registry's logic, not PostgreSQL's durability; it saves seconds of I/O.
+            fast = "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
             options = (
                 f"-c listen_addresses='' -c unix_socket_directories='{folder}' "
-                "-c fsync=off -c synchronous_commit=off -c full_page_writes=off "
-                "-c max_connections=100 -c shared_buffers=16MB"
+                + ("" if durable else fast)
+                + "-c max_connections=100 -c shared_buffers=16MB"
             )
             start = [
                 *as_user,

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -311,6 +312,24 @@ async def test_same_seed_same_requests_and_errors_are_recorded() -> None:
     assert "NotFoundError" in (failed[0].error or "")
     assert summarize(pb).errors == len(failed)
     assert summarize(pa).errors == 0
+
+
+async def test_named_users_leave_the_request_sequence_unchanged() -> None:
+    plain, named = FakeOpenAI(), FakeOpenAI()
+    load = _workload(concurrency=1, duration_s=0.3)
+    await run_phase(Target(URL), load, progress=None, transport=plain.transport())
+    phase = await run_phase(
+        Target(URL), replace(load, users=3), progress=None, transport=named.transport()
+    )
+    n = min(len(plain.bodies), len(named.bodies))
+    assert n >= 5
+    assert "user" not in plain.bodies[0]
+    users = [b["user"] for b in named.bodies[:n]]
+    assert set(users) <= {"user-0", "user-1", "user-2"} and len(set(users)) > 1
+    assert [r.user for r in phase.requests[:n]] == users
+    # Its own random stream: the same prompts, models and lengths as without users.
+    for key in ("model", "messages", "max_tokens"):
+        assert [b[key] for b in plain.bodies[:n]] == [b[key] for b in named.bodies[:n]]
 
 
 async def test_warm_up_touches_every_adapter_and_fails_when_nothing_works() -> None:
