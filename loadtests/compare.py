@@ -17,7 +17,7 @@ share the cores. The N adapter folders are hard links to the demo's three adapte
 distinct names (`a000`, `a001`, ...); ours pre-registers all N through the admin API, and
 its main phase runs the hot-swap schedule (`--swap-every`; 0 for none) on the most
 popular adapter. Sweep points (`--sweep`) measure ours and vLLM again with fewer active
-adapters. Every system sees the same request sequence (same seed), the naive one a
+adapters, each after `--sweep-warmup` seconds of its own load, unrecorded. Every system sees the same request sequence (same seed), the naive one a
 shorter, lighter run (`--peft-*`).
 
 Writes `results.json` (after every system: a crash keeps what was measured),
@@ -160,9 +160,11 @@ def measure(
     warmup_s: float,
     setup: Callable[[Target, SystemRecord], None] | None = None,
     quiet: tuple[float, float] = (0.5, 0.0),
+    phase_warmup_s: float = 0.0,
 ) -> SystemRecord:
-    """Start one system, warm it up, run its phases, stop it. Failures are recorded, not
-    raised: the other systems still run."""
+    """Start one system, warm it up, run its phases, stop it: the first phase after
+    `warmup_s` of its load, each later one after `phase_warmup_s` of its own. Failures are
+    recorded, not raised: the other systems still run."""
     system = SystemRecord(name=launch.name, label=launch.label, notes=list(launch.notes))
     system.server = {
         "command": " ".join(launch.cmd),
@@ -178,8 +180,9 @@ def measure(
             target = Target(srv.url, admin_key=launch.admin_key, label=launch.label)
             if setup is not None:
                 setup(target, system)
-            asyncio.run(warm_up(target, replace(phases[0][1], swaps=()), warmup_s))
-            for name, load in phases:
+            for i, (name, load) in enumerate(phases):
+                warm = warmup_s if i == 0 else phase_warmup_s
+                asyncio.run(warm_up(target, replace(load, swaps=()), warm))
                 time.sleep(PAUSE_S)
                 busy = wait_for_quiet(*quiet)
                 if busy is not None:
@@ -258,7 +261,15 @@ def main(argv: list[str] | None = None) -> None:
                 launch = replace(launch, name="base", label="(d) base alone, loraswap")
                 launch.notes = ["our server, every request to the base model (no adapter)"]
                 phases = [("main", replace(main_load, adapters=(), registered=0))]
-                system = measure(launch, port, out, phases, args.warmup, quiet=quiet)
+                system = measure(
+                    launch,
+                    port,
+                    out,
+                    phases,
+                    args.warmup,
+                    quiet=quiet,
+                    phase_warmup_s=args.sweep_warmup,
+                )
             elif name == "ours":
                 swaps = []
                 if args.swap_every > 0:
@@ -280,7 +291,9 @@ def main(argv: list[str] | None = None) -> None:
                     print_progress(f"[{target.label}] {count} adapters registered")
 
                 phases = [("main", load), *sweep_phases(main_load)]
-                system = measure(launch, port, out, phases, args.warmup, setup, quiet)
+                system = measure(
+                    launch, port, out, phases, args.warmup, setup, quiet, args.sweep_warmup
+                )
             elif name in ("vllm", "vllm-fix"):
                 launch = servers.vllm(
                     assets.base_dir, active_pool, port, knobs, lora_fix=name == "vllm-fix"
@@ -288,7 +301,15 @@ def main(argv: list[str] | None = None) -> None:
                 # It serves the active names only (--lora-modules): that many registered.
                 load = replace(main_load, registered=len(active))
                 phases = [("main", load), *sweep_phases(load)]
-                system = measure(launch, port, out, phases, args.warmup, quiet=quiet)
+                system = measure(
+                    launch,
+                    port,
+                    out,
+                    phases,
+                    args.warmup,
+                    quiet=quiet,
+                    phase_warmup_s=args.sweep_warmup,
+                )
             else:
                 launch = servers.peft(assets.base_dir, active_pool, port, knobs, args.peft_threads)
                 load = replace(

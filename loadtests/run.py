@@ -116,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             # Sweep points run without the swap schedule: they measure adapters alone.
             phase_load = replace(main_load.with_active(n), duration_s=args.sweep_duration, swaps=())
+            await warm_up(target, phase_load, args.sweep_warmup)
             system.phases.append(await run_phase(target, phase_load, f"active={n}"))
 
     try:

@@ -4,6 +4,7 @@ the report and plots from a synthetic record. Fast: no vLLM, no model."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import json
 import random
@@ -11,10 +12,11 @@ import statistics
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
+from unittest.mock import Mock
 
 import httpx
 import pytest
@@ -554,3 +556,42 @@ def test_plots_from_a_synthetic_record(tmp_path: Path) -> None:
         data = (tmp_path / name).read_bytes()
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
         assert f"![{name[:-4]}]({name})" in path.read_text()
+
+
+def test_compare_warms_every_phase_with_its_own_load(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Sweep points read low unwarmed (issue 17): each phase gets a warm-up of its own
+    load, the first `warmup_s`, the later ones `phase_warmup_s`, swaps never."""
+    from loadtests import compare, servers
+
+    calls: list[tuple[str, float, tuple[str, ...], int]] = []
+
+    @contextlib.contextmanager
+    def running(launch: Any, port: int, log: Path, **_: Any) -> Iterator[Any]:
+        yield servers.Running(URL, proc=Mock(pid=1), log=log, start_seconds=0.0)
+
+    async def warm_up(target: Target, load: Workload, seconds: float, **_: Any) -> None:
+        calls.append(("warm", seconds, load.adapters, len(load.swaps)))
+
+    async def run_phase(target: Target, load: Workload, name: str, **_: Any) -> PhaseRecord:
+        calls.append((name, load.duration_s, load.adapters, len(load.swaps)))
+        return _phase(name, len(load.adapters), 10, 0.0)
+
+    monkeypatch.setattr(compare.servers, "running", running)
+    monkeypatch.setattr(compare, "warm_up", warm_up)
+    monkeypatch.setattr(compare, "run_phase", run_phase)
+    monkeypatch.setattr(compare, "PAUSE_S", 0.0)
+    main = _workload(swaps=(SwapEvent(at_s=0.1, adapter="a0", version=1),))
+    phases = [("main", main), ("active=1", replace(main.with_active(1), swaps=(), duration_s=0.2))]
+    launch = servers.Launch(name="ours", label="ours", cmd=["x"], env={})
+    system = compare.measure(
+        launch, 0, tmp_path, phases, 30.0, quiet=(99.0, 0.0), phase_warmup_s=10.0
+    )
+    assert system.error is None, system.error
+    assert calls == [
+        ("warm", 30.0, ADAPTERS, 0),
+        ("main", main.duration_s, ADAPTERS, 1),
+        ("warm", 10.0, ADAPTERS[:1], 0),
+        ("active=1", 0.2, ADAPTERS[:1], 0),
+    ]
