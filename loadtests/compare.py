@@ -1,6 +1,7 @@
 """Side-by-side comparison on one box and one model, one system after another:
 
     (d) the base model alone, through our server   (`base`)
+    (e) the base model alone, plain vLLM without LoRA (`vllm-base`)
     (a) our server, N registered / K active adapters (`ours`)
     (b) plain `vllm serve --enable-lora`, the K active names (`vllm`)
     (c) the naive transformers + PEFT server, the K active names (`peft`)
@@ -16,9 +17,10 @@ the same load, unrecorded), measured, and stopped before the next starts, so the
 share the cores. The N adapter folders are hard links to the demo's three adapters under
 distinct names (`a000`, `a001`, ...); ours pre-registers all N through the admin API, and
 its main phase runs the hot-swap schedule (`--swap-every`; 0 for none) on the most
-popular adapter. Sweep points (`--sweep`) measure ours and vLLM again with fewer active
-adapters, each after `--sweep-warmup` seconds of its own load, unrecorded. Every system sees the same request sequence (same seed), the naive one a
-shorter, lighter run (`--peft-*`).
+popular adapter. Sweep points (`--sweep`) measure ours and vLLM again with fewer or more
+active adapters (more: the next registered names join), each after `--sweep-warmup`
+seconds of its own load, unrecorded. Every system sees the same request sequence (same
+seed), the naive one a shorter, lighter run (`--peft-*`).
 
 Writes `results.json` (after every system: a crash keeps what was measured),
 `results.md`, the PNG plots and `logs/<system>.log` to `--out`.
@@ -48,7 +50,7 @@ from loadtests.report import write_report
 from loadtests.runner import Target, Workload, print_progress, run_phase, warm_up
 from loadtests.workload import LengthDist, alternating_swaps
 
-SYSTEMS = ("base", "ours", "vllm", "peft")
+SYSTEMS = ("base", "vllm-base", "ours", "vllm", "peft")
 # Not run unless named: plain vLLM with our CPU LoRA-op fix plugin left on, which tells
 # how much of a difference to plain vLLM comes from the ops alone.
 EXTRA_SYSTEMS = ("vllm-fix",)
@@ -152,6 +154,17 @@ def wait_for_quiet(below: float, at_most_s: float) -> float | None:
     return busy
 
 
+def sweep_loads(
+    load: Workload, names: Sequence[str], counts: Sequence[int], duration_s: float
+) -> list[tuple[str, Workload]]:
+    """The sweep points of `load`: the same requests over the first n of the registered
+    `names` (fewer or more than its own active ones), without hot swaps."""
+    return [
+        (f"active={n}", replace(load, adapters=tuple(names[:n]), duration_s=duration_s, swaps=()))
+        for n in counts
+    ]
+
+
 def measure(
     launch: servers.Launch,
     port: int,
@@ -236,14 +249,13 @@ def main(argv: list[str] | None = None) -> None:
         active = names[: args.adapters_active]
         active_pool = {n: pool[n] for n in active}
         main_load = workload(args, active, args.adapters_registered)
-        sweep = [n for n in args.sweep if n < len(active)]
+        sweep = [n for n in args.sweep if n != len(active) and n <= len(names)]
+        # Plain vLLM serves only the names it is started with: every one a phase uses.
+        served = {n: pool[n] for n in names[: max([len(active), *sweep])]}
         quiet = (args.quiet_below, args.quiet_wait)
 
         def sweep_phases(load: Workload) -> list[tuple[str, Workload]]:
-            return [
-                (f"active={n}", replace(load.with_active(n), duration_s=args.sweep_duration))
-                for n in sweep
-            ]
+            return sweep_loads(load, names, sweep, args.sweep_duration)
 
         for name in args.systems:
             port = servers.free_port()
@@ -294,12 +306,17 @@ def main(argv: list[str] | None = None) -> None:
                 system = measure(
                     launch, port, out, phases, args.warmup, setup, quiet, args.sweep_warmup
                 )
+            elif name == "vllm-base":
+                launch = servers.vllm(assets.base_dir, {}, port, knobs, lora_fix=False, lora=False)
+                phases = [("main", replace(main_load, adapters=(), registered=0))]
+                system = measure(launch, port, out, phases, args.warmup, quiet=quiet)
             elif name in ("vllm", "vllm-fix"):
                 launch = servers.vllm(
-                    assets.base_dir, active_pool, port, knobs, lora_fix=name == "vllm-fix"
+                    assets.base_dir, served, port, knobs, lora_fix=name == "vllm-fix"
                 )
-                # It serves the active names only (--lora-modules): that many registered.
-                load = replace(main_load, registered=len(active))
+                # It serves the names it was started with (--lora-modules): that many
+                # registered.
+                load = replace(main_load, registered=len(served))
                 phases = [("main", load), *sweep_phases(load)]
                 system = measure(
                     launch,

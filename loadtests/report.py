@@ -22,6 +22,7 @@ from loadtests.record import (
 
 BASE_SYSTEM = "base"
 VLLM_SYSTEM = "vllm"
+NO_LORA_SYSTEM = "vllm-base"
 
 
 def _s(value: float | None, scale: float = 1.0, digits: int = 2) -> str:
@@ -70,6 +71,12 @@ def results_table(record: RunRecord) -> str:
             f"| {_s(s.ttft_p99_s)} | {_ratio(s.output_tok_per_s, base)} "
             f"| {_ratio(s.output_tok_per_s, vllm)} | {_s(s.server_cores)} "
             f"| {_s(s.others_cores)}{noisy} | {_s(s.tok_per_server_cpu_s, digits=1)} |"
+        )
+    no_lora = _main_summary(record, NO_LORA_SYSTEM)
+    if base is not None and no_lora is not None:
+        lines.append(
+            "\nBase-only traffic, our LoRA-enabled server (d) against an engine without "
+            f"LoRA (e): {_ratio(base.output_tok_per_s, no_lora)} output tok/s."
         )
     return "\n".join(lines)
 

@@ -136,8 +136,16 @@ def ours(
 
 
 def vllm(
-    model: Path, adapters: dict[str, Path], port: int, knobs: EngineKnobs, *, lora_fix: bool
+    model: Path,
+    adapters: dict[str, Path],
+    port: int,
+    knobs: EngineKnobs,
+    *,
+    lora_fix: bool,
+    lora: bool = True,
 ) -> Launch:
+    """Plain `vllm serve`; `lora=False`: without LoRA at all (what a user without
+    adapters would run), the reference for base-only traffic in a LoRA-enabled server."""
     cmd = [
         sys.executable,
         "-m",
@@ -153,6 +161,18 @@ def vllm(
         knobs.dtype,
         "--max-model-len",
         str(knobs.max_model_len),
+        "--max-num-seqs",
+        str(knobs.max_num_seqs),
+        "--disable-uvicorn-access-log",
+    ]
+    if not lora:
+        env = {**knobs.env(), "LORASWAP_LORA_FIX": "0"}
+        notes = [
+            "plain `vllm serve` without --enable-lora (no LoRA code in the engine), base "
+            "traffic only; same dtype/max_num_seqs/KV cache/threads as ours"
+        ]
+        return Launch("vllm-base", "(e) base alone, vLLM without LoRA", cmd, env, notes=notes)
+    cmd += [
         "--enable-lora",
         "--max-loras",
         str(knobs.max_loras),
@@ -160,9 +180,6 @@ def vllm(
         str(knobs.max_cpu_loras),
         "--max-lora-rank",
         str(knobs.max_lora_rank),
-        "--max-num-seqs",
-        str(knobs.max_num_seqs),
-        "--disable-uvicorn-access-log",
     ]
     if adapters:
         cmd += ["--lora-modules", *(f"{n}={p}" for n, p in adapters.items())]

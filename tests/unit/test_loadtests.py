@@ -502,6 +502,7 @@ def synthetic_record() -> RunRecord:
             SystemRecord(
                 "base", "(d) base alone", phases=[_phase("main", 0, 95, 0.8, others=0.01)]
             ),
+            SystemRecord("vllm-base", "(e) base, no LoRA", phases=[_phase("main", 0, 100, 0.8)]),
             ours,
             vllm,
             SystemRecord("peft", "(c) naive PEFT", error="RuntimeError: exited with status 1"),
@@ -538,6 +539,8 @@ def test_report_from_a_synthetic_record(tmp_path: Path) -> None:
     assert "| 91.0 (noisy) |" in text
     assert "1.00×" in rows["(d) base alone"]
     assert "not measured: RuntimeError: exited with status 1" in rows["(c) naive PEFT"]
+    # base through us (191 tok/s) against the LoRA-less engine (20 * 100 + 10 in 10 s)
+    assert "against an engine without LoRA (e): 0.95× output tok/s" in main
     assert "| 20 / 1 / 1 |" in rows["(b) plain vLLM"]
     assert "## Output tok/s by number of active adapters" in text
     assert "| 1 active | 8 active |" in text.replace("0 active | ", "")
@@ -595,3 +598,17 @@ def test_compare_warms_every_phase_with_its_own_load(
         ("warm", 10.0, ADAPTERS[:1], 0),
         ("active=1", 0.2, ADAPTERS[:1], 0),
     ]
+
+
+def test_sweep_points_above_and_below_the_active_adapters() -> None:
+    from loadtests.compare import sweep_loads
+
+    names = [f"a{i:03d}" for i in range(10)]
+    main = _workload(
+        adapters=tuple(names[:4]), swaps=(SwapEvent(at_s=1, adapter="a000", version=1),)
+    )
+    points = sweep_loads(main, names, [1, 8], 5.0)
+    assert [name for name, _ in points] == ["active=1", "active=8"]
+    assert [p.adapters for _, p in points] == [tuple(names[:1]), tuple(names[:8])]
+    assert all(p.swaps == () and p.duration_s == 5.0 for _, p in points)
+    assert all(p.seed == main.seed and p.popularity == main.popularity for _, p in points)
