@@ -29,6 +29,7 @@ from http import HTTPStatus
 from typing import Any
 
 from fastapi import Request
+from pydantic import ValidationError
 from vllm.entrypoints.launchers.cli_args import (
     make_arg_parser,
     resolve_default_chat_template_kwargs,
@@ -367,6 +368,8 @@ class OpenAILayer:
             **common,
         )
         renderer.warmup()
+        self._renderer = renderer
+        self._trust_request_chat_template = bool(args.trust_request_chat_template)
         outputs: dict[str, Any] = dict(
             return_tokens_as_token_ids=args.return_tokens_as_token_ids,
             enable_prompt_tokens_details=args.enable_prompt_tokens_details,
@@ -411,6 +414,39 @@ class OpenAILayer:
             default_chat_template_kwargs=template_kwargs,
             trust_request_chat_template=args.trust_request_chat_template,
         )
+
+    def check_defaults(self, values: dict[str, Any]) -> ChatCompletionRequest:
+        """A version's serving defaults (`system_prompt` and request fields), checked as
+        vLLM checks a request's own fields: its request model (types), its sampling
+        parameters' bounds, its per-request chat template policy. The chat request they
+        make is returned: its fields are the values as vLLM parsed them, and our own
+        caps are checked on it (server/serving.py). Raises InvalidRequest naming the field.
+        """
+        fields = {k: v for k, v in values.items() if k != "system_prompt"}
+        messages: list[dict[str, Any]] = [{"role": "user", "content": "."}]
+        if "system_prompt" in values:
+            messages.insert(0, {"role": "system", "content": values["system_prompt"]})
+        try:
+            req = ChatCompletionRequest(messages=messages, **fields)
+            # vars: the deprecated max_tokens, read without a warning.
+            req.to_sampling_params(vars(req).get("max_tokens") or 1, {})
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            name = str(error["loc"][0]) if error["loc"] else None
+            param = "system_prompt" if name == "messages" else name
+            raise InvalidRequest(f"{param}: {error['msg']}", param=param) from None
+        except VLLMValidationError as exc:
+            raise InvalidRequest(str(exc.args[0]), param=exc.parameter) from None
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        refused = self._renderer.validate_chat_template(
+            request_chat_template=req.chat_template,
+            chat_template_kwargs=None,
+            trust_request_chat_template=self._trust_request_chat_template,
+        )
+        if refused is not None:
+            raise InvalidRequest(refused.error.message, param="chat_template")
+        return req
 
     # -- the routes' work ----------------------------------------------------------------
 
