@@ -29,7 +29,7 @@ from http import HTTPStatus
 from typing import Any
 
 from fastapi import Request
-from pydantic import ValidationError
+from pydantic import ValidationError, ValidatorFunctionWrapHandler, model_validator
 from vllm.entrypoints.launchers.cli_args import (
     make_arg_parser,
     resolve_default_chat_template_kwargs,
@@ -39,7 +39,8 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionResponse,
 )
 from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
-from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest as _CompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionResponse
 from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
 from vllm.entrypoints.openai.models.protocol import BaseModelPath
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
@@ -92,6 +93,22 @@ __all__ = [
     "as_server_error",
     "vllm_args",
 ]
+
+
+class CompletionRequest(_CompletionRequest):
+    """vLLM's, except that `model_fields_set` says whether the client sent max_tokens:
+    vLLM's own validator writes OpenAI's default (16) into the request's data, so the
+    field looks sent; a version's serving default (server/serving.py) must tell."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _max_tokens_sent(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        sent = isinstance(data, dict) and data.get("max_tokens") is not None
+        request = handler(data)
+        if not sent:
+            request.model_fields_set.discard("max_tokens")
+        return request
+
 
 # Parameters that vLLM's context-length checks name (VLLMValidationError.parameter).
 _CONTEXT_PARAMS = frozenset({"input_tokens", "input_text"})
@@ -429,12 +446,17 @@ class OpenAILayer:
         try:
             req = ChatCompletionRequest(messages=messages, **fields)
             # vars: the deprecated max_tokens, read without a warning.
-            req.to_sampling_params(vars(req).get("max_tokens") or 1, {})
+            max_tokens = vars(req).get("max_tokens")
+            req.to_sampling_params(1 if max_tokens is None else max_tokens, {})
         except ValidationError as exc:
-            error = exc.errors()[0]
-            name = str(error["loc"][0]) if error["loc"] else None
+            errors = exc.errors()
+            name = str(errors[0]["loc"][0]) if errors[0]["loc"] else None
             param = "system_prompt" if name == "messages" else name
-            raise InvalidRequest(f"{param}: {error['msg']}", param=param) from None
+            # A union type (stop: a string or a list) fails once per alternative.
+            why = " or ".join(
+                dict.fromkeys(e["msg"] for e in errors if e["loc"][:1] == errors[0]["loc"][:1])
+            )
+            raise InvalidRequest(f"{param}: {why}", param=param) from None
         except VLLMValidationError as exc:
             raise InvalidRequest(str(exc.args[0]), param=exc.parameter) from None
         except ValueError as exc:
