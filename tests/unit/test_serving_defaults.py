@@ -5,20 +5,26 @@ what a request gets, and which header says so."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import typer
 from fastapi.testclient import TestClient
+from typer.testing import CliRunner
 
+from clients import BadRequestError, Client, ServingDefaults
 from server.app import create_app
+from server.cli_admin import make_adapters_app
 from server.serving import DEFAULTS_HEADER
 from tests.adapters import make_adapter
 from tests.databases import registry_settings
 from tests.fakes import FakeEngine, chat_prompt_ids, prompt_ids
 from tests.unit.test_admin import AUTH, settings
+from tests.unit.test_client import ADMIN_KEY, HI, URL, Server
+from tests.unit.test_sources_push import checkpoint
 
 SYSTEM = "You are a pirate. Answer like one."
 SAMPLING = {
@@ -321,3 +327,115 @@ def test_an_alias_arm_gets_the_defaults_of_its_version(
         else:
             assert applied(r) == []
     assert seen == {"pirate@1", "pirate@2"}
+
+
+# -- the Python client and the CLI -------------------------------------------------------
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Server:
+    return Server(tmp_path)
+
+
+@pytest.fixture
+def transport(server: Server) -> Iterator[httpx.BaseTransport]:
+    with server.running() as transport:
+        yield transport
+
+
+@pytest.fixture
+def api(transport: httpx.BaseTransport) -> Iterator[Client]:
+    with Client(URL, admin_key=ADMIN_KEY, transport=transport, sleep=lambda _: None) as c:
+        yield c
+
+
+def test_the_client_registers_defaults_and_reads_the_header(
+    api: Client, server: Server, tmp_path: Path
+) -> None:
+    defaults: ServingDefaults = {"system_prompt": SYSTEM, "max_tokens": 3}
+    adapter = api.register_adapter("pirate", str(server.adapter("p1", seed=1)), defaults=defaults)
+    assert adapter["versions"][0]["defaults"] == defaults
+    reply = api.chat("pirate", HI)
+    assert reply.served_by.defaults_applied == ("system_prompt", "max_tokens")
+    assert reply.body["usage"]["completion_tokens"] == 3
+    with api.chat_stream("pirate", HI, max_tokens=2) as stream:
+        assert stream.served_by.defaults_applied == ("system_prompt",)
+        list(stream)
+    v2 = api.add_version("pirate", str(server.adapter("p2", seed=2)), defaults={"top_p": 0.5})
+    assert v2["defaults"] == {"top_p": 0.5}
+    local = make_adapter(tmp_path / "local" / "p3", seed=3)
+    v3 = api.upload_version("pirate", local, defaults={"temperature": 0})
+    assert v3["defaults"] == {"temperature": 0.0}
+    assert api.completions("pirate", "Once", max_tokens=2).served_by.defaults_applied == (
+        "temperature",
+    )
+    up = api.upload_adapter("up", local, defaults={"stop": ["\n"]})
+    assert up["versions"][0]["defaults"] == {"stop": ["\n"]}
+    assert api.add_version("pirate", str(server.adapter("p1", seed=1)))["defaults"] is None
+    assert api.chat("pirate", HI, max_tokens=1).served_by.defaults_applied == ()
+    with pytest.raises(BadRequestError) as raised:
+        api.add_version("pirate", str(server.adapter("p4", seed=4)), defaults={"top_k": 5})
+    assert raised.value.param == "defaults.top_k"
+
+
+@pytest.fixture
+def cli(transport: httpx.BaseTransport) -> Callable[..., Any]:
+    def connect(url: str, admin_key: str | None) -> Client:
+        return Client(url, admin_key=admin_key, transport=transport, sleep=lambda _: None)
+
+    app = typer.Typer()
+    app.add_typer(make_adapters_app(connect), name="adapters")
+    env = {"LORASWAP_URL": URL, "LORASWAP_ADMIN_KEY": ADMIN_KEY, "COLUMNS": "250"}
+
+    def run(*args: str, code: int = 0) -> Any:
+        result = CliRunner().invoke(app, ["adapters", *args], env=env)
+        assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
+        return result
+
+    return run
+
+
+def test_the_cli_takes_a_defaults_file_and_flags(
+    cli: Callable[..., Any], api: Client, server: Server, tmp_path: Path
+) -> None:
+    given = tmp_path / "defaults.json"
+    given.write_text(json.dumps({"system_prompt": "Arr.", "temperature": 0.5}))
+    cli(
+        "register",
+        "pirate",
+        str(server.adapter("p1", seed=1)),
+        "--defaults",
+        str(given),
+        "--default",
+        "temperature=0",
+        "--default",
+        "system_prompt=You are a pirate.",
+    )
+    # The flags over the file; VALUE as JSON when it is JSON, else text.
+    expected = {"system_prompt": "You are a pirate.", "temperature": 0.0}
+    assert api.get_adapter("pirate")["versions"][0]["defaults"] == expected
+    show = cli("show", "pirate").stdout
+    assert "system_prompt,temperature" in show
+    local = make_adapter(tmp_path / "local" / "p2", seed=2)
+    cli("add-version", "pirate", str(local), "--upload", "--default", "max_tokens=4")
+    assert api.get_adapter("pirate")["versions"][1]["defaults"] == {"max_tokens": 4}
+    run = checkpoint(tmp_path / "out" / "checkpoint-500", seed=3)
+    assert "pushed pirate v3" in cli("push", str(run), "pirate", "--defaults", str(given)).stdout
+    run = checkpoint(tmp_path / "out" / "checkpoint-9", seed=4)
+    cli("push", str(run), "formal", "--default", 'stop=["x"]')
+    assert api.get_adapter("formal")["versions"][0]["defaults"] == {"stop": ["x"]}
+    assert [v["defaults"] for v in api.get_adapter("pirate")["versions"]] == [
+        expected,
+        {"max_tokens": 4},
+        {"system_prompt": "Arr.", "temperature": 0.5},
+    ]
+
+    # Refused in one line, nothing registered: a bad file, a bad flag, the server's 400.
+    given.write_text("[1]")
+    result = cli("register", "x", str(server.adapter("x")), "--defaults", str(given), code=1)
+    assert "must be a JSON object" in result.stderr
+    result = cli("register", "x", str(server.adapter("x")), "--default", "temperature", code=1)
+    assert "KEY=VALUE" in result.stderr
+    result = cli("push", str(run), "x", "--default", "temperature=9", code=1)
+    assert "[0, 2]" in result.stderr and "invalid_defaults" in result.stderr
+    assert [a["name"] for a in api.list_adapters()] == ["formal", "pirate"]
