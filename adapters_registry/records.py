@@ -2,9 +2,49 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
 
 from adapters_registry.digest import content_digest
+
+
+@dataclass(frozen=True)
+class ServingDefaults:
+    """What a version's requests get for the fields they do not send: the behaviour a
+    customer bought with the adapter, rolled back with it. None = no default.
+
+    server/serving.py validates them (vLLM's own request model and bounds, our caps) and
+    applies them; the registry only keeps them.
+    """
+
+    system_prompt: str | None = None  # a system message when the conversation has none
+    temperature: float | None = None
+    top_p: float | None = None
+    max_tokens: int | None = None
+    stop: str | tuple[str, ...] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    chat_template: str | None = None
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+    def as_dict(self) -> dict[str, Any]:
+        """The defaults that are set, JSON-ready, in declaration order."""
+        out: dict[str, Any] = {}
+        for name in self.names():
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = list(value) if isinstance(value, tuple) else value
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> ServingDefaults:
+        """From `as_dict`'s output (as stored: already validated)."""
+        stop = data.get("stop")
+        return cls(**{**data, "stop": tuple(stop) if isinstance(stop, list) else stop})
 
 
 @dataclass(frozen=True)
@@ -23,6 +63,8 @@ class VersionRecord:
     # Digest of the config fields that change the math (validate.config_digest); None
     # for versions registered before configs were pinned.
     config_sha256: str | None = None
+    # What its requests get for the fields they do not send (None: nothing).
+    defaults: ServingDefaults | None = None
 
     @property
     def content_digest(self) -> str:

@@ -39,6 +39,7 @@ from adapters_registry.records import (
     AdapterRecord,
     AliasRecord,
     KeyRecord,
+    ServingDefaults,
     TenantRecord,
     Variant,
     VersionRecord,
@@ -86,6 +87,7 @@ class _Placement:
     owner: str | None
     shared: bool
     discovered: bool = False
+    defaults: ServingDefaults | None = None
 
 
 class Registry:
@@ -202,14 +204,16 @@ class Registry:
         owner: str | None = None,
         shared: bool = False,
         discovered: bool = False,
+        defaults: ServingDefaults | None = None,
     ) -> VersionRecord:
-        """Validate the adapter at `source` and record it as a new version of `name`.
+        """Validate the adapter at `source` and record it as a new version of `name`,
+        with its serving `defaults` (validated by the caller: server/serving.py).
 
         `create` registers a new adapter (owned by tenant `owner`, usable by every tenant
         when `shared`; `discovered`: by folder discovery, so it follows its folder);
         otherwise the version is added to the existing one.
         """
-        how = _Placement(create, make_current, owner, shared, discovered)
+        how = _Placement(create, make_current, owner, shared, discovered, defaults)
         check_name(name)
         sha256 = _checked_sha(sha256, name)
         self._precheck(name, how)
@@ -232,9 +236,10 @@ class Registry:
         make_current: bool = True,
         owner: str | None = None,
         shared: bool = False,
+        defaults: ServingDefaults | None = None,
     ) -> VersionRecord:
         """Like `register`, from uploaded adapter_config.json + adapter_model.safetensors."""
-        how = _Placement(create, make_current, owner, shared)
+        how = _Placement(create, make_current, owner, shared, defaults=defaults)
         check_name(name)
         sha256 = _checked_sha(sha256, name)
         self._precheck(name, how)
@@ -329,6 +334,7 @@ class Registry:
                 owner=how.owner,
                 shared=how.shared,
                 discovered=how.discovered,
+                defaults=how.defaults,
             )
             self._refresh_adapter(spec.name)
         return record

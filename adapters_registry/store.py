@@ -31,13 +31,14 @@ from adapters_registry.records import (
     AdapterRecord,
     AliasRecord,
     KeyRecord,
+    ServingDefaults,
     TenantRecord,
     Variant,
     VersionRecord,
 )
 from adapters_registry.spec import AdapterSpec
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 # BIGINT and DOUBLE PRECISION, not INTEGER and REAL: the same affinities in SQLite, while
 # PostgreSQL's INTEGER is 32-bit (sizes, quotas) and REAL a 32-bit float (timestamps
 # to ~2 minutes).
@@ -118,6 +119,9 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     ),
     # A/B experiments: the exposure log, feedback, guardrails (adapters_registry/experiments.py).
     4: EXPERIMENTS_MIGRATION,
+    # A version's serving defaults (records.ServingDefaults), a JSON object; NULL: none
+    # (every version registered before).
+    5: ("ALTER TABLE versions ADD COLUMN defaults TEXT",),
 }
 
 
@@ -176,9 +180,11 @@ class Store:
         owner: str | None = None,
         shared: bool = False,
         discovered: bool = False,
+        defaults: ServingDefaults | None = None,
     ) -> VersionRecord:
-        """Record a validated version; `create` registers the adapter itself too
-        (`discovered`: by folder discovery, so that it follows its folder)."""
+        """Record a validated version, with its serving `defaults`; `create` registers
+        the adapter itself too (`discovered`: by folder discovery, so that it follows its
+        folder)."""
         now = time.time()
         with self._write() as db:
             exists = db.execute(
@@ -207,8 +213,8 @@ class Store:
             number = max(1 if row is None else int(row[0]), 1 if create else int(exists[0]))
             db.execute(
                 "INSERT INTO versions (adapter, version, sha256, size_bytes, rank, alpha, "
-                "target_modules, base_model, source, path, created_at, config_sha256) "
-                "VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                "target_modules, base_model, source, path, created_at, config_sha256, "
+                "defaults) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     spec.name,
                     number,
@@ -222,6 +228,7 @@ class Store:
                     path,
                     now,
                     spec.config_sha256,
+                    None if defaults is None else json.dumps(defaults.as_dict()),
                 ),
             )
             db.execute(
@@ -499,7 +506,7 @@ def _require_version(db: Connection, name: str, version: int) -> int | None:
 _ADAPTER_COLUMNS = "name, current_version, pinned, created_at, owner, shared, discovered"
 _VERSION_COLUMNS = (
     "adapter, version, sha256, size_bytes, rank, alpha, target_modules, base_model, source, "
-    "path, created_at, config_sha256"
+    "path, created_at, config_sha256, defaults"
 )
 _ALIAS_COLUMNS = "name, variants, created_at, updated_at, owner, shared"
 
@@ -532,6 +539,7 @@ def _version(v: tuple[object, ...]) -> VersionRecord:
         path=str(v[9]),
         created_at=float(str(v[10])),
         config_sha256=None if v[11] is None else str(v[11]),
+        defaults=None if v[12] is None else ServingDefaults.from_dict(json.loads(str(v[12]))),
     )
 
 

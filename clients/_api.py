@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import abc
 import inspect
+import json
 import uuid
 from collections.abc import Callable, Coroutine, Mapping, Sequence
 from contextlib import ExitStack
@@ -44,6 +45,7 @@ from clients.types import (
     ModelInfo,
     NewApiKey,
     ProgressCallback,
+    ServingDefaults,
     TenantInfo,
     VersionInfo,
     WarmedAdapter,
@@ -403,13 +405,22 @@ class Endpoints:
         *,
         owner: str | None = None,
         shared: bool = False,
+        defaults: ServingDefaults | None = None,
     ) -> Op[AdapterInfo]:
         """Register adapter `name` as version 1 from `source`: a path inside the server's
         allowed roots (as the server sees it) or an http(s) URL of a PEFT folder.
 
         `owner`: the tenant it belongs to (None: the operator's); `shared`: every tenant
-        may use it. Otherwise only its owner can name it (see `set_access`)."""
-        body = {"name": name, "source": source, "sha256": sha256, **_access(owner, shared)}
+        may use it. Otherwise only its owner can name it (see `set_access`). `defaults`:
+        the version's serving defaults, e.g. `{"system_prompt": ..., "temperature": 0}`,
+        given to its requests that do not send those fields."""
+        body = {
+            "name": name,
+            "source": source,
+            "sha256": sha256,
+            **_access(owner, shared),
+            **_defaults(defaults),
+        }
         return Op(_create("/admin/adapters", json=body), json_body)
 
     @endpoint
@@ -422,21 +433,41 @@ class Endpoints:
         *,
         owner: str | None = None,
         shared: bool = False,
+        defaults: ServingDefaults | None = None,
     ) -> Op[AdapterInfo]:
         """Register adapter `name` as version 1 from local files, uploaded: a PEFT folder
         or `{"adapter_config": path, "adapter_model": path}`. `progress(sent, total)`
-        follows the bytes sent. `owner` and `shared` as in `register_adapter`."""
-        form = _form(name=name, sha256=sha256, owner=owner, shared="true" if shared else None)
+        follows the bytes sent. `owner`, `shared` and `defaults` as in
+        `register_adapter`."""
+        form = _form(
+            name=name,
+            sha256=sha256,
+            owner=owner,
+            shared="true" if shared else None,
+            defaults=_defaults_form(defaults),
+        )
         files = upload_files(folder_or_files, progress)
         return Op(_create("/admin/adapters/upload", form=form, files=files), json_body)
 
     @endpoint
     def add_version(
-        self, name: str, source: str, sha256: str | None = None, make_current: bool = True
+        self,
+        name: str,
+        source: str,
+        sha256: str | None = None,
+        make_current: bool = True,
+        *,
+        defaults: ServingDefaults | None = None,
     ) -> Op[VersionInfo]:
-        """Add the next version of `name` from `source`. It serves new requests at once,
-        unless `make_current=False` (staged: set it current later)."""
-        body = {"source": source, "sha256": sha256, "make_current": make_current}
+        """Add the next version of `name` from `source`, with its serving `defaults` (as
+        in `register_adapter`: a version has only its own). It serves new requests at
+        once, unless `make_current=False` (staged: set it current later)."""
+        body = {
+            "source": source,
+            "sha256": sha256,
+            "make_current": make_current,
+            **_defaults(defaults),
+        }
         return Op(_create(f"/admin/adapters/{segment(name)}/versions", json=body), json_body)
 
     @endpoint
@@ -447,9 +478,13 @@ class Endpoints:
         sha256: str | None = None,
         make_current: bool = True,
         progress: ProgressCallback | None = None,
+        *,
+        defaults: ServingDefaults | None = None,
     ) -> Op[VersionInfo]:
         """Add the next version of `name` from local files, uploaded (see `upload_adapter`)."""
-        form = _form(sha256=sha256, make_current=_bool(make_current))
+        form = _form(
+            sha256=sha256, make_current=_bool(make_current), defaults=_defaults_form(defaults)
+        )
         files = upload_files(folder_or_files, progress)
         path = f"/admin/adapters/{segment(name)}/versions/upload"
         return Op(_create(path, form=form, files=files), json_body)
@@ -625,6 +660,15 @@ def _access(owner: str | None, shared: bool) -> JSON:
         **({"owner": owner} if owner is not None else {}),
         **({"shared": True} if shared else {}),
     }
+
+
+def _defaults(defaults: ServingDefaults | None) -> JSON:
+    # Sent only when given: the same bodies as before versions had defaults.
+    return {} if not defaults else {"defaults": dict(defaults)}
+
+
+def _defaults_form(defaults: ServingDefaults | None) -> str | None:
+    return None if not defaults else json.dumps(defaults)
 
 
 def _prompt(prompt: str | Sequence[int]) -> str | list[int]:

@@ -164,6 +164,7 @@ _BY_STATUS: dict[int, type[APIStatusError]] = {
 # against the server's table, both ways.
 _STATUS_BY_CODE = {
     "context_length_exceeded": 400,
+    "invalid_defaults": 400,
     "invalid_source": 400,
     # invalid_api_key is not here: 401 for a tenant key, 403 for an admin key; `type` tells.
     "missing_api_key": 401,

@@ -20,6 +20,20 @@ ProgressCallback = Callable[[int, int], None]
 the count starts again from zero."""
 
 
+class ServingDefaults(TypedDict, total=False):
+    """A version's serving defaults: what its requests get for the fields they do not
+    send (a system prompt when the conversation has none, sampling settings)."""
+
+    system_prompt: str
+    temperature: float
+    top_p: float
+    max_tokens: int
+    stop: str | list[str]
+    presence_penalty: float
+    frequency_penalty: float
+    chat_template: str
+
+
 class VersionInfo(TypedDict):
     """One immutable version of an adapter."""
 
@@ -33,6 +47,7 @@ class VersionInfo(TypedDict):
     base_model: str
     source: str  # the path or URL it was registered from, or "upload"
     created_at: float  # Unix time
+    defaults: ServingDefaults | None  # None: none
 
 
 class VersionState(VersionInfo):
@@ -165,7 +180,8 @@ class ServedBy:
     """What served an inference request, from the response headers.
 
     `adapter`/`adapter_version` are None for the base model; `alias`/`alias_variant` are
-    set when the request named an alias (`alias_variant` is `name` or `name@N`).
+    set when the request named an alias (`alias_variant` is `name` or `name@N`);
+    `defaults_applied` names the version's serving defaults the request was given.
     """
 
     request_id: str | None = None
@@ -173,17 +189,21 @@ class ServedBy:
     adapter_version: int | None = None
     alias: str | None = None
     alias_variant: str | None = None
+    defaults_applied: tuple[str, ...] = ()
 
     @classmethod
     def from_headers(cls, headers: Mapping[str, str]) -> ServedBy:
-        """Read the `x-request-id`, `x-adapter(-version)` and `x-alias(-variant)` headers."""
+        """Read the `x-request-id`, `x-adapter(-version)`, `x-alias(-variant)` and
+        `x-adapter-defaults` headers."""
         version = headers.get("x-adapter-version")
+        defaults = headers.get("x-adapter-defaults")
         return cls(
             request_id=headers.get("x-request-id"),
             adapter=headers.get("x-adapter"),
             adapter_version=int(version) if version and version.isdigit() else None,
             alias=headers.get("x-alias"),
             alias_variant=headers.get("x-alias-variant"),
+            defaults_applied=tuple(defaults.split(",")) if defaults else (),
         )
 
 

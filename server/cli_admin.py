@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar, cast
 
 import typer
 from rich.console import Console
@@ -47,6 +47,7 @@ from clients import (
     LoraswapError,
     NotFoundError,
     ProgressCallback,
+    ServingDefaults,
     TenantInfo,
     VersionInfo,
 )
@@ -105,6 +106,25 @@ TokensPerMinute = Annotated[
     ),
 ]
 Yes = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+DefaultsFile = Annotated[
+    Path | None,
+    typer.Option(
+        "--defaults",
+        help="The version's serving defaults: a JSON file, e.g. "
+        '{"system_prompt": "...", "temperature": 0, "max_tokens": 256}.',
+        show_default=False,
+    ),
+]
+DefaultItems = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--default",
+        help="One serving default, KEY=VALUE (VALUE as JSON, else text), e.g. "
+        "--default temperature=0 --default system_prompt='You are a pirate.'; "
+        "over --defaults. Repeatable.",
+        show_default=False,
+    ),
+]
 
 out = Console(highlight=False)
 err = Console(stderr=True, highlight=False)
@@ -194,13 +214,16 @@ def make_adapters_app(connect: ClientFactory = default_client) -> typer.Typer:
         sha256: Sha256 = None,
         owner: Owner = None,
         shared: Shared = False,
+        defaults_file: DefaultsFile = None,
+        default: DefaultItems = None,
         url: Url = DEFAULT_URL,
         admin_key: AdminKey = None,
     ) -> None:
         """Register an adapter (version 1) from a path the server can read, or a URL."""
         with _session(connect, url, admin_key) as client:
+            defaults = _defaults(defaults_file, default)
             adapter = client.register_adapter(
-                name, source, sha256=sha256, owner=owner, shared=shared
+                name, source, sha256=sha256, owner=owner, shared=shared, defaults=defaults
             )
         out.print(f"registered {_describe(adapter['versions'][-1])}, {_access(adapter)}")
 
@@ -216,14 +239,24 @@ def make_adapters_app(connect: ClientFactory = default_client) -> typer.Typer:
         sha256: Sha256 = None,
         owner: Owner = None,
         shared: Shared = False,
+        defaults_file: DefaultsFile = None,
+        default: DefaultItems = None,
         url: Url = DEFAULT_URL,
         admin_key: AdminKey = None,
     ) -> None:
         """Register an adapter (version 1) by uploading a local folder."""
-        with _session(connect, url, admin_key) as client, _progress(f"uploading {name}") as bar:
-            adapter = client.upload_adapter(
-                name, folder, sha256=sha256, progress=bar, owner=owner, shared=shared
-            )
+        with _session(connect, url, admin_key) as client:
+            defaults = _defaults(defaults_file, default)
+            with _progress(f"uploading {name}") as bar:
+                adapter = client.upload_adapter(
+                    name,
+                    folder,
+                    sha256=sha256,
+                    progress=bar,
+                    owner=owner,
+                    shared=shared,
+                    defaults=defaults,
+                )
         out.print(f"uploaded {_describe(adapter['versions'][-1])}, {_access(adapter)}")
 
     @app.command("add-version")
@@ -237,18 +270,29 @@ def make_adapters_app(connect: ClientFactory = default_client) -> typer.Typer:
             bool, typer.Option("--upload", help="Upload SOURCE, a local folder.")
         ] = False,
         stage: Annotated[bool, typer.Option("--stage", help="Do not make it current yet.")] = False,
+        defaults_file: DefaultsFile = None,
+        default: DefaultItems = None,
         url: Url = DEFAULT_URL,
         admin_key: AdminKey = None,
     ) -> None:
-        """Add the next version of an adapter; it serves new requests at once unless --stage."""
+        """Add the next version of an adapter; it serves new requests at once unless --stage.
+        Serving defaults belong to a version: give them again for each one."""
         with _session(connect, url, admin_key) as client:
+            defaults = _defaults(defaults_file, default)
             if upload:
                 with _progress(f"uploading {name}") as bar:
                     version = client.upload_version(
-                        name, source, sha256=sha256, make_current=not stage, progress=bar
+                        name,
+                        source,
+                        sha256=sha256,
+                        make_current=not stage,
+                        progress=bar,
+                        defaults=defaults,
                     )
             else:
-                version = client.add_version(name, source, sha256=sha256, make_current=not stage)
+                version = client.add_version(
+                    name, source, sha256=sha256, make_current=not stage, defaults=defaults
+                )
         out.print(f"added {_describe(version)}" + (" (staged)" if stage else " (current)"))
 
     @app.command("push")
@@ -272,12 +316,16 @@ def make_adapters_app(connect: ClientFactory = default_client) -> typer.Typer:
         stage: Annotated[bool, typer.Option("--stage", help="Do not make it current yet.")] = False,
         owner: Owner = None,
         shared: Shared = False,
+        defaults_file: DefaultsFile = None,
+        default: DefaultItems = None,
         url: Url = DEFAULT_URL,
         admin_key: AdminKey = None,
     ) -> None:
         """From a training run to a served version: check the adapter here (the server's
-        checks), upload it as the next version of NAME (or as a new adapter), and print
-        how to call it."""
+        checks), upload it as the next version of NAME (or as a new adapter), with its
+        serving defaults if given, and print how to call it."""
+        with _session(connect, url, admin_key):  # a bad defaults file: one line, exit 1
+            defaults = _defaults(defaults_file, default)
         spec = _preflight(folder, name, base)
         out.print(
             f"checked {folder}: rank {spec.rank}, targets {', '.join(spec.target_modules)}, "
@@ -293,11 +341,22 @@ def make_adapters_app(connect: ClientFactory = default_client) -> typer.Typer:
             with _progress(f"uploading {name}") as bar:
                 if exists:
                     version = client.upload_version(
-                        name, files, sha256=spec.sha256, make_current=not stage, progress=bar
+                        name,
+                        files,
+                        sha256=spec.sha256,
+                        make_current=not stage,
+                        progress=bar,
+                        defaults=defaults,
                     )
                 else:
                     adapter = client.upload_adapter(
-                        name, files, sha256=spec.sha256, progress=bar, owner=owner, shared=shared
+                        name,
+                        files,
+                        sha256=spec.sha256,
+                        progress=bar,
+                        owner=owner,
+                        shared=shared,
+                        defaults=defaults,
                     )
                     version = adapter["versions"][-1]
         state = "staged: `loraswap adapters set-current` serves it" if stage else "current"
@@ -630,6 +689,30 @@ def parse_variants(items: Sequence[str]) -> dict[str, int]:
 # -- rendering -------------------------------------------------------------------------
 
 
+def _defaults(path: Path | None, items: Sequence[str] | None) -> ServingDefaults | None:
+    """--defaults FILE (a JSON object), then each --default KEY=VALUE over it. Checked
+    by the server (which knows the bounds): a bad one is its 400, and nothing registered.
+    Raises ValueError or OSError (one line from _session)."""
+    defaults: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}: not JSON ({exc})") from None
+        if not isinstance(loaded, dict):
+            raise ValueError(f"{path}: serving defaults must be a JSON object")
+        defaults.update(loaded)
+    for item in items or ():
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--default {item!r}: expected KEY=VALUE")
+        try:
+            defaults[key] = json.loads(text)
+        except json.JSONDecodeError:
+            defaults[key] = text  # plain text, e.g. a system prompt
+    return cast(ServingDefaults, defaults) if defaults else None
+
+
 def _preflight(folder: Path, name: str, base: Path | None) -> AdapterSpec:
     """The server's checks, here: a refused adapter never leaves the machine."""
     from adapters_registry.base_model import BaseModelShapes
@@ -676,7 +759,16 @@ def _adapters_table(adapters: Sequence[AdapterInfo]) -> Table:
 
 def _versions_table(adapter: AdapterInfo) -> Table:
     table = Table(
-        "version", "sha256", "size", "rank", "alpha", "targets", "loaded", "source", "created"
+        "version",
+        "sha256",
+        "size",
+        "rank",
+        "alpha",
+        "targets",
+        "defaults",
+        "loaded",
+        "source",
+        "created",
     )
     for v in adapter["versions"]:
         current = v["version"] == adapter["current_version"]
@@ -687,6 +779,7 @@ def _versions_table(adapter: AdapterInfo) -> Table:
             str(v["rank"]),
             f"{v['alpha']:g}",
             ",".join(v["target_modules"]),
+            ",".join(v.get("defaults") or ()),  # the names: `--json` shows the values
             (f"yes ({v['running']} running)" if v["running"] else "yes") if v["loaded"] else "",
             v["source"],
             _time(v["created_at"]),

@@ -2,7 +2,8 @@
 
     ServerError
     ├── InvalidRequest           400  a parameter is wrong (names the param)
-    │   └── ContextLengthExceeded 400 prompt + max_tokens do not fit the context
+    │   ├── ContextLengthExceeded 400 prompt + max_tokens do not fit the context
+    │   └── InvalidDefaults       400 a version's serving defaults are not valid
     ├── Unauthorized             401  no credentials where they are required
     │   └── InvalidApiKey        401  an API key that is not valid
     ├── Forbidden                403  credentials given but not good for this
@@ -47,6 +48,10 @@ class InvalidRequest(ServerError):
 
 
 class ContextLengthExceeded(InvalidRequest):
+    pass
+
+
+class InvalidDefaults(InvalidRequest):
     pass
 
 
@@ -114,6 +119,7 @@ _INVALID = "invalid_request_error"
 # Most specific class first: lookup walks the exception's MRO.
 ERROR_TABLE: dict[type[Exception], ErrorKind] = {
     ContextLengthExceeded: ErrorKind(400, _INVALID, "context_length_exceeded"),
+    InvalidDefaults: ErrorKind(400, _INVALID, "invalid_defaults"),
     InvalidRequest: ErrorKind(400, _INVALID, None),
     Unauthorized: ErrorKind(401, "authentication_error", "missing_api_key"),
     AdminDisabled: ErrorKind(403, "permission_error", "admin_disabled"),

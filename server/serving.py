@@ -6,7 +6,8 @@ request that will be refused:
 1. our caps on parameters (max_tokens, n, stop strings, prompts per request) and the
    parameters that cannot take effect here (400 naming them, never silently dropped);
 2. the model name resolved to base / adapter version / alias arm, with tenant access
-   (a private name of another tenant is the 404 of a name that does not exist);
+   (a private name of another tenant is the 404 of a name that does not exist), and
+   that version's serving defaults filled in for the fields the request did not send;
 3. admission: the server's bound on requests in flight, the tenant's concurrency and
    token quota (the prompt's tokens are reserved once vLLM has tokenized them, still
    before the engine sees the request: server/engine/openai_layer.py);
@@ -28,10 +29,18 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from adapters_registry.records import TenantRecord
+from adapters_registry.records import ServingDefaults, TenantRecord
 from server.adapters import AdapterRouter, Lease, Target
-from server.engine.openai_layer import Answer, OpenAILayer, RequestScope, Usage
-from server.errors import InvalidRequest
+from server.engine.openai_layer import (
+    Answer,
+    ChatCompletionRequest,
+    CompletionRequest,
+    OpenAILayer,
+    RequestScope,
+    ResponsesRequest,
+    Usage,
+)
+from server.errors import InvalidDefaults, InvalidRequest
 from server.metrics import RequestInfo
 from server.quotas import Quotas
 
@@ -40,6 +49,13 @@ _MAX_STOP = 4  # stop strings, as OpenAI
 _DISCONNECT_POLL_S = 0.2
 # vLLM reads these headers to override a request's scheduling; here the server decides.
 _REFUSED_HEADERS = ("x-vllm-priority", "x-data-parallel-rank")
+# The response header naming the serving defaults a request got (README: Adapters).
+DEFAULTS_HEADER = "x-adapter-defaults"
+# The request fields that, sent, make a serving default the request's own (the first one
+# the request type has is the one a default fills); any other default fills its namesake.
+_DEFAULT_FIELDS = {"max_tokens": ("max_tokens", "max_completion_tokens", "max_output_tokens")}
+# Roles that set a conversation's instructions: with one, no system prompt is added.
+_SYSTEM_ROLES = frozenset({"system", "developer"})
 
 
 @dataclass(frozen=True)
@@ -84,6 +100,7 @@ class Gateway:
         target = await self._router.resolve(
             body.model or self._router.base_name, caller.user, caller.tenant_name
         )
+        applied = self._apply_defaults(body, target)
         info: RequestInfo | None = getattr(request.state, "info", None)
         if info is not None:
             _describe(info, target, caller, _response_id(body, request))
@@ -119,7 +136,7 @@ class Gateway:
         )
         self._layer.enter(scope)
         answer = await _until_disconnect(run(body, _for_vllm(request)), request)
-        headers = _headers(target, request)
+        headers = _headers(target, applied)
         if answer.stream is not None:
             # Starlette cancels the stream when the client goes away; the cancellation
             # reaches vLLM's generate(), which aborts the request in the engine.
@@ -130,6 +147,12 @@ class Gateway:
 
     def _check(self, body: Any, request: Request) -> None:
         """Our caps, and what vLLM would accept but not honour here: a 400 naming it."""
+        self._check_body(body)
+        for header in _REFUSED_HEADERS:
+            if header in request.headers:
+                raise InvalidRequest(f"the {header} header is not accepted by this server")
+
+    def _check_body(self, body: Any) -> None:
         # vLLM accepts unknown fields and only logs them; OpenAI refuses them, and a
         # parameter that silently does nothing is worse than a 400.
         extra = sorted(getattr(body, "model_extra", None) or ())
@@ -169,9 +192,64 @@ class Gateway:
             raise InvalidRequest(
                 "kv_transfer_params: this server has no KV connector", param="kv_transfer_params"
             )
-        for header in _REFUSED_HEADERS:
-            if header in request.headers:
-                raise InvalidRequest(f"the {header} header is not accepted by this server")
+
+    # -- serving defaults ----------------------------------------------------------------
+
+    def parse_defaults(self, raw: dict[str, Any] | None) -> ServingDefaults | None:
+        """A version's serving defaults as registration gives them, checked as the same
+        fields of a request are (vLLM's request model and bounds, then our caps): what
+        is registered is what every request can be given. None for none; raises
+        InvalidDefaults (400) naming the field, before anything is registered."""
+        values = {k: v for k, v in (raw or {}).items() if v is not None}
+        if not values:
+            return None
+        known = ServingDefaults.names()
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise InvalidDefaults(
+                f"unknown serving default(s): {', '.join(unknown)}; known: {', '.join(known)}",
+                param=f"defaults.{unknown[0]}",
+            )
+        prompt = values.get("system_prompt")
+        if prompt is not None and not isinstance(prompt, str):
+            raise InvalidDefaults("system_prompt must be a string", param="defaults.system_prompt")
+        try:
+            req = self._layer.check_defaults(values)
+            self._check_body(req)
+        except InvalidRequest as exc:
+            where = "defaults" if exc.param is None else f"defaults.{exc.param}"
+            raise InvalidDefaults(f"{where}: {exc.message}", param=where) from None
+        parsed: dict[str, Any] = {k: _get(req, k) for k in values if k != "system_prompt"}
+        if isinstance(parsed.get("stop"), list):
+            parsed["stop"] = tuple(parsed["stop"])
+        return ServingDefaults(system_prompt=prompt, **parsed)
+
+    def _apply_defaults(self, body: Any, target: Target) -> list[str]:
+        """Fill in the resolved version's serving defaults for what the request did not
+        send (a field sent explicitly is the request's own, even if equal to the
+        default); the names of those applied. Generation requests only: /tokenize and
+        /detokenize count what they are given."""
+        defaults = None if target.version is None else target.version.defaults
+        if defaults is None or not isinstance(
+            body, (ChatCompletionRequest, CompletionRequest, ResponsesRequest)
+        ):
+            return []
+        applied = []
+        for name, value in defaults.as_dict().items():
+            if name == "system_prompt":
+                if _add_system_prompt(body, value):
+                    applied.append(name)
+                continue
+            fields = [f for f in _DEFAULT_FIELDS.get(name, (name,)) if f in type(body).model_fields]
+            if not fields or body.model_fields_set.intersection(fields):
+                continue
+            if name == "max_tokens":
+                # The cap may have been lowered since registration: a default is capped,
+                # as vLLM's own default is, rather than refused.
+                value = min(value, self._max_tokens_cap)
+            setattr(body, fields[0], value)
+            applied.append(name)
+        return applied
 
     def _known_tokens(self, body: Any) -> int:
         """Tokens known to be needed before tokenizing: n * max_tokens, when given."""
@@ -224,12 +302,36 @@ def _response_id(body: Any, request: Request) -> str:
     return "" if prefix is None else prefix + str(request.state.request_id)
 
 
-def _headers(target: Target, request: Request) -> dict[str, str]:
+def _add_system_prompt(body: Any, prompt: str) -> bool:
+    """Give the conversation `prompt` as its instructions unless it has some already
+    (a system or developer message; the Responses API's `instructions`). A completion
+    prompt is raw text: it gets none."""
+    if isinstance(body, ChatCompletionRequest):
+        if any(_role(m) in _SYSTEM_ROLES for m in body.messages):
+            return False
+        body.messages.insert(0, {"role": "system", "content": prompt})
+        return True
+    if isinstance(body, ResponsesRequest):
+        items = body.input if isinstance(body.input, list) else []
+        if body.instructions is not None or any(_role(i) in _SYSTEM_ROLES for i in items):
+            return False
+        body.instructions = prompt
+        return True
+    return False
+
+
+def _role(message: Any) -> Any:
+    return message.get("role") if isinstance(message, dict) else getattr(message, "role", None)
+
+
+def _headers(target: Target, applied: list[str]) -> dict[str, str]:
     """Every response says what served it (x-request-id is added by the middleware)."""
     headers = {}
     if target.version is not None:
         headers["x-adapter"] = target.version.adapter
         headers["x-adapter-version"] = str(target.version.version)
+    if applied:
+        headers[DEFAULTS_HEADER] = ",".join(applied)
     if target.alias is not None and target.variant is not None:
         headers["x-alias"] = target.alias
         headers["x-alias-variant"] = target.variant

@@ -186,6 +186,7 @@ class FakeEngineClient:
         engine.requests.append((request_id, lora_request))
         await engine.on_generate(request_id)
         prompt_ids = list(prompt.get("prompt_token_ids") or [])
+        engine.inputs.append((prompt_ids, params))
         reply = self.tokenizer.encode(
             reply_text(_version_name(lora_request)), add_special_tokens=False
         )
@@ -366,6 +367,8 @@ class FakeEngine:
         self.pinned: list[int] = []
         # (engine request id, vLLM LoRARequest or None) of every request that ran
         self.requests: list[tuple[str, Any]] = []
+        # (prompt token ids, SamplingParams) of every request that ran
+        self.inputs: list[tuple[list[int], Any]] = []
         self._client: FakeEngineClient | None = None
 
     @property

@@ -29,6 +29,7 @@ from http import HTTPStatus
 from typing import Any
 
 from fastapi import Request
+from pydantic import ValidationError, ValidatorFunctionWrapHandler, model_validator
 from vllm.entrypoints.launchers.cli_args import (
     make_arg_parser,
     resolve_default_chat_template_kwargs,
@@ -38,7 +39,8 @@ from vllm.entrypoints.openai.chat_completion.protocol import (
     ChatCompletionResponse,
 )
 from vllm.entrypoints.openai.chat_completion.serving import OpenAIServingChat
-from vllm.entrypoints.openai.completion.protocol import CompletionRequest, CompletionResponse
+from vllm.entrypoints.openai.completion.protocol import CompletionRequest as _CompletionRequest
+from vllm.entrypoints.openai.completion.protocol import CompletionResponse
 from vllm.entrypoints.openai.completion.serving import OpenAIServingCompletion
 from vllm.entrypoints.openai.models.protocol import BaseModelPath
 from vllm.entrypoints.openai.models.serving import OpenAIServingModels
@@ -91,6 +93,22 @@ __all__ = [
     "as_server_error",
     "vllm_args",
 ]
+
+
+class CompletionRequest(_CompletionRequest):
+    """vLLM's, except that `model_fields_set` says whether the client sent max_tokens:
+    vLLM's own validator writes OpenAI's default (16) into the request's data, so the
+    field looks sent; a version's serving default (server/serving.py) must tell."""
+
+    @model_validator(mode="wrap")
+    @classmethod
+    def _max_tokens_sent(cls, data: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+        sent = isinstance(data, dict) and data.get("max_tokens") is not None
+        request = handler(data)
+        if not sent:
+            request.model_fields_set.discard("max_tokens")
+        return request
+
 
 # Parameters that vLLM's context-length checks name (VLLMValidationError.parameter).
 _CONTEXT_PARAMS = frozenset({"input_tokens", "input_text"})
@@ -367,6 +385,8 @@ class OpenAILayer:
             **common,
         )
         renderer.warmup()
+        self._renderer = renderer
+        self._trust_request_chat_template = bool(args.trust_request_chat_template)
         outputs: dict[str, Any] = dict(
             return_tokens_as_token_ids=args.return_tokens_as_token_ids,
             enable_prompt_tokens_details=args.enable_prompt_tokens_details,
@@ -411,6 +431,44 @@ class OpenAILayer:
             default_chat_template_kwargs=template_kwargs,
             trust_request_chat_template=args.trust_request_chat_template,
         )
+
+    def check_defaults(self, values: dict[str, Any]) -> ChatCompletionRequest:
+        """A version's serving defaults (`system_prompt` and request fields), checked as
+        vLLM checks a request's own fields: its request model (types), its sampling
+        parameters' bounds, its per-request chat template policy. The chat request they
+        make is returned: its fields are the values as vLLM parsed them, and our own
+        caps are checked on it (server/serving.py). Raises InvalidRequest naming the field.
+        """
+        fields = {k: v for k, v in values.items() if k != "system_prompt"}
+        messages: list[dict[str, Any]] = [{"role": "user", "content": "."}]
+        if "system_prompt" in values:
+            messages.insert(0, {"role": "system", "content": values["system_prompt"]})
+        try:
+            req = ChatCompletionRequest(messages=messages, **fields)
+            # vars: the deprecated max_tokens, read without a warning.
+            max_tokens = vars(req).get("max_tokens")
+            req.to_sampling_params(1 if max_tokens is None else max_tokens, {})
+        except ValidationError as exc:
+            errors = exc.errors()
+            name = str(errors[0]["loc"][0]) if errors[0]["loc"] else None
+            param = "system_prompt" if name == "messages" else name
+            # A union type (stop: a string or a list) fails once per alternative.
+            why = " or ".join(
+                dict.fromkeys(e["msg"] for e in errors if e["loc"][:1] == errors[0]["loc"][:1])
+            )
+            raise InvalidRequest(f"{param}: {why}", param=param) from None
+        except VLLMValidationError as exc:
+            raise InvalidRequest(str(exc.args[0]), param=exc.parameter) from None
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
+        refused = self._renderer.validate_chat_template(
+            request_chat_template=req.chat_template,
+            chat_template_kwargs=None,
+            trust_request_chat_template=self._trust_request_chat_template,
+        )
+        if refused is not None:
+            raise InvalidRequest(refused.error.message, param="chat_template")
+        return req
 
     # -- the routes' work ----------------------------------------------------------------
 

@@ -7,6 +7,7 @@ event loop keeps serving inference meanwhile.
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Annotated, Any, BinaryIO
 
 from fastapi import APIRouter, Depends, File, Form, UploadFile
@@ -17,13 +18,15 @@ from adapters_registry.errors import AdapterNotFound, InvalidAlias
 from adapters_registry.records import (
     AdapterRecord,
     AliasRecord,
+    ServingDefaults,
     TenantRecord,
     Variant,
     VersionRecord,
 )
 from server.adapters import AdapterRouter
 from server.auth import require_admin
-from server.deps import EngineDep, QuotasDep, RouterDep
+from server.deps import EngineDep, GatewayDep, QuotasDep, RouterDep
+from server.errors import InvalidDefaults
 from server.quotas import Quotas
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
@@ -31,6 +34,14 @@ router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(requir
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+_DEFAULTS_DOC = (
+    "Serving defaults of this version, for the fields a request does not send: "
+    f"{', '.join(ServingDefaults.names())}. Checked as a request's own fields are."
+)
+# Checked by the Gateway (server/serving.py), not here: vLLM's bounds, a 400 naming the key.
+Defaults = dict[str, Any] | None
 
 
 class RegisterAdapter(_Body):
@@ -45,6 +56,9 @@ class RegisterAdapter(_Body):
     )
     owner: str | None = Field(None, description="Owning tenant; none = the operator's.")
     shared: bool = Field(False, description="Usable by every tenant.")
+    defaults: Defaults = Field(
+        None, description=_DEFAULTS_DOC, examples=[{"system_prompt": "...", "temperature": 0}]
+    )
 
 
 class Access(_Body):
@@ -65,6 +79,7 @@ class NewVersion(_Body):
     source: str
     sha256: str | None = None
     make_current: bool = Field(True, description="Route new requests to it at once.")
+    defaults: Defaults = Field(None, description=_DEFAULTS_DOC)
 
 
 # Bounded so that no number the database cannot hold (SQLite: 64-bit) gets that far.
@@ -102,6 +117,7 @@ def _version(v: VersionRecord) -> dict[str, Any]:
         "base_model": v.base_model,
         "source": v.source,
         "created_at": v.created_at,
+        "defaults": None if v.defaults is None else v.defaults.as_dict(),
     }
 
 
@@ -147,7 +163,10 @@ def _parse_variants(name: str, raw: dict[str, int]) -> tuple[Variant, ...]:
 
 
 @router.post("/adapters", status_code=201, summary="Register an adapter (version 1)")
-async def register(body: RegisterAdapter, router_: RouterDep) -> dict[str, Any]:
+async def register(
+    body: RegisterAdapter, router_: RouterDep, gateway: GatewayDep
+) -> dict[str, Any]:
+    defaults = gateway.parse_defaults(body.defaults)
     await asyncio.to_thread(
         router_.registry.register,
         body.name,
@@ -155,6 +174,7 @@ async def register(body: RegisterAdapter, router_: RouterDep) -> dict[str, Any]:
         sha256=body.sha256,
         owner=body.owner,
         shared=body.shared,
+        defaults=defaults,
     )
     return _adapter(_get(router_, body.name), router_)
 
@@ -162,22 +182,34 @@ async def register(body: RegisterAdapter, router_: RouterDep) -> dict[str, Any]:
 @router.post("/adapters/upload", status_code=201, summary="Register an adapter from files")
 async def register_upload(
     router_: RouterDep,
+    gateway: GatewayDep,
     name: Annotated[str, Form()],
     adapter_config: Annotated[UploadFile, File(description="adapter_config.json")],
     adapter_model: Annotated[UploadFile, File(description="adapter_model.safetensors")],
     sha256: Annotated[str | None, Form()] = None,
     owner: Annotated[str | None, Form()] = None,
     shared: Annotated[bool, Form()] = False,
+    defaults: Annotated[str | None, Form(description=_DEFAULTS_DOC + " A JSON object.")] = None,
 ) -> dict[str, Any]:
+    parsed = gateway.parse_defaults(_json_object(defaults))
     files = _files(adapter_config, adapter_model)
     await asyncio.to_thread(
-        router_.registry.register_upload, name, files, sha256=sha256, owner=owner, shared=shared
+        router_.registry.register_upload,
+        name,
+        files,
+        sha256=sha256,
+        owner=owner,
+        shared=shared,
+        defaults=parsed,
     )
     return _adapter(_get(router_, name), router_)
 
 
 @router.post("/adapters/{name}/versions", status_code=201, summary="Add a version")
-async def add_version(name: str, body: NewVersion, router_: RouterDep) -> dict[str, Any]:
+async def add_version(
+    name: str, body: NewVersion, router_: RouterDep, gateway: GatewayDep
+) -> dict[str, Any]:
+    defaults = gateway.parse_defaults(body.defaults)
     record = await asyncio.to_thread(
         router_.registry.register,
         name,
@@ -185,6 +217,7 @@ async def add_version(name: str, body: NewVersion, router_: RouterDep) -> dict[s
         sha256=body.sha256,
         create=False,
         make_current=body.make_current,
+        defaults=defaults,
     )
     await router_.release_unreachable()
     return _version(record)
@@ -196,11 +229,14 @@ async def add_version(name: str, body: NewVersion, router_: RouterDep) -> dict[s
 async def add_version_upload(
     name: str,
     router_: RouterDep,
+    gateway: GatewayDep,
     adapter_config: Annotated[UploadFile, File()],
     adapter_model: Annotated[UploadFile, File()],
     sha256: Annotated[str | None, Form()] = None,
     make_current: Annotated[bool, Form()] = True,
+    defaults: Annotated[str | None, Form(description=_DEFAULTS_DOC + " A JSON object.")] = None,
 ) -> dict[str, Any]:
+    parsed = gateway.parse_defaults(_json_object(defaults))
     files = _files(adapter_config, adapter_model)
     record = await asyncio.to_thread(
         router_.registry.register_upload,
@@ -209,6 +245,7 @@ async def add_version_upload(
         sha256=sha256,
         create=False,
         make_current=make_current,
+        defaults=parsed,
     )
     await router_.release_unreachable()
     return _version(record)
@@ -307,6 +344,19 @@ def _get(router_: AdapterRouter, name: str) -> AdapterRecord:
     if record is None:
         raise AdapterNotFound(f"adapter {name!r} not found", adapter=name)
     return record
+
+
+def _json_object(text: str | None) -> dict[str, Any] | None:
+    """A form field holding a JSON object (uploads are multipart: no nested JSON)."""
+    if text is None or not text.strip():
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError:
+        value = None
+    if not isinstance(value, dict):
+        raise InvalidDefaults("defaults must be a JSON object", param="defaults")
+    return value
 
 
 def _files(config: UploadFile, model: UploadFile) -> dict[str, BinaryIO]:

@@ -27,8 +27,11 @@ class PeftReference:
         self.eos_ids = set(eos if isinstance(eos, list) else [eos])
 
     def chat_prompt_ids(self, user: str) -> list[int]:
+        return self.conversation_ids([{"role": "user", "content": user}])
+
+    def conversation_ids(self, messages: list[dict[str, str]]) -> list[int]:
         text = self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": user}], tokenize=False, add_generation_prompt=True
+            messages, tokenize=False, add_generation_prompt=True
         )
         ids: list[int] = self.tokenizer.encode(text, add_special_tokens=False)
         return ids

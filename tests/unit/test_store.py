@@ -13,7 +13,7 @@ import pytest
 from adapters_registry import AdapterNotFound, AlreadyExists, InUse
 from adapters_registry.database import open_database, redact
 from adapters_registry.errors import AdapterError
-from adapters_registry.records import Variant
+from adapters_registry.records import ServingDefaults, Variant
 from adapters_registry.spec import AdapterSpec
 from adapters_registry.store import _MIGRATIONS, _SCHEMA, SCHEMA_VERSION, Store
 from tests.databases import PostgresServer
@@ -136,6 +136,55 @@ def test_migrates_a_version_1_database(database: str | Path) -> None:
         with store.database.read() as db:
             (version,) = db.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone()
         assert int(version) == SCHEMA_VERSION
+        store.close()
+
+
+def test_migrates_a_version_4_database_keeping_its_versions(database: str | Path) -> None:
+    """Serving defaults (schema 5) come to a database in use: every version kept as it
+    was, with no defaults; new versions carry theirs."""
+    old = open_database(database)
+    with old.write() as db:
+        for statement in _SCHEMA:
+            db.execute(statement)
+        for version in range(2, 5):
+            for statement in _MIGRATIONS[version]:
+                db.execute(statement)
+        db.execute("INSERT INTO meta VALUES ('schema_version', '4')")
+        db.execute(
+            "INSERT INTO adapters (name, current_version, next_version, created_at, owner, "
+            "shared, discovered) VALUES ('legacy', 2, 3, 1.5, NULL, 1, 0)"
+        )
+        for n in (1, 2):
+            db.execute(
+                "INSERT INTO versions (adapter, version, sha256, size_bytes, rank, alpha, "
+                "target_modules, base_model, source, path, created_at, config_sha256) "
+                "VALUES ('legacy', ?, ?, 10, 8, 16.0, '[\"q_proj\"]', 'tiny', '/s', '/p', 2.5, "
+                "'c')",
+                (n, f"{n:064x}"),
+            )
+        db.execute("INSERT INTO version_numbers VALUES ('legacy', 3)")
+    old.close()
+
+    store = Store(database)
+    try:
+        record = store.get("legacy")
+        assert (record.current_version, record.shared) == (2, True)
+        assert [(v.version, v.sha256, v.config_sha256, v.defaults) for v in record.versions] == [
+            (1, f"{1:064x}", "c", None),
+            (2, f"{2:064x}", "c", None),
+        ]
+        defaults = ServingDefaults(system_prompt="Arr.", temperature=0.0, stop=("x", "y"))
+        added = store.add_version(
+            spec("legacy", 3),
+            source="/s",
+            path="/p",
+            create=False,
+            make_current=False,
+            defaults=defaults,
+        )
+        assert (added.version, added.defaults) == (3, defaults)
+        assert store.get("legacy").version(3) == added
+    finally:
         store.close()
 
 
