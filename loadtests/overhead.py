@@ -2,7 +2,7 @@
 API process's CPU per request, at 1 and N users, base and adapter.
 
     git worktree add /tmp/loraswap-old <commit>      # the version to compare with
-    python -m loadtests.overhead --old /tmp/loraswap-old --out build/overhead
+    python -m loadtests overhead --old /tmp/loraswap-old --out build/overhead
 
 Each version is started from its own source tree (same venv, same demo model and
 adapters, same engine settings), measured, and stopped; then the other; `--rounds`
@@ -15,18 +15,19 @@ Writes `results.json` and `results.md` to `--out`. A benchmark, not a test.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from loadtests import servers
-from loadtests.bench import bench_parser, new_record, proc_cpu_s
-from loadtests.record import summarize
+from loadtests.bench import proc_cpu_s
+from loadtests.cli import Scenario, delegate
+from loadtests.record import BenchRecord, summarize
 from loadtests.runner import Target, Workload, run_phase, warm_up
 from loadtests.workload import LengthDist
 
@@ -66,20 +67,23 @@ async def _measure(url: str, pid: int, users: int, adapter: bool, seconds: float
     }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = bench_parser("overhead", "server overhead: two code versions side by side", __doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--old", type=Path, required=True, help="source tree of the old version")
-    p.add_argument("--new", type=Path, default=Path.cwd(), help="source tree of the new one")
+    p.add_argument(
+        "--new", type=Path, default=Path.cwd(), help="source tree of the new one [this folder]"
+    )
     p.add_argument("--users", default="1,16", help="closed-loop users, comma separated")
     p.add_argument("--seconds", type=float, default=20.0, help="measured window per point")
     p.add_argument("--rounds", type=int, default=2, help="old/new alternations")
-    args = p.parse_args(argv)
-    argv = list(sys.argv[1:] if argv is None else argv)
+
+
+def run(args: argparse.Namespace, command: str) -> None:
     from server.demo import demo_assets
 
     assets = demo_assets(args.home)
     args.out.mkdir(parents=True, exist_ok=True)
-    record = new_record("overhead", argv, args)
+    result = BenchRecord.start("overhead", command, args)
+    record = result.body
     users = [int(u) for u in args.users.split(",")]
     rows: list[dict[str, Any]] = []
     for rnd in range(args.rounds):
@@ -99,7 +103,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                             print(json.dumps(row), flush=True)
                             rows.append(row)
                             record["rows"] = rows
-                            (args.out / "results.json").write_text(json.dumps(record, indent=2))
+                            (args.out / "results.json").write_text(
+                                json.dumps(result.to_dict(), indent=2)
+                            )
     lines = [
         "| users | model | version | p50 TTFT ms (per round) | API CPU ms/request (per round) "
         "| output tok/s (per round) |",
@@ -126,6 +132,20 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{table}\n\nload average at the end (1/5/15 min): {load}\n"
     )
     print(table)
+
+
+SCENARIO = Scenario(
+    name="overhead",
+    help="Server overhead: two code versions side by side.",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    run=run,
+    out=Path("build/overhead"),
+)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    delegate("overhead", argv)
 
 
 if __name__ == "__main__":
