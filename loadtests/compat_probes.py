@@ -171,7 +171,7 @@ def probe_penalty(client: openai.OpenAI, model: str) -> str:
         r = client.completions.create(
             model=model, prompt=REPEATING, max_tokens=24, temperature=0, **kw
         )
-        return r.choices[0].text
+        return str(r.choices[0].text)
 
     plain, penalised = text(), text(frequency_penalty=2.0)
     assert plain != penalised, f"frequency_penalty had no effect: {plain!r}"

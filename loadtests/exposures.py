@@ -33,7 +33,7 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
@@ -47,6 +47,9 @@ from loadtests.runner import Target, Workload, run_phase, warm_up
 from loadtests.workload import LengthDist
 from server.settings import ExperimentsSettings
 
+if TYPE_CHECKING:  # server.demo is imported where a run needs it
+    from server.demo import DemoAssets
+
 ADMIN_KEY = "exposures-k"
 ALIAS = "ab"
 ARMS = {"pirate": 50, "formal": 50}
@@ -56,7 +59,7 @@ MODES = ("off", "on")
 # -- 1. hot path ------------------------------------------------------------------------
 
 
-def _launch(assets: Any, port: int, home: Path, log_on: bool) -> servers.Launch:
+def _launch(assets: DemoAssets, port: int, home: Path, log_on: bool) -> servers.Launch:
     launch = servers.ours(
         assets.base_dir, assets.adapters_dir, port, servers.EngineKnobs(), home, ADMIN_KEY
     )
@@ -111,7 +114,7 @@ async def _measure(
     }
 
 
-def hot_path(args: Any, out: Path) -> list[dict[str, Any]]:
+def hot_path(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     from server.demo import demo_assets
 
     assets = demo_assets(args.home)
@@ -234,7 +237,7 @@ def _postgres(url: str | None) -> Iterator[str]:
         server.stop()
 
 
-def write_rates(args: Any) -> list[dict[str, Any]]:
+def write_rates(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         rows.append(

@@ -34,7 +34,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clients import Client
 from loadtests import servers
@@ -50,6 +50,9 @@ from loadtests.cli import Scenario, delegate
 from loadtests.record import BenchRecord, summarize
 from loadtests.runner import Target, Workload, run_phase, warm_up
 from loadtests.workload import LengthDist, Popularity
+
+if TYPE_CHECKING:  # server.demo is imported where a run needs it
+    from server.demo import DemoAssets
 
 BUDGET_MIB = 300.0
 SYSTEMS = ("ours", "vllm", "vllm-fix")
@@ -200,7 +203,7 @@ def watch_dir(path: Path, every_s: float = 0.005) -> Iterator[dict[str, int]]:
 
 
 def cache_check(
-    assets: Any, args: argparse.Namespace, work: Path, knobs: servers.EngineKnobs
+    assets: DemoAssets, args: argparse.Namespace, work: Path, knobs: servers.EngineKnobs
 ) -> dict[str, Any]:
     source = assets.adapters_dir / "shout"
     variants = make_variants(source, work / "http", args.cache_adapters)
@@ -367,8 +370,8 @@ def run(args: argparse.Namespace, command: str) -> None:
 
     assets = demo_assets(args.home)
     sources = [assets.adapters_dir / n for n in assets.adapter_names]
-    result = BenchRecord.start("memory", command, args)
-    record = result.body
+    bench = BenchRecord.start("memory", command, args)
+    record = bench.body
     record["systems"] = []
     knobs = servers.EngineKnobs()
     work = Path(tempfile.mkdtemp(prefix="loraswap-memory-"))
@@ -416,7 +419,7 @@ def run(args: argparse.Namespace, command: str) -> None:
             record["cache"] = cache_check(assets, args, work / "cache-check", knobs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    data = result.to_dict()
+    data = bench.to_dict()
     md = write_outputs(args.out, "memory", data, render(data))
     progress(f"wrote {md} and memory.json")
     print(md.read_text())

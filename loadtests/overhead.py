@@ -22,7 +22,7 @@ import os
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loadtests import servers
 from loadtests.bench import proc_cpu_s
@@ -31,10 +31,13 @@ from loadtests.record import BenchRecord, summarize
 from loadtests.runner import Target, Workload, run_phase, warm_up
 from loadtests.workload import LengthDist
 
+if TYPE_CHECKING:  # server.demo is imported where a run needs it
+    from server.demo import DemoAssets
+
 ADAPTER = "pirate"
 
 
-def _launch(tree: Path, assets: Any, port: int, home: Path) -> servers.Launch:
+def _launch(tree: Path, assets: DemoAssets, port: int, home: Path) -> servers.Launch:
     launch = servers.ours(
         assets.base_dir, assets.adapters_dir, port, servers.EngineKnobs(), home, "overhead-k"
     )
