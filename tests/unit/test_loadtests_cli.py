@@ -7,8 +7,10 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shutil
 import subprocess
 import sys
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -129,3 +131,28 @@ def test_bench_record_head_is_typed_and_flat(tmp_path: Path) -> None:
     # The load runs share the head.
     run = RunRecord(**RecordHead.fields_now("python -m loadtests run", args))
     assert isinstance(run, RecordHead) and run.config == data["config"]
+
+
+def test_committed_results_stay_out_of_the_wheel(tmp_path: Path) -> None:
+    """loadtests/results/ is the repository's, not the installed package's: even a build
+    whose file finder picks up every file under loadtests/ (here MANIFEST.in's graft; an
+    SCM plugin does the same) leaves it out, and keeps every module."""
+    pytest.importorskip("setuptools")
+    src = tmp_path / "src"
+    for name in ("server", "adapters_registry", "clients", "loadtests"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    (src / "MANIFEST.in").write_text("graft loadtests\n")
+    assert any((src / "loadtests" / "results").rglob("*.json"))
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q"]
+    subprocess.run(
+        [*pip, str(src), "-w", str(tmp_path / "dist")],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = (tmp_path / "dist").glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not [n for n in names if n.startswith("loadtests/results")]
+    modules = {str(p.relative_to(ROOT)) for p in (ROOT / "loadtests").rglob("*.py")}
+    assert modules <= set(names)
