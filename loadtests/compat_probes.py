@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import openai
+from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMessageParam
 
 Probe = Callable[[openai.OpenAI, str], str]
 
@@ -26,7 +27,7 @@ REPLY_SCHEMA: dict[str, Any] = {
     "required": ["reply"],
     "additionalProperties": False,
 }
-WEATHER_TOOL: dict[str, Any] = {
+WEATHER_TOOL: ChatCompletionFunctionToolParam = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -39,8 +40,12 @@ WEATHER_TOOL: dict[str, Any] = {
         },
     },
 }
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+QUESTION: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the capital of France?"}
+]
+WEATHER: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the weather in Paris?"}
+]
 
 
 def _chat(client: openai.OpenAI, model: str, **kw: Any) -> Any:
