@@ -3,7 +3,7 @@
 Each scenario module declares a `Scenario` (its flags, its defaults for the shared flags,
 what it runs); this module builds one argparse parser from them, adds the shared flags
 (`--out`, `--nice`, `--home`) from one definition each, renices, and runs the scenario.
-`python -m loadtests.<scenario>` still works: each module's `main` delegates here.
+`python -m loadtests.<scenario>` still works: each module delegates here.
 
 argparse rather than typer (the server CLI's): the workload options are argparse types
 and groups shared by `run` and `compare` (loadtests/options.py), tests call the scenarios'
@@ -160,6 +160,7 @@ def micro(argv: Sequence[str]) -> None:
     if not argv or argv[0] not in MICRO:
         sys.exit(f"usage: {PROG} micro {{{','.join(MICRO)}}} [flags]")
     module = importlib.import_module(f"loadtests.micro.{MICRO[argv[0]]}")
+    sys.argv[0] = f"{PROG} micro {argv[0]}"  # their parsers' prog: how they were called
     module.main(list(argv[1:]))
 
 
@@ -173,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     scenario.run(args, " ".join([PROG, *argv]))
 
 
-def delegate(name: str, argv: Sequence[str] | None) -> None:
+def delegate(name: str, argv: Sequence[str] | None = None) -> None:
     """`python -m loadtests.<name> [flags]`, the older form, as `python -m loadtests
     <name> [flags]`."""
     main([name, *(sys.argv[1:] if argv is None else argv)])

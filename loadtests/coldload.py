@@ -279,9 +279,5 @@ SCENARIO = Scenario(
 )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    delegate("coldload", argv)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the older form: python -m loadtests.coldload
+    delegate(SCENARIO.name)

@@ -342,9 +342,5 @@ SCENARIO = Scenario(
 )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    delegate("compare", argv)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the older form: python -m loadtests.compare
+    delegate(SCENARIO.name)

@@ -123,9 +123,5 @@ SCENARIO = Scenario(
 )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    delegate("compat", argv)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the older form: python -m loadtests.compat
+    delegate(SCENARIO.name)

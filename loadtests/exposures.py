@@ -305,9 +305,5 @@ SCENARIO = Scenario(
 )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    delegate("exposures", argv)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the older form: python -m loadtests.exposures
+    delegate(SCENARIO.name)

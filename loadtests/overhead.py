@@ -20,7 +20,6 @@ import asyncio
 import json
 import os
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -147,9 +146,5 @@ SCENARIO = Scenario(
 )
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    delegate("overhead", argv)
-
-
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # the older form: python -m loadtests.overhead
+    delegate(SCENARIO.name)
