@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtests.record import percentile
+from loadtests.record import BenchRecord, percentile
 
 # -- latency statistics ---------------------------------------------------------------
 
@@ -261,6 +261,16 @@ def write_outputs(out: Path, name: str, record: Mapping[str, Any], markdown: str
     (out / f"{name}.json").write_text(json.dumps(record, indent=2, default=str) + "\n")
     md = out / f"{name}.md"
     md.write_text(markdown.rstrip() + "\n")
+    return md
+
+
+def publish(record: BenchRecord, out: Path, render: Callable[[Mapping[str, Any]], str]) -> Path:
+    """`<out>/<scenario>.json` and `<scenario>.md` (`render` of the record), announced
+    and printed; returns the markdown's path."""
+    data = record.to_dict()
+    md = write_outputs(out, record.scenario, data, render(data))
+    progress(f"wrote {md} and {record.scenario}.json")
+    print(md.read_text())
     return md
 
 

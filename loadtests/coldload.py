@@ -43,8 +43,8 @@ from loadtests.bench import (
     md_table,
     metric_value,
     progress,
+    publish,
     stats_ms,
-    write_outputs,
 )
 from loadtests.cli import Scenario, delegate, scenario_args
 from loadtests.record import BenchRecord
@@ -261,10 +261,7 @@ def run(args: argparse.Namespace, command: str) -> None:
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    data = result.to_dict()
-    md = write_outputs(args.out, "coldload", data, render(data))
-    progress(f"wrote {md} and coldload.json")
-    print(md.read_text())
+    publish(result, args.out, render)
 
 
 SCENARIO = Scenario(

@@ -44,7 +44,7 @@ from loadtests.bench import (
     md_table,
     memory_summary,
     progress,
-    write_outputs,
+    publish,
 )
 from loadtests.cli import Scenario, delegate
 from loadtests.record import BenchRecord, summarize
@@ -419,10 +419,7 @@ def run(args: argparse.Namespace, command: str) -> None:
             record["cache"] = cache_check(assets, args, work / "cache-check", knobs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    data = bench.to_dict()
-    md = write_outputs(args.out, "memory", data, render(data))
-    progress(f"wrote {md} and memory.json")
-    print(md.read_text())
+    publish(bench, args.out, render)
 
 
 SCENARIO = Scenario(

@@ -38,8 +38,8 @@ from loadtests.bench import (
     proc_cpu_s,
     process_tree_memory,
     progress,
+    publish,
     stats_ms,
-    write_outputs,
 )
 from loadtests.cli import Scenario, delegate, scenario_args
 from loadtests.cpu import CpuMeter
@@ -334,10 +334,7 @@ def run(args: argparse.Namespace, command: str) -> None:
         "pss": last.get("pss_delta_mib"),
     }
     record["rss_pass"] = (last.get("rss_delta_mib") or 0.0) <= RSS_BUDGET_MIB
-    data = result.to_dict()
-    md = write_outputs(args.out, "scale", data, render(data))
-    progress(f"wrote {md} and scale.json")
-    print(md.read_text())
+    publish(result, args.out, render)
 
 
 SCENARIO = Scenario(

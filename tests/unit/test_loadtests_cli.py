@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from loadtests import cli, coldload, memory, scale
+from loadtests.bench import publish
 from loadtests.record import BENCH_FORMAT, BenchRecord, RecordHead, RunRecord
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -156,3 +157,17 @@ def test_committed_results_stay_out_of_the_wheel(tmp_path: Path) -> None:
     assert not [n for n in names if n.startswith("loadtests/results")]
     modules = {str(p.relative_to(ROOT)) for p in (ROOT / "loadtests").rglob("*.py")}
     assert modules <= set(names)
+
+
+def test_publish_writes_the_record_and_its_table(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = argparse.Namespace(out=tmp_path)
+    record = BenchRecord.start("coldload", "python -m loadtests coldload", args)
+    record.body["rank"] = 16
+    md = publish(record, tmp_path, lambda data: f"# {data['scenario']} rank {data['rank']}\n\n")
+    assert md == tmp_path / "coldload.md" and md.read_text() == "# coldload rank 16\n"
+    data = json.loads((tmp_path / "coldload.json").read_text())
+    assert data["format"] == BENCH_FORMAT and data["rank"] == 16
+    assert data["config"] == {"out": str(tmp_path)}
+    assert "# coldload rank 16" in capsys.readouterr().out
