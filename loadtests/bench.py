@@ -6,7 +6,6 @@ tables and the JSON + markdown output. The pure parts are unit-tested
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -19,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from loadtests.record import percentile
+from loadtests.record import BenchRecord, percentile
 
 # -- latency statistics ---------------------------------------------------------------
 
@@ -265,6 +264,16 @@ def write_outputs(out: Path, name: str, record: Mapping[str, Any], markdown: str
     return md
 
 
+def publish(record: BenchRecord, out: Path, render: Callable[[Mapping[str, Any]], str]) -> Path:
+    """`<out>/<scenario>.json` and `<scenario>.md` (`render` of the record), announced
+    and printed; returns the markdown's path."""
+    data = record.to_dict()
+    md = write_outputs(out, record.scenario, data, render(data))
+    progress(f"wrote {md} and {record.scenario}.json")
+    print(md.read_text())
+    return md
+
+
 def progress(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
 
@@ -274,32 +283,6 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
     t0 = time.perf_counter()
     result = fn()
     return time.perf_counter() - t0, result
-
-
-def bench_parser(name: str, description: str, doc: str | None) -> argparse.ArgumentParser:
-    """The parser every single-target benchmark starts from: --home and --out."""
-    p = argparse.ArgumentParser(
-        prog=f"python -m loadtests.{name}",
-        description=description,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=doc,
-    )
-    home = Path(os.environ.get("LORASWAP_HOME", "~/.cache/loraswap")).expanduser()
-    p.add_argument("--home", type=Path, default=home, help="where the demo assets are")
-    p.add_argument("--out", type=Path, default=Path(f"build/{name}"), help="output folder")
-    return p
-
-
-def new_record(name: str, argv: Sequence[str], args: argparse.Namespace) -> dict[str, Any]:
-    """The head of a benchmark's JSON record: when, the command, the host, the options."""
-    from loadtests.options import host_info, now_iso
-
-    return {
-        "created": now_iso(),
-        "command": " ".join([f"python -m loadtests.{name}", *argv]),
-        "host": host_info(),
-        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-    }
 
 
 def demo_adapter(home: Path, name: str) -> Path:

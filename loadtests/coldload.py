@@ -1,7 +1,7 @@
 """Cold adapter load: how long the first request of an adapter the engine has never held
 waits for its weights, from local disk, with nothing else running.
 
-    python -m loadtests.coldload --home /work/cache/loraswap --out build/coldload
+    python -m loadtests coldload --home /work/cache/loraswap --out build/coldload
 
 Starts our server (bf16, the demo model, `--max-loras`/`--max-cpu-loras` far below
 `--adapters`, so the engine keeps evicting), registers `--adapters` distinct names through
@@ -28,9 +28,9 @@ import argparse
 import secrets
 import shutil
 import statistics
-import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,16 +39,15 @@ import httpx
 from clients import Client
 from loadtests import servers
 from loadtests.bench import (
-    bench_parser,
     demo_adapter,
     md_table,
     metric_value,
-    new_record,
     progress,
+    publish,
     stats_ms,
-    write_outputs,
 )
-from loadtests.options import renice
+from loadtests.cli import Scenario, delegate, scenario_args
+from loadtests.record import BenchRecord
 
 LOAD_SUM = "loraswap_adapter_load_seconds_sum"
 LOAD_COUNT = "loraswap_adapter_load_seconds_count"
@@ -56,21 +55,23 @@ PROMPT = [{"role": "user", "content": "Say hello."}]
 TARGET_P99_MS = 150.0
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = bench_parser(
-        "coldload", "Cold adapter load time (rank-16 adapter from local disk).", __doc__
-    )
-    p.add_argument("--adapters", type=int, default=40, help="distinct adapters loaded [40]")
-    p.add_argument("--source", default="shout", help="demo adapter to copy [shout, rank 16]")
-    p.add_argument("--max-loras", type=int, default=2, help="engine slots [2]")
-    p.add_argument("--max-cpu-loras", type=int, default=4, help="engine CPU cache [4]")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--adapters", type=int, default=40, help="distinct adapters loaded")
+    p.add_argument("--source", default="shout", help="demo adapter to copy (shout: rank 16)")
+    p.add_argument("--max-loras", type=int, default=2, help="engine slots")
+    p.add_argument("--max-cpu-loras", type=int, default=4, help="engine CPU cache")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--verify-repeats", type=int, default=20, help="in-process verify timings")
-    p.add_argument("--nice", type=int, default=19, help="run at this niceness [19]")
-    args = p.parse_args(argv)
+
+
+def check(args: argparse.Namespace) -> str | None:
     if args.max_cpu_loras >= args.adapters:
-        p.error("--max-cpu-loras must be below --adapters, or loads stop being cold")
-    return args
+        return "--max-cpu-loras must be below --adapters, or loads stop being cold"
+    return None
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    return scenario_args("coldload", argv)
 
 
 def scrape(url: str) -> tuple[float, float]:
@@ -102,7 +103,7 @@ def verify_breakdown(model: Path, folder: Path, repeats: int) -> dict[str, Any]:
     return {"bytes": size, **stats_ms(times)}
 
 
-def render(record: dict[str, Any]) -> str:
+def render(record: Mapping[str, Any]) -> str:
     s, d, w = record["server_load"], record["cold_minus_warm"], record["warm_latency"]
     c = record["cold_latency"]
     rows = [
@@ -173,18 +174,15 @@ def render(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    renice(args.nice)
+def run(args: argparse.Namespace, command: str) -> None:
+    import json
+
     from server.demo import demo_assets
 
     source = demo_adapter(args.home, args.source)
     assets = demo_assets(args.home)
-    record: dict[str, Any] = {
-        **new_record("coldload", argv, args),
-    }
-    import json
+    result = BenchRecord.start("coldload", command, args)
+    record = result.body
 
     record["rank"] = json.loads((source / "adapter_config.json").read_text())["r"]
     work = Path(tempfile.mkdtemp(prefix="loraswap-coldload-"))
@@ -263,10 +261,20 @@ def main(argv: list[str] | None = None) -> None:
         )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    md = write_outputs(args.out, "coldload", record, render(record))
-    progress(f"wrote {md} and coldload.json")
-    print(md.read_text())
+    publish(result, args.out, render)
 
 
-if __name__ == "__main__":
-    main()
+SCENARIO = Scenario(
+    name="coldload",
+    help="Cold adapter load time (rank-16 adapter from local disk).",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    run=run,
+    check=check,
+    out=Path("build/coldload"),
+    nice=19,
+)
+
+
+if __name__ == "__main__":  # the older form: python -m loadtests.coldload
+    delegate(SCENARIO.name)

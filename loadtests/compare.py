@@ -6,8 +6,8 @@
     (b) plain `vllm serve --enable-lora`, the K active names (`vllm`)
     (c) the naive transformers + PEFT server, the K active names (`peft`)
 
-    python -m loadtests.compare --out build/compare    # the defaults: as below
-    python -m loadtests.compare --home /work/cache/loraswap --out build/compare \\
+    python -m loadtests compare --out build/compare    # the defaults: as below
+    python -m loadtests compare --home /work/cache/loraswap --out build/compare \\
         --duration 50 --concurrency 16 --adapters-registered 100 --adapters-active 8 \\
         --zipf-alpha 1.0 --output-len uniform:16:64 --sweep 1,4 --sweep-duration 20 \\
         --swap-every 20 --peft-concurrency 4 --peft-duration 60
@@ -43,9 +43,10 @@ from pathlib import Path
 
 from clients import Client, ConflictError
 from loadtests import servers
+from loadtests.cli import Scenario, delegate
 from loadtests.cpu import box_busy_cores
-from loadtests.options import add_workload_args, host_info, jsonable, now_iso, renice, workload
-from loadtests.record import RunRecord, SystemRecord, summarize
+from loadtests.options import add_workload_args, workload
+from loadtests.record import RecordHead, RunRecord, SystemRecord, summarize
 from loadtests.report import write_report
 from loadtests.runner import Target, Workload, print_progress, run_phase, warm_up
 from loadtests.workload import LengthDist, alternating_swaps
@@ -59,37 +60,23 @@ EXTRA_SYSTEMS = ("vllm-fix",)
 PAUSE_S = 3.0
 
 
-def _default_home() -> Path:
-    return Path(os.environ.get("LORASWAP_HOME", Path.home() / ".cache" / "loraswap"))
-
-
-def parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtests.compare",
-        description="Compare loraswap with plain vLLM, a naive PEFT server and the base alone.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
-    parser.add_argument("--out", type=Path, default=Path("build/compare"), help="output folder")
-    parser.add_argument(
-        "--home", type=Path, default=_default_home(), help="where the demo assets are"
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--systems",
         default=",".join(SYSTEMS),
         help=f"comma list, run in this order [{','.join(SYSTEMS)}]; also: "
         f"{', '.join(EXTRA_SYSTEMS)} (plain vLLM with our LoRA-op fix on)",
     )
-    parser.add_argument("--adapters-registered", type=int, default=100, help="ours [100]")
+    parser.add_argument("--adapters-registered", type=int, default=100, help="ours")
     parser.add_argument(
         "--swap-every",
         type=float,
         default=20.0,
-        help="ours: hot-swap the most popular adapter every S seconds (0: never) [20]",
+        help="ours: hot-swap the most popular adapter every S seconds (0: never)",
     )
-    parser.add_argument("--peft-concurrency", type=int, default=4, help="naive server [4]")
-    parser.add_argument("--peft-duration", type=float, default=60.0, help="naive server [60]")
-    parser.add_argument("--peft-warmup", type=float, default=5.0, help="naive server [5]")
+    parser.add_argument("--peft-concurrency", type=int, default=4, help="naive server")
+    parser.add_argument("--peft-duration", type=float, default=60.0, help="naive server")
+    parser.add_argument("--peft-warmup", type=float, default=5.0, help="naive server")
     parser.add_argument(
         "--peft-rate", type=float, default=None, help="naive server, open loop [--rate]"
     )
@@ -99,18 +86,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=len(os.sched_getaffinity(0)),
         help="torch threads of the naive server [all cores]",
     )
-    parser.add_argument("--max-loras", type=int, default=4, help="vLLM max_loras, both [4]")
-    parser.add_argument("--max-cpu-loras", type=int, default=16, help="both [16]")
-    parser.add_argument("--max-num-seqs", type=int, default=32, help="both [32]")
-    parser.add_argument("--nice", type=int, default=10, help="run at this niceness [10]")
+    parser.add_argument("--max-loras", type=int, default=4, help="vLLM max_loras, both")
+    parser.add_argument("--max-cpu-loras", type=int, default=16, help="both")
+    parser.add_argument("--max-num-seqs", type=int, default=32, help="both")
     parser.add_argument(
         "--quiet-below",
         type=float,
         default=0.5,
-        help="before each phase, wait until the rest of the machine uses fewer cores [0.5]",
+        help="before each phase, wait until the rest of the machine uses fewer cores",
     )
     parser.add_argument(
-        "--quiet-wait", type=float, default=30.0, help="... but at most this many seconds [30]"
+        "--quiet-wait", type=float, default=30.0, help="... but at most this many seconds"
     )
     parser.add_argument("--keep-work", action="store_true", help="keep the temp adapter pool")
     add_workload_args(parser)
@@ -122,15 +108,17 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         sweep_duration=20.0,
         output_len=LengthDist.parse("uniform:16:64"),
     )
-    args = parser.parse_args(argv)
+
+
+def check(args: argparse.Namespace) -> str | None:
     args.systems = [s.strip() for s in args.systems.split(",") if s.strip()]
     unknown = set(args.systems) - set(SYSTEMS) - set(EXTRA_SYSTEMS)
     if unknown:
         known = ", ".join(SYSTEMS + EXTRA_SYSTEMS)
-        parser.error(f"unknown systems {sorted(unknown)}; known: {known}")
+        return f"unknown systems {sorted(unknown)}; known: {known}"
     if not 1 <= args.adapters_active <= args.adapters_registered:
-        parser.error("need 1 <= --adapters-active <= --adapters-registered")
-    return args
+        return "need 1 <= --adapters-active <= --adapters-registered"
+    return None
 
 
 def preregister(target: Target, pool: dict[str, Path]) -> int:
@@ -216,10 +204,7 @@ def measure(
     return system
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    renice(args.nice)
+def run(args: argparse.Namespace, command: str) -> None:
     from server.demo import demo_assets
 
     assets = demo_assets(args.home)
@@ -231,12 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         )
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    record = RunRecord(
-        created=now_iso(),
-        command=" ".join(["python -m loadtests.compare", *argv]),
-        host=host_info(),
-        config=jsonable(args),
-    )
+    record = RunRecord(**RecordHead.fields_now(command, args))
     knobs = servers.EngineKnobs(
         max_loras=args.max_loras,
         max_cpu_loras=args.max_cpu_loras,
@@ -350,5 +330,17 @@ def main(argv: list[str] | None = None) -> None:
             print(report.read_text())
 
 
-if __name__ == "__main__":
-    main()
+SCENARIO = Scenario(
+    name="compare",
+    help="Compare loraswap with plain vLLM, a naive PEFT server and the base alone.",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    run=run,
+    check=check,
+    out=Path("build/compare"),
+    nice=10,
+)
+
+
+if __name__ == "__main__":  # the older form: python -m loadtests.compare
+    delegate(SCENARIO.name)

@@ -1,7 +1,7 @@
 """OpenAI compatibility, side by side: one probe set (loadtests/compat_probes.py) against
 plain `vllm serve --enable-lora` and against loraswap, same model, adapters and options.
 
-    python -m loadtests.compat --out build/compat
+    python -m loadtests compat --out build/compat
 
 Columns: plain vLLM with its LoRA module name (`pirate`) and its base name; ours with
 `base:adapter`, with the bare adapter name, and with the base. Both servers get the same
@@ -13,8 +13,8 @@ This is a benchmark of behaviour, not a test: nothing here gates CI.
 
 from __future__ import annotations
 
+import argparse
 import json
-import sys
 import tempfile
 from collections.abc import Sequence
 from pathlib import Path
@@ -22,8 +22,10 @@ from pathlib import Path
 import openai
 
 from loadtests import servers
-from loadtests.bench import bench_parser, demo_adapter, new_record
+from loadtests.bench import demo_adapter
+from loadtests.cli import Scenario, delegate
 from loadtests.compat_probes import PROBES, run_probe
+from loadtests.record import BenchRecord
 
 ADAPTER = "pirate"
 BASE = "smollm2"
@@ -47,17 +49,18 @@ def _probe_all(url: str, models: Sequence[str]) -> dict[str, dict[str, tuple[boo
     return {m: {p: run_probe(client, m, p) for p in PROBES} for m in models}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = bench_parser("compat", "OpenAI compatibility: plain vllm serve vs loraswap", __doc__)
-    args = p.parse_args(argv)
-    argv = list(sys.argv[1:] if argv is None else argv)
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """Only the shared flags."""
+
+
+def run(args: argparse.Namespace, command: str) -> None:
     from server.demo import demo_assets
 
     assets = demo_assets(args.home)
     adapter = demo_adapter(args.home, ADAPTER)
     knobs = servers.EngineKnobs()
     args.out.mkdir(parents=True, exist_ok=True)
-    record = new_record("compat", argv, args)
+    result = BenchRecord.start("compat", command, args)
     results: dict[str, dict[str, dict[str, tuple[bool, str]]]] = {}
 
     port = servers.free_port()
@@ -96,9 +99,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         for vm, m in ((ADAPTER, f"{BASE}:{ADAPTER}"), (ADAPTER, ADAPTER), (BASE, BASE))
         if results["vllm serve"][vm][probe][0] and not results["loraswap"][m][probe][0]
     ]
-    record["results"] = results
-    record["regressions"] = regressions
-    (args.out / "results.json").write_text(json.dumps(record, indent=2))
+    result.body["results"] = results
+    result.body["regressions"] = regressions
+    (args.out / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
     (args.out / "results.md").write_text(f"{table}\n")
     print(table)
     print("\nnotes (first failure or result per cell):")
@@ -110,5 +113,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"\npassing on vllm serve but failing on ours: {regressions or 'none'}")
 
 
-if __name__ == "__main__":
-    main()
+SCENARIO = Scenario(
+    name="compat",
+    help="OpenAI compatibility: plain vllm serve vs loraswap.",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    run=run,
+    out=Path("build/compat"),
+)
+
+
+if __name__ == "__main__":  # the older form: python -m loadtests.compat
+    delegate(SCENARIO.name)

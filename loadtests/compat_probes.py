@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import openai
+from openai.types.chat import ChatCompletionFunctionToolParam, ChatCompletionMessageParam
 
 Probe = Callable[[openai.OpenAI, str], str]
 
@@ -26,7 +27,7 @@ REPLY_SCHEMA: dict[str, Any] = {
     "required": ["reply"],
     "additionalProperties": False,
 }
-WEATHER_TOOL: dict[str, Any] = {
+WEATHER_TOOL: ChatCompletionFunctionToolParam = {
     "type": "function",
     "function": {
         "name": "get_weather",
@@ -39,8 +40,12 @@ WEATHER_TOOL: dict[str, Any] = {
         },
     },
 }
-QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-WEATHER = [{"role": "user", "content": "What is the weather in Paris?"}]
+QUESTION: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the capital of France?"}
+]
+WEATHER: list[ChatCompletionMessageParam] = [
+    {"role": "user", "content": "What is the weather in Paris?"}
+]
 
 
 def _chat(client: openai.OpenAI, model: str, **kw: Any) -> Any:
@@ -171,7 +176,7 @@ def probe_penalty(client: openai.OpenAI, model: str) -> str:
         r = client.completions.create(
             model=model, prompt=REPEATING, max_tokens=24, temperature=0, **kw
         )
-        return r.choices[0].text
+        return str(r.choices[0].text)
 
     plain, penalised = text(), text(frequency_penalty=2.0)
     assert plain != penalised, f"frequency_penalty had no effect: {plain!r}"

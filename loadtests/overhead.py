@@ -2,7 +2,7 @@
 API process's CPU per request, at 1 and N users, base and adapter.
 
     git worktree add /tmp/loraswap-old <commit>      # the version to compare with
-    python -m loadtests.overhead --old /tmp/loraswap-old --out build/overhead
+    python -m loadtests overhead --old /tmp/loraswap-old --out build/overhead
 
 Each version is started from its own source tree (same venv, same demo model and
 adapters, same engine settings), measured, and stopped; then the other; `--rounds`
@@ -15,25 +15,28 @@ Writes `results.json` and `results.md` to `--out`. A benchmark, not a test.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
-import sys
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loadtests import servers
-from loadtests.bench import bench_parser, new_record, proc_cpu_s
-from loadtests.record import summarize
+from loadtests.bench import proc_cpu_s
+from loadtests.cli import Scenario, delegate
+from loadtests.record import BenchRecord, summarize
 from loadtests.runner import Target, Workload, run_phase, warm_up
 from loadtests.workload import LengthDist
+
+if TYPE_CHECKING:  # server.demo is imported where a run needs it
+    from server.demo import DemoAssets
 
 ADAPTER = "pirate"
 
 
-def _launch(tree: Path, assets: Any, port: int, home: Path) -> servers.Launch:
+def _launch(tree: Path, assets: DemoAssets, port: int, home: Path) -> servers.Launch:
     launch = servers.ours(
         assets.base_dir, assets.adapters_dir, port, servers.EngineKnobs(), home, "overhead-k"
     )
@@ -66,20 +69,23 @@ async def _measure(url: str, pid: int, users: int, adapter: bool, seconds: float
     }
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    p = bench_parser("overhead", "server overhead: two code versions side by side", __doc__)
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--old", type=Path, required=True, help="source tree of the old version")
-    p.add_argument("--new", type=Path, default=Path.cwd(), help="source tree of the new one")
+    p.add_argument(
+        "--new", type=Path, default=Path.cwd(), help="source tree of the new one [this folder]"
+    )
     p.add_argument("--users", default="1,16", help="closed-loop users, comma separated")
     p.add_argument("--seconds", type=float, default=20.0, help="measured window per point")
     p.add_argument("--rounds", type=int, default=2, help="old/new alternations")
-    args = p.parse_args(argv)
-    argv = list(sys.argv[1:] if argv is None else argv)
+
+
+def run(args: argparse.Namespace, command: str) -> None:
     from server.demo import demo_assets
 
     assets = demo_assets(args.home)
     args.out.mkdir(parents=True, exist_ok=True)
-    record = new_record("overhead", argv, args)
+    result = BenchRecord.start("overhead", command, args)
+    record = result.body
     users = [int(u) for u in args.users.split(",")]
     rows: list[dict[str, Any]] = []
     for rnd in range(args.rounds):
@@ -99,7 +105,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                             print(json.dumps(row), flush=True)
                             rows.append(row)
                             record["rows"] = rows
-                            (args.out / "results.json").write_text(json.dumps(record, indent=2))
+                            (args.out / "results.json").write_text(
+                                json.dumps(result.to_dict(), indent=2)
+                            )
     lines = [
         "| users | model | version | p50 TTFT ms (per round) | API CPU ms/request (per round) "
         "| output tok/s (per round) |",
@@ -128,5 +136,15 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(table)
 
 
-if __name__ == "__main__":
-    main()
+SCENARIO = Scenario(
+    name="overhead",
+    help="Server overhead: two code versions side by side.",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    run=run,
+    out=Path("build/overhead"),
+)
+
+
+if __name__ == "__main__":  # the older form: python -m loadtests.overhead
+    delegate(SCENARIO.name)

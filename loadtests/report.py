@@ -1,7 +1,7 @@
-"""The markdown results table of a run record, and `python -m loadtests.report` to
-rebuild `results.md` and the plots from a `results.json`.
+"""The markdown results table of a run record, and `python -m loadtests report` to
+rebuild `results.md` and the plots from a `results.json` (of `run` or `compare`).
 
-    python -m loadtests.report build/compare/results.json
+    python -m loadtests report build/compare/results.json
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from loadtests.cli import Scenario, delegate
 from loadtests.plots import MAIN_PHASE, write_plots
 from loadtests.record import (
     NOISY_OTHERS_CORES,
@@ -210,14 +211,25 @@ def write_report(record: RunRecord, out: Path, *, plots: bool = True) -> Path:
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0] if __doc__ else None)
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("record", type=Path, help="a results.json")
-    parser.add_argument("--out", type=Path, help="folder for results.md and PNGs [beside it]")
-    args = parser.parse_args(argv)
+
+
+def run(args: argparse.Namespace, command: str) -> None:
     record = RunRecord.read(args.record)
     print(write_report(record, args.out or args.record.parent))
 
 
-if __name__ == "__main__":
-    main()
+SCENARIO = Scenario(
+    name="report",
+    help="Rebuild results.md and the plots from a run's results.json.",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    run=run,
+    out=None,
+    home=False,
+)
+
+
+if __name__ == "__main__":  # the older form: python -m loadtests.report
+    delegate(SCENARIO.name)

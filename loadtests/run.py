@@ -1,10 +1,10 @@
 """One load run against a running OpenAI-compatible server (ours or any other).
 
-    python -m loadtests.run --url http://127.0.0.1:8000 --duration 60 --concurrency 16 \\
+    python -m loadtests run --url http://127.0.0.1:8000 --duration 60 --concurrency 16 \\
         --adapters-active 8 --popularity zipf --zipf-alpha 1.0 --out build/loadtest
 
     # open loop, 3 req/s, with a hot swap 20 s in and a rollback at 40 s (ours, admin key)
-    LORASWAP_ADMIN_KEY=... python -m loadtests.run --mode open --rate 3 \\
+    LORASWAP_ADMIN_KEY=... python -m loadtests run --mode open --rate 3 \\
         --swap 20:pirate=/srv/adapters/pirate-v2 --swap 40:pirate@1
 
 Adapters: `--adapters a,b,c` (most popular first), or else the server's `/v1/models`
@@ -17,22 +17,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import sys
 from dataclasses import replace
 from pathlib import Path
 
 import httpx
 
-from loadtests.options import (
-    add_swap_args,
-    add_workload_args,
-    host_info,
-    jsonable,
-    now_iso,
-    renice,
-    workload,
-)
-from loadtests.record import RunRecord, SystemRecord, summarize
+from loadtests.cli import Scenario, delegate
+from loadtests.options import add_swap_args, add_workload_args, workload
+from loadtests.record import RecordHead, RunRecord, SystemRecord, summarize
 from loadtests.report import write_report
 from loadtests.runner import Target, print_progress, run_phase, warm_up
 
@@ -51,13 +43,7 @@ def discover_adapters(url: str, base_model: str, api_key: str | None) -> list[st
     return sorted(names)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m loadtests.run",
-        description="Load-test one OpenAI-compatible server.",
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog=__doc__,
-    )
+def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default="http://127.0.0.1:8000", help="server root")
     parser.add_argument("--label", default="server", help="name in tables and plots")
     parser.add_argument("--base-model", default="smollm2", help="the base model's name")
@@ -70,18 +56,19 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--adapters-registered", type=int, default=None, help="for the record [all known]"
     )
-    parser.add_argument("--api-key", default=os.environ.get("LORASWAP_API_KEY"))
+    parser.add_argument(
+        "--api-key", default=os.environ.get("LORASWAP_API_KEY"), help="[env LORASWAP_API_KEY]"
+    )
     parser.add_argument(
         "--admin-key",
         default=os.environ.get("LORASWAP_ADMIN_KEY"),
         help="for --swap [env LORASWAP_ADMIN_KEY]",
     )
-    parser.add_argument("--out", default="build/loadtest", help="output folder")
-    parser.add_argument("--nice", type=int, default=10, help="run at this niceness [10]")
     add_workload_args(parser)
     add_swap_args(parser)
-    args = parser.parse_args(argv)
-    renice(args.nice)
+
+
+def run(args: argparse.Namespace, command: str) -> None:
 
     if args.adapters is not None:
         known = [a for a in args.adapters.split(",") if a]
@@ -102,8 +89,7 @@ def main(argv: list[str] | None = None) -> None:
         label=args.label,
     )
     main_load = workload(args, active, registered, args.swap)
-    command = " ".join(["python -m loadtests.run", *(sys.argv[1:] if argv is None else argv)])
-    record = RunRecord(created=now_iso(), command=command, host=host_info(), config=jsonable(args))
+    record = RunRecord(**RecordHead.fields_now(command, args))
     system = SystemRecord(name="server", label=args.label, url=args.url)
     record.systems.append(system)
 
@@ -136,5 +122,17 @@ def main(argv: list[str] | None = None) -> None:
         print_progress(f"wrote {out / 'results.json'} and {report}")
 
 
-if __name__ == "__main__":
-    main()
+SCENARIO = Scenario(
+    name="run",
+    help="Load-test one OpenAI-compatible server.",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    run=run,
+    out=Path("build/loadtest"),
+    nice=10,
+    home=False,
+)
+
+
+if __name__ == "__main__":  # the older form: python -m loadtests.run
+    delegate(SCENARIO.name)

@@ -1,7 +1,7 @@
 """Registry scale: do request latency, `/v1/models` and the server's memory stay flat as
 the registry grows to 10,000 adapters?
 
-    python -m loadtests.scale --home /work/cache/loraswap --out build/scale
+    python -m loadtests scale --home /work/cache/loraswap --out build/scale
 
 One server (bf16, the demo model, no adapters folder). For each count of `--counts`
 (ascending), adapters are registered through the admin API up to that count (many names,
@@ -22,10 +22,9 @@ import gc
 import os
 import secrets
 import shutil
-import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,47 +33,40 @@ import httpx
 from clients import AsyncClient, Client
 from loadtests import servers
 from loadtests.bench import (
-    bench_parser,
     demo_adapter,
     md_table,
-    new_record,
     proc_cpu_s,
     process_tree_memory,
     progress,
+    publish,
     stats_ms,
-    write_outputs,
 )
+from loadtests.cli import Scenario, delegate, scenario_args
 from loadtests.cpu import CpuMeter
-from loadtests.options import renice
+from loadtests.options import ascending_counts
+from loadtests.record import BenchRecord
 
 PROMPT = [{"role": "user", "content": "Say hello."}]
 RSS_BUDGET_MIB = 50.0
 
 
-def _counts(value: str) -> list[int]:
-    counts = sorted({int(v) for v in value.split(",") if v.strip()})
-    if not counts or counts[0] < 1:
-        raise argparse.ArgumentTypeError("counts must be >= 1")
-    return counts
-
-
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    p = bench_parser(
-        "scale",
-        "Latency, /v1/models and memory against the number of registered adapters.",
-        __doc__,
-    )
+def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
-        "--counts", type=_counts, default=[1, 100, 1000, 10000], help="[1,100,1000,10000]"
+        "--counts",
+        type=ascending_counts,
+        default=[1, 100, 1000, 10000],
+        help="registered adapters at each point",
     )
     p.add_argument("--source", default="pirate", help="demo adapter every name points at")
-    p.add_argument("--requests", type=int, default=30, help="/v1/models calls per count [30]")
-    p.add_argument("--chat-requests", type=int, default=15, help="of each chat kind [15]")
-    p.add_argument("--max-tokens", type=int, default=4, help="of the chat requests [4]")
-    p.add_argument("--hot", type=int, default=1, help="adapters the adapter requests use [1]")
-    p.add_argument("--register-concurrency", type=int, default=8, help="[8]")
-    p.add_argument("--nice", type=int, default=19, help="run at this niceness [19]")
-    return p.parse_args(argv)
+    p.add_argument("--requests", type=int, default=30, help="/v1/models calls per count")
+    p.add_argument("--chat-requests", type=int, default=15, help="of each chat kind")
+    p.add_argument("--max-tokens", type=int, default=4, help="of the chat requests")
+    p.add_argument("--hot", type=int, default=1, help="adapters the adapter requests use")
+    p.add_argument("--register-concurrency", type=int, default=8, help="admin calls at a time")
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    return scenario_args("scale", argv)
 
 
 async def register_up_to(
@@ -157,7 +149,7 @@ def measure(
     }
 
 
-def render(record: dict[str, Any]) -> str:
+def render(record: Mapping[str, Any]) -> str:
     h = record["host"]
     rows, mem_rows = [], []
     for p in record["points"]:
@@ -257,18 +249,14 @@ def render(record: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    args = parse_args(argv)
-    renice(args.nice)
+def run(args: argparse.Namespace, command: str) -> None:
     from server.demo import demo_assets
 
     source = demo_adapter(args.home, args.source)
     assets = demo_assets(args.home)
-    record: dict[str, Any] = {
-        **new_record("scale", argv, args),
-        "points": [],
-    }
+    result = BenchRecord.start("scale", command, args)
+    record = result.body
+    record["points"] = []
     work = Path(tempfile.mkdtemp(prefix="loraswap-scale-"))
     admin_key = secrets.token_hex(16)
     try:
@@ -346,10 +334,19 @@ def main(argv: list[str] | None = None) -> None:
         "pss": last.get("pss_delta_mib"),
     }
     record["rss_pass"] = (last.get("rss_delta_mib") or 0.0) <= RSS_BUDGET_MIB
-    md = write_outputs(args.out, "scale", record, render(record))
-    progress(f"wrote {md} and scale.json")
-    print(md.read_text())
+    publish(result, args.out, render)
 
 
-if __name__ == "__main__":
-    main()
+SCENARIO = Scenario(
+    name="scale",
+    help="Latency, /v1/models and memory against the number of registered adapters.",
+    doc=__doc__,
+    add_arguments=add_arguments,
+    run=run,
+    out=Path("build/scale"),
+    nice=19,
+)
+
+
+if __name__ == "__main__":  # the older form: python -m loadtests.scale
+    delegate(SCENARIO.name)

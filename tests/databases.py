@@ -20,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import quote, urlsplit, urlunsplit
 
 from server.settings import RegistrySettings
@@ -188,7 +189,7 @@ def _run(cmd: list[str], log: Path | None = None) -> None:
         raise PostgresUnavailable(f"{' '.join(cmd)} failed ({done.returncode}): {detail}")
 
 
-def registry_settings(database: str | Path, **registry: object) -> dict[str, object]:
+def registry_settings(database: str | Path, **registry: Any) -> dict[str, Any]:
     """Settings(**...) fields that put the registry in `database` (+ `registry` fields)."""
     if isinstance(database, Path):
         return {"registry_db": database, "registry": RegistrySettings(**registry)}

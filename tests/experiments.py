@@ -8,7 +8,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import httpx
 from fastapi.testclient import TestClient
 
 from adapters_registry.experiments import ExperimentStore, Exposure
@@ -18,6 +17,7 @@ from server.settings import Settings
 from tests.adapters import make_adapter, make_base
 from tests.databases import registry_settings
 from tests.fakes import FakeEngine
+from tests.testclient import ClientResponse
 
 ADMIN = {"authorization": "Bearer admin-key"}
 HI = [{"role": "user", "content": "hi"}]
@@ -35,7 +35,7 @@ def settings(tmp_path: Path, database: str | Path, **extra: Any) -> Settings:
         allowed_roots=[tmp_path / "allowed"],
         **registry_settings(database),
         **extra,
-    )  # type: ignore[arg-type]
+    )
 
 
 class World:
@@ -46,13 +46,15 @@ class World:
     def auth(self, who: str) -> dict[str, str]:
         return ADMIN if who == "admin" else {"authorization": f"Bearer {self.keys[who]}"}
 
-    def chat(self, who: str, user: str | None = "u1", model: str = "bot", **extra: Any):
+    def chat(
+        self, who: str, user: str | None = "u1", model: str = "bot", **extra: Any
+    ) -> ClientResponse:
         body: dict[str, Any] = {"model": model, "messages": HI, "max_tokens": 4, **extra}
         if user is not None:
             body["user"] = user
         return self.c.post("/v1/chat/completions", json=body, headers=self.auth(who))
 
-    def feedback(self, who: str, **body: Any) -> httpx.Response:
+    def feedback(self, who: str, **body: Any) -> ClientResponse:
         return self.c.post("/v1/feedback", json=body, headers=self.auth(who))
 
     @property

@@ -8,7 +8,6 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
@@ -18,6 +17,7 @@ from server.settings import Settings
 from tests.abuse.corpus import CASES, CONFIG, WEIGHTS, Case, set_config
 from tests.adapters import make_adapter, make_base
 from tests.fakes import FakeEngine
+from tests.testclient import ClientResponse
 
 KEY = "abuse-admin-key"
 AUTH = {"authorization": f"Bearer {KEY}"}
@@ -34,17 +34,17 @@ def client(tmp_path: Path) -> Iterator[TestClient]:
         home=tmp_path / "home",
         admin_key=KEY,
         allowed_roots=[tmp_path / "allowed"],
-    )  # type: ignore[call-arg]
+    )
     with TestClient(create_app(settings, engine=FakeEngine())) as c:
         assert register(c, "good", tmp_path / "allowed" / "good").status_code == 201
         yield c
 
 
-def register(client: TestClient, name: str, path: Path) -> httpx.Response:
+def register(client: TestClient, name: str, path: Path) -> ClientResponse:
     return client.post("/admin/adapters", headers=AUTH, json={"name": name, "source": str(path)})
 
 
-def upload(client: TestClient, name: str, folder: Path) -> httpx.Response:
+def upload(client: TestClient, name: str, folder: Path) -> ClientResponse:
     files = {
         "adapter_config": (CONFIG, (folder / CONFIG).read_bytes()),
         "adapter_model": (WEIGHTS, (folder / WEIGHTS).read_bytes()),
@@ -52,12 +52,12 @@ def upload(client: TestClient, name: str, folder: Path) -> httpx.Response:
     return client.post("/admin/adapters/upload", headers=AUTH, data={"name": name}, files=files)
 
 
-def chat(client: TestClient, model: str) -> httpx.Response:
+def chat(client: TestClient, model: str) -> ClientResponse:
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 12}
     return client.post("/v1/chat/completions", json=body)
 
 
-def assert_refused(r: httpx.Response, case: Case) -> None:
+def assert_refused(r: ClientResponse, case: Case) -> None:
     error = r.json()["error"] if r.headers.get("content-type") == "application/json" else {}
     answer = (r.status_code, error.get("code"))
     assert answer in ((case.status, case.code), *case.also), r.text
@@ -90,7 +90,7 @@ def assert_unharmed(client: TestClient, tmp_path: Path, name: str) -> None:
 
 
 def _params(upload_too: bool) -> list[object]:
-    out = []
+    out: list[object] = []
     for case in CASES:
         if upload_too and (case.id.startswith("symlinked") or case.id in ("pickle", "fifo")):
             continue  # an upload is two byte streams: no symlink, FIFO or .bin to send
@@ -172,7 +172,7 @@ def test_an_admin_registration_is_not_hijacked_by_a_folder(tmp_path: Path) -> No
         admin_key=KEY,
         adapters_dir=adapters,
         allowed_roots=[adapters],
-    )  # type: ignore[call-arg]
+    )
     with TestClient(create_app(settings, engine=FakeEngine())) as client:
         assert register(client, "support", adapters / "support-v1").status_code == 201
         r = chat(client, "support")

@@ -48,7 +48,7 @@ def _run_and_kill(spec: Path, acks_before_kill: int, delay_s: float) -> list[str
         cwd=ROOT,
     )
     assert proc.stdout is not None
-    lines = []
+    lines: list[str] = []
     try:
         while len([x for x in lines if x.startswith("ACK")]) < acks_before_kill:
             line = proc.stdout.readline()

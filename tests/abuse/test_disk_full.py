@@ -97,7 +97,7 @@ def test_download_cache_disk_full(tmp_path: Path, small_disk: Path, www: tuple[s
         admin_key=KEY,
         storage_dir=small_disk / "registry",
         sources={"http_allowed_networks": ["127.0.0.1/32"]},
-    )  # type: ignore[arg-type]
+    )
     size = (root / "a0" / "adapter_model.safetensors").stat().st_size
     with TestClient(create_app(settings, engine=FakeEngine())) as c:
         assert (

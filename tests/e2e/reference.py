@@ -38,7 +38,7 @@ class PeftReference:
 
     @torch.inference_mode()
     def greedy(self, adapter: str | None, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        config = GenerationConfig(
+        config = GenerationConfig(  # type: ignore[no-untyped-call]
             do_sample=False,
             max_new_tokens=max_new_tokens,
             eos_token_id=sorted(self.eos_ids),
@@ -52,10 +52,10 @@ class PeftReference:
         }
         if adapter is None:
             with self.model.disable_adapter():
-                out = self.model.generate(**kwargs)
+                out = self.model.generate(**kwargs)  # type: ignore[no-untyped-call]
         else:
             self.model.set_adapter(adapter)
-            out = self.model.generate(**kwargs)
+            out = self.model.generate(**kwargs)  # type: ignore[no-untyped-call]
         return self.trim(out[0, len(prompt_ids) :].tolist())
 
     def trim(self, ids: list[int]) -> list[int]:

@@ -33,7 +33,7 @@ SHORT = {
 
 def tree_rss_mb(pid: int) -> float:
     proc = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)]) / 2**20
+    return float(sum(p.memory_info().rss for p in [proc, *proc.children(recursive=True)])) / 2**20
 
 
 async def flood(url: str, key: str, rate: float, seconds: float) -> Counter[int]:

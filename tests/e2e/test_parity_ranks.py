@@ -11,6 +11,7 @@ all exercised, and base rows sit in the same batches.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,7 @@ def rank_adapters(demo: DemoAssets, tmp_path_factory: pytest.TempPathFactory) ->
 @pytest.fixture(scope="module")
 def rank_server(
     demo: DemoAssets, rank_adapters: Path, tmp_path_factory: pytest.TempPathFactory
-) -> ServerProc:
+) -> Iterator[ServerProc]:
     state = tmp_path_factory.mktemp("rank-server")
     args = ["--max-loras", str(len(SPECS)), "--max-lora-rank", "64"]
     with running_server(
@@ -62,7 +63,7 @@ def rank_server(
         env=registry_env(demo, state),
         extra_args=args,
     ) as proc:
-        yield proc  # type: ignore[misc]
+        yield proc
 
 
 @pytest.fixture(scope="module")

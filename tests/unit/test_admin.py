@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -17,12 +18,13 @@ from server.settings import Settings
 from tests.adapters import make_adapter, make_base
 from tests.databases import registry_settings
 from tests.fakes import FakeEngine, reply
+from tests.testclient import ClientResponse
 
 KEY = "s3cret"
 AUTH = {"authorization": f"Bearer {KEY}"}
 
 
-def settings(tmp_path: Path, **extra: object) -> Settings:
+def settings(tmp_path: Path, **extra: Any) -> Settings:
     if not (tmp_path / "base").exists():
         make_base(tmp_path / "base")
     (tmp_path / "allowed").mkdir(exist_ok=True)
@@ -33,7 +35,7 @@ def settings(tmp_path: Path, **extra: object) -> Settings:
         admin_key=KEY,
         allowed_roots=[tmp_path / "allowed"],
         **extra,
-    )  # type: ignore[arg-type]
+    )
 
 
 @pytest.fixture
@@ -49,13 +51,13 @@ def client(tmp_path: Path, engine: FakeEngine, database: str | Path) -> Iterator
         yield c
 
 
-def register(client: TestClient, name: str, path: Path, **extra: object) -> httpx.Response:
+def register(client: TestClient, name: str, path: Path, **extra: object) -> ClientResponse:
     return client.post(
         "/admin/adapters", headers=AUTH, json={"name": name, "source": str(path), **extra}
     )
 
 
-def chat(client: TestClient, model: str, **extra: object) -> httpx.Response:
+def chat(client: TestClient, model: str, **extra: object) -> ClientResponse:
     return client.post(
         "/v1/chat/completions",
         json={

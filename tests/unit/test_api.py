@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -24,6 +25,7 @@ from tests.fakes import (
     reply_ids,
     tokenizer,
 )
+from tests.testclient import ClientResponse
 
 
 @pytest.fixture
@@ -43,7 +45,7 @@ def client(tmp_path: Path, engine: FakeEngine) -> Iterator[TestClient]:
         yield c
 
 
-def tiny_settings(tmp_path: Path, **extra: object) -> Settings:
+def tiny_settings(tmp_path: Path, **extra: Any) -> Settings:
     """A tiny synthetic base and the adapters folder under tmp_path, registry in tmp_path."""
     if not (tmp_path / "base").exists():
         make_base(tmp_path / "base")
@@ -53,16 +55,16 @@ def tiny_settings(tmp_path: Path, **extra: object) -> Settings:
         adapters_dir=tmp_path / "adapters",
         home=tmp_path / "home",
         **extra,
-    )  # type: ignore[arg-type]
+    )
 
 
-def chat(client: TestClient, model: str, **extra: object):
+def chat(client: TestClient, model: str, **extra: object) -> ClientResponse:
     body = {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}
     return client.post("/v1/chat/completions", json={**body, **extra})
 
 
-def error_of(response) -> dict[str, object]:
-    err = response.json()["error"]
+def error_of(response: ClientResponse) -> dict[str, Any]:
+    err: dict[str, Any] = response.json()["error"]
     assert set(err) == {"message", "type", "param", "code"}
     return err
 
@@ -193,7 +195,7 @@ def test_stop_strings(client: TestClient) -> None:
     assert body["choices"][0]["message"]["content"] == "bas"
 
 
-def sse_events(response) -> list[object]:
+def sse_events(response: ClientResponse) -> list[Any]:
     events = []
     for line in response.iter_lines():
         if line.startswith("data: "):
@@ -427,7 +429,7 @@ def test_non_streaming_disconnect_aborts(tmp_path: Path) -> None:
                 await disconnect.wait()
                 return {"type": "http.disconnect"}
 
-            async def send(_: dict[str, object]) -> None:
+            async def send(_: MutableMapping[str, Any]) -> None:
                 pass
 
             scope = {

@@ -153,7 +153,8 @@ def test_md_table() -> None:
         "| a\\|b | 3 | 12.3 |",
         "| c | – | 0.50 |",
     ]
-    auto = md_table(["x", "y"], iter([["a", 1], ["b", None]]), "auto")
+    rows: list[list[object]] = [["a", 1], ["b", None]]
+    auto = md_table(["x", "y"], iter(rows), "auto")
     assert auto.splitlines()[1] == "|---|--:|"
 
 

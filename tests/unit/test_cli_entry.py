@@ -44,7 +44,7 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     make_base(tmp / "base")
     settings = Settings(
         served_model_name="tiny", model=tmp / "base", home=tmp / "home", admin_key=KEY
-    )  # type: ignore[arg-type]
+    )
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

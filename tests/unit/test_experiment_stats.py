@@ -127,7 +127,7 @@ def test_per_arm_operational_numbers() -> None:
     assert close(control["latency_s"]["p50"], float(np.percentile(latencies, 50)))
     assert close(control["latency_s"]["p95"], float(np.percentile(latencies, 95)))
     ttfts = [r.ttft_s for r in rows[105:]]  # successful ones only
-    assert close(arm["ttft_s"]["p95"], float(np.percentile(ttfts, 95)))
+    assert close(arm["ttft_s"]["p95"], float(np.percentile(np.array(ttfts, dtype=float), 95)))
     assert (arm["prompt_tokens"], arm["completion_tokens"]) == (500, 250)
 
 

@@ -47,7 +47,8 @@ class PortalTransport(httpx.BaseTransport):
             body = await response.aread()
             return httpx.Response(response.status_code, headers=response.headers, content=body)
 
-        return self._portal.call(call)
+        response: httpx.Response = self._portal.call(call)
+        return response
 
 
 @pytest.fixture
@@ -160,7 +161,7 @@ def test_cli_feedback_and_report(cli: Callable[..., Any], transport: httpx.BaseT
     with Client(URL, admin_key=ADMIN_KEY, transport=transport) as admin:
         key = admin.create_key("acme")["key"]
         with Client(URL, api_key=key, transport=transport) as acme:
-            ids = {}
+            ids: dict[str | None, list[str]] = {}
             for i in range(30):
                 reply = acme.chat("bot", HI, max_tokens=2, user=f"user-{i}")
                 ids.setdefault(reply.served_by.alias_variant, []).append(reply.body["id"])

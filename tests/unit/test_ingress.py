@@ -45,7 +45,7 @@ async def world(tmp_path: Path) -> AsyncIterator[World]:
         allowed_roots=[allowed],
         max_body_bytes=BODY_LIMIT,
         max_adapter_bytes=1024 * 1024,
-    )  # type: ignore[arg-type]
+    )
     replica = create_app(settings, engine=FakeEngine())
     async with replica.router.lifespan_context(replica):
         registry = replica.state.router.registry

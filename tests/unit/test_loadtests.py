@@ -21,6 +21,7 @@ from unittest.mock import Mock
 import httpx
 import pytest
 
+from loadtests import servers
 from loadtests.cpu import CpuMeter, session_cpu_s
 from loadtests.record import (
     PhaseRecord,
@@ -566,7 +567,7 @@ def test_compare_warms_every_phase_with_its_own_load(
 ) -> None:
     """Sweep points read low unwarmed (issue 17): each phase gets a warm-up of its own
     load, the first `warmup_s`, the later ones `phase_warmup_s`, swaps never."""
-    from loadtests import compare, servers
+    from loadtests import compare
 
     calls: list[tuple[str, float, tuple[str, ...], int]] = []
 
@@ -581,7 +582,7 @@ def test_compare_warms_every_phase_with_its_own_load(
         calls.append((name, load.duration_s, load.adapters, len(load.swaps)))
         return _phase(name, len(load.adapters), 10, 0.0)
 
-    monkeypatch.setattr(compare.servers, "running", running)
+    monkeypatch.setattr(servers, "running", running)
     monkeypatch.setattr(compare, "warm_up", warm_up)
     monkeypatch.setattr(compare, "run_phase", run_phase)
     monkeypatch.setattr(compare, "PAUSE_S", 0.0)

@@ -4,7 +4,7 @@ deployment (server/ray_serve.py), against the fake engine. Fast, no Ray."""
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -38,7 +38,7 @@ def settings(tmp_path: Path) -> Settings:
         adapters_dir=root,
         home=tmp_path / "home",
         admin_key=KEY,
-    )  # type: ignore[arg-type]
+    )
 
 
 def body(model: str, **extra: object) -> bytes:
@@ -159,6 +159,7 @@ async def test_call_asgi_closed_early_aborts_the_stream(tmp_path: Path) -> None:
         async for item in stream:
             if isinstance(item, bytes):
                 break
+        assert isinstance(stream, AsyncGenerator)
         await stream.aclose()  # the client went away
         assert len(engine.aborted) == 1
         assert not engine.running

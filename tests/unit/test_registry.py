@@ -8,7 +8,7 @@ import http.server
 import io
 import os
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -156,8 +156,12 @@ def test_alias_must_point_at_existing_versions(registry: Registry, roots: Path) 
     ids=["dotdot", "outside", "symlink", "pickle", "truncated", "rank", "other-base", "missing"],
 )
 def test_refused_sources_leave_nothing(
-    registry: Registry, roots: Path, tmp_path: Path, make, error
-) -> None:  # type: ignore[no-untyped-def]
+    registry: Registry,
+    roots: Path,
+    tmp_path: Path,
+    make: Callable[[Path, Path], str],
+    error: type[Exception],
+) -> None:
     make_adapter(tmp_path / "outside")
     with pytest.raises(error):
         registry.register("bad", make(roots, tmp_path))

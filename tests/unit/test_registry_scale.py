@@ -172,9 +172,14 @@ async def test_model_names_are_cached_until_the_registry_changes(
     registry.register("mine", _w(registry, 1), owner="t")
     _swell(registry, 100)
     router = AdapterRouter("tiny", registry, None, FakeEngine())
-    calls = []
+    calls: list[int] = []
     listing = registry.adapters
-    monkeypatch.setattr(registry, "adapters", lambda: calls.append(1) or listing())
+
+    def counted() -> list[Any]:
+        calls.append(1)
+        return listing()
+
+    monkeypatch.setattr(registry, "adapters", counted)
 
     adapters, aliases = await router.model_names()
     assert len(adapters) == 102 and aliases == [] and "mine" in adapters

@@ -237,7 +237,7 @@ def test_register_from_s3_and_serve(
         model=tmp_path / "base",
         home=tmp_path / "home",
         admin_key=KEY,
-        sources={"s3_endpoint_url": seaweed, "s3_region": "us-east-1"},  # type: ignore[arg-type]
+        sources={"s3_endpoint_url": seaweed, "s3_region": "us-east-1"},
     )
     engine = FakeEngine()
     with TestClient(create_app(settings, engine=engine)) as client:

@@ -60,7 +60,7 @@ def test_revision_is_pinned_to_its_commit(tmp_path: Path, monkeypatch: pytest.Mo
 
     def download(repo_id: str, filename: str, *, revision: str, local_dir: str, **_: Any) -> str:
         assert revision == COMMIT  # files come from the pinned commit, not the branch
-        return shutil.copy(repo / filename, Path(local_dir) / filename)
+        return str(shutil.copy(repo / filename, Path(local_dir) / filename))
 
     monkeypatch.setattr(huggingface_hub, "HfApi", Api)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", download)

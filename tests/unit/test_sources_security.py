@@ -302,7 +302,12 @@ def test_written_files_are_fsynced(
 ) -> None:
     synced: list[int] = []
     real_fsync = os.fsync
-    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd))[1])
+
+    def fsync(fd: int) -> None:
+        synced.append(fd)
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
     src = make_adapter(tmp_path / "src")
     files = {
         n: io.BytesIO((src / n).read_bytes())

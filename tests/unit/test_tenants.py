@@ -6,6 +6,7 @@ import asyncio
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,11 +20,12 @@ from server.settings import Settings
 from tests.adapters import make_adapter, make_base
 from tests.databases import database_contents, registry_settings
 from tests.fakes import FakeEngine
+from tests.testclient import ClientResponse
 
 ADMIN = {"authorization": "Bearer admin-key"}
 
 
-def settings(tmp_path: Path, **extra: object) -> Settings:
+def settings(tmp_path: Path, **extra: Any) -> Settings:
     if not (tmp_path / "base").exists():
         make_base(tmp_path / "base")
     (tmp_path / "allowed").mkdir(exist_ok=True)
@@ -34,7 +36,7 @@ def settings(tmp_path: Path, **extra: object) -> Settings:
         admin_key="admin-key",
         allowed_roots=[tmp_path / "allowed"],
         **extra,
-    )  # type: ignore[arg-type]
+    )
 
 
 @pytest.fixture
@@ -76,7 +78,7 @@ def world(tmp_path: Path, database: str | Path) -> Iterator[tuple[TestClient, di
         yield c, keys
 
 
-def ask(c: TestClient, model: str, key: str | None) -> httpx.Response:
+def ask(c: TestClient, model: str, key: str | None) -> ClientResponse:
     headers = {"authorization": f"Bearer {key}"} if key else {}
     return c.post(
         "/v1/completions", headers=headers, json={"model": model, "prompt": "x", "max_tokens": 2}

@@ -10,6 +10,7 @@ import pytest
 
 from adapters_registry import (
     AdapterNotFound,
+    AdapterSpec,
     AdapterTooLarge,
     BaseModelShapes,
     DirectoryCatalog,
@@ -33,7 +34,9 @@ def base(tmp_path: Path) -> BaseModelShapes:
     return BaseModelShapes.from_dir(make_base(tmp_path / "base"), "tiny")
 
 
-def check(path: Path, base: BaseModelShapes, limits: Limits = LIMITS, sha: str | None = None):
+def check(
+    path: Path, base: BaseModelShapes, limits: Limits = LIMITS, sha: str | None = None
+) -> AdapterSpec:
     return inspect_adapter(path, name="a", base=base, limits=limits, expected_sha256=sha)
 
 

@@ -21,8 +21,8 @@ the demo model, or a randomly initialised Qwen2-0.5B-shaped model (built once, c
 adapters are random (throughput does not depend on what they say) with ranks and target
 sets given on the command line. A benchmark, not a test.
 
-    python -m loadtests.bench_engine --model demo --requests 16 --rounds 3
-    python -m loadtests.bench_engine --model qwen05 --requests 8 --rounds 2
+    python -m loadtests micro engine --model demo --requests 16 --rounds 3
+    python -m loadtests micro engine --model qwen05 --requests 8 --rounds 2
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ def make_qwen05(path: Path, tokenizer_from: Path) -> Path:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     torch.manual_seed(0)
-    config = Qwen2Config(
+    config = Qwen2Config(  # type: ignore[call-arg]  # torch_dtype: still read, untyped
         hidden_size=896,
         intermediate_size=4864,
         num_hidden_layers=24,
@@ -63,7 +63,7 @@ def make_qwen05(path: Path, tokenizer_from: Path) -> Path:
         tie_word_embeddings=True,
         torch_dtype="bfloat16",
     )
-    model = Qwen2ForCausalLM(config).to(torch.bfloat16)
+    model = Qwen2ForCausalLM(config).to(torch.bfloat16)  # type: ignore[no-untyped-call,arg-type]
     model.save_pretrained(tmp)
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
         if (tokenizer_from / name).is_file():

@@ -6,8 +6,8 @@ the slice's offset. Both implementations run in the same process on the same ten
 interleaved trial by trial so background load hits both alike; the table shows the
 median per layer call and the ratio.
 
-    python loadtests/bench_lora_ops.py --tokens 8 --slots 4
-    python loadtests/bench_lora_ops.py --tokens 512 --slots 4 --requests 4
+    python -m loadtests micro lora-ops --tokens 8 --slots 4
+    python -m loadtests micro lora-ops --tokens 512 --slots 4 --requests 4
 
 Requests are laid out back to back (request r gets `tokens // requests` rows, the last
 one the remainder) and request r uses slot r % slots; --base-every K makes every K-th
