@@ -22,6 +22,7 @@ from server.serving import DEFAULTS_HEADER
 from tests.adapters import make_adapter
 from tests.databases import registry_settings
 from tests.fakes import FakeEngine, chat_prompt_ids, prompt_ids
+from tests.testclient import ClientResponse
 from tests.unit.test_admin import AUTH, settings
 from tests.unit.test_client import ADMIN_KEY, HI, URL, Server
 from tests.unit.test_sources_push import checkpoint
@@ -52,7 +53,7 @@ def client(tmp_path: Path, engine: FakeEngine, database: str | Path) -> Iterator
 
 def register(
     client: TestClient, name: str, seed: int, tmp_path: Path, defaults: Any = None
-) -> httpx.Response:
+) -> ClientResponse:
     path = make_adapter(tmp_path / "allowed" / f"{name}{seed}", seed=seed)
     body: dict[str, Any] = {"name": name, "source": str(path)}
     if defaults is not None:
@@ -62,7 +63,7 @@ def register(
 
 def add_version(
     client: TestClient, name: str, seed: int, tmp_path: Path, defaults: Any = None
-) -> httpx.Response:
+) -> ClientResponse:
     path = make_adapter(tmp_path / "allowed" / f"{name}{seed}", seed=seed)
     body: dict[str, Any] = {"source": str(path)}
     if defaults is not None:
@@ -70,13 +71,13 @@ def add_version(
     return client.post(f"/admin/adapters/{name}/versions", headers=AUTH, json=body)
 
 
-def chat(client: TestClient, model: str, messages: Any = USER, **extra: Any) -> httpx.Response:
+def chat(client: TestClient, model: str, messages: Any = USER, **extra: Any) -> ClientResponse:
     r = client.post("/v1/chat/completions", json={"model": model, "messages": messages, **extra})
     assert r.status_code == 200, r.text
     return r
 
 
-def applied(r: httpx.Response) -> list[str]:
+def applied(r: ClientResponse) -> list[str]:
     value = r.headers.get(DEFAULTS_HEADER)
     return [] if value is None else value.split(",")
 
@@ -161,7 +162,7 @@ BAD = [
 def test_bad_defaults_are_400_and_register_nothing(
     client: TestClient, tmp_path: Path, defaults: dict[str, Any], param: str, message: str
 ) -> None:
-    def refused(r: httpx.Response) -> None:
+    def refused(r: ClientResponse) -> None:
         assert r.status_code == 400, r.text
         error = r.json()["error"]
         assert (error["type"], error["code"], error["param"]) == (
@@ -214,7 +215,7 @@ def test_system_prompt_only_when_the_conversation_has_none(
         "/v1/chat/completions",
         json={"model": "pirate", "messages": USER, "max_tokens": 2, "stream": True},
     ) as s:
-        assert applied(s) == ["system_prompt"]  # type: ignore[arg-type]
+        assert applied(s) == ["system_prompt"]
         assert "[DONE]" in "".join(s.iter_text())
     assert engine.inputs[-1][0] == chat_prompt_ids([system, *USER])
 
@@ -267,7 +268,7 @@ def test_completions_get_the_sampling_defaults_not_the_system_prompt(
     with client.stream(
         "POST", "/v1/completions", json={**body, "stream": True, "max_tokens": 16}
     ) as s:
-        assert applied(s) == [k for k in SAMPLING if k != "max_tokens"]  # type: ignore[arg-type]
+        assert applied(s) == [k for k in SAMPLING if k != "max_tokens"]
         "".join(s.iter_text())
     assert engine.inputs[-1][1].max_tokens == 16  # OpenAI's default for completions, sent
 
@@ -374,7 +375,7 @@ def test_the_client_registers_defaults_and_reads_the_header(
     assert api.add_version("pirate", str(server.adapter("p1", seed=1)))["defaults"] is None
     assert api.chat("pirate", HI, max_tokens=1).served_by.defaults_applied == ()
     with pytest.raises(BadRequestError) as raised:
-        api.add_version("pirate", str(server.adapter("p4", seed=4)), defaults={"top_k": 5})
+        api.add_version("pirate", str(server.adapter("p4", seed=4)), defaults={"top_k": 5})  # type: ignore[arg-type]
     assert raised.value.param == "defaults.top_k"
 
 
