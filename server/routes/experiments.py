@@ -22,7 +22,14 @@ from adapters_registry.errors import AdapterNotFound
 from adapters_registry.experiments import Exposure, Feedback, GuardrailEvent, RampRecord
 from adapters_registry.names import NAME_PATTERN
 from server.auth import require_admin
-from server.deps import ExposuresDep, GuardrailsDep, PrincipalDep, RampsDep, RouterDep
+from server.deps import (
+    ExposuresDep,
+    GuardrailsDep,
+    MetricsDep,
+    PrincipalDep,
+    RampsDep,
+    RouterDep,
+)
 from server.errors import InvalidRequest, ResponseNotFound
 from server.experiments.guardrails import Limits
 from server.experiments.log import ExposureLog
@@ -104,7 +111,11 @@ async def _find(
 
 @router.post("/v1/feedback", summary="Report an outcome of a response (A/B experiments)")
 async def post_feedback(
-    body: FeedbackBody, principal: PrincipalDep, log: ExposuresDep, guardrails: GuardrailsDep
+    body: FeedbackBody,
+    principal: PrincipalDep,
+    log: ExposuresDep,
+    guardrails: GuardrailsDep,
+    metrics: MetricsDep,
 ) -> dict[str, Any]:
     """Idempotent per (response, metric): the last outcome sent is the one kept."""
     exposure = await _find(log, body.response_id, body.request_id, principal.tenant_name)
@@ -119,7 +130,8 @@ async def post_feedback(
         label=body.label_value,
         score=body.score,
     )
-    if record.created_at == record.updated_at:  # a first outcome: the guardrails count it
+    if record.created_at == record.updated_at:  # a first outcome: guardrails and metrics count it
+        metrics.observe_feedback(exposure, record)
         value = record.label if record.label is not None else record.score
         if value is not None:
             guardrails.feedback(exposure, record.metric, float(value))
