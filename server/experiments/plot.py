@@ -31,6 +31,9 @@ from server.experiments.report import CONFIDENCE, binary_summary, score_summary
 Kind = Literal["label", "score"]
 _KINDS: tuple[Kind, ...] = ("label", "score")
 MAX_POINTS = 200
+# Metrics drawn in one image at most (each up to two charts): metric names come from
+# callers, and one chart per name would let them make the image as large as they like.
+MAX_METRICS = 6
 _DRAWING = threading.Lock()
 
 
@@ -119,16 +122,20 @@ def _when(seconds: float) -> datetime:
     return datetime.fromtimestamp(seconds, tz=timezone.utc)
 
 
-def render(alias: str, drawn: dict[tuple[str, Kind], list[Running]], window: str) -> bytes:
+def render(
+    alias: str, drawn: dict[tuple[str, Kind], list[Running]], window: str, note: str = ""
+) -> bytes:
     """The PNG: one chart per (metric, kind), a line and a shaded interval per arm; with
-    nothing to draw, an image that says so (an embedded plot never breaks)."""
+    nothing to draw, an image that says so (an embedded plot never breaks). `note`: a
+    line under the title."""
     from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
     from matplotlib.figure import Figure
 
     with _DRAWING:
         rows = max(len(drawn), 1)
         fig = Figure(figsize=(9, 3.2 * rows + 0.6), dpi=100, layout="constrained")
-        fig.suptitle(f"alias {alias}: running mean, {100 * CONFIDENCE:g}% interval ({window})")
+        title = f"alias {alias}: running mean, {100 * CONFIDENCE:g}% interval ({window})"
+        fig.suptitle(title + (f"\n{note}" if note else ""))
         axes = fig.subplots(rows, 1, squeeze=False)[:, 0]
         if not drawn:
             axes[0].set_axis_off()

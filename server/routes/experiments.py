@@ -266,23 +266,29 @@ async def experiment_plot(
         Query(description="The feedback metric to draw [every metric of the window]."),
     ] = None,
 ) -> Response:
-    """One chart per metric (and per kind: labels, scores) with outcomes in the window.
-    With no feedback in the window yet the image says so (200); a named metric that has
-    no outcomes in the window is a 400 naming the metrics that have."""
+    """One chart per metric (and per kind: labels, scores) with outcomes in the window,
+    for the first `MAX_METRICS` (6) metrics by name unless one is named. With no feedback
+    in the window yet the image says so (200); a named metric that has no outcomes in
+    the window is a 400 naming the metrics that have."""
     start, end = parse_time(since, "since"), parse_time(until, "until")
     variants, exposures, feedback = await _experiment(name, router_, log, start, end)
     metrics = sorted({f.metric for _, f in feedback})
     if metric is not None:
         if metric not in metrics:
             raise InvalidRequest(
-                f"no feedback of metric {metric!r} in this window (it has: {metrics})",
+                f"no feedback of metric {metric!r} in this window (it has: "
+                f"{', '.join(metrics[:20]) or 'none'}{', ...' if len(metrics) > 20 else ''})",
                 param="metric",
             )
         metrics = [metric]
+    note = ""
+    if len(metrics) > plot.MAX_METRICS:
+        note = f"the first {plot.MAX_METRICS} of {len(metrics)} metrics: name one with ?metric="
+        metrics = metrics[: plot.MAX_METRICS]
 
     def draw() -> bytes:
         drawn = plot.panels(variants, exposures, feedback, metrics)
-        return plot.render(name, drawn, _window_text(start, end))
+        return plot.render(name, drawn, _window_text(start, end), note)
 
     png = await asyncio.to_thread(draw)
     return Response(png, media_type="image/png", headers={"cache-control": "no-store"})

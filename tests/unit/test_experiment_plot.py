@@ -116,6 +116,21 @@ def test_the_plot_endpoint_draws_each_metric_from_the_data(world: World) -> None
     assert _plot(world, metric="thumbs", until=10**10).content != thumbs.content
 
 
+def test_the_number_of_charts_is_bounded(world: World) -> None:
+    """Metric names come from callers: an image has at most MAX_METRICS metrics."""
+    r = world.chat("a", user="u")
+    for n in range(plot.MAX_METRICS + 3):
+        body = {"response_id": r.json()["id"], "metric": f"m{n}", "label": 1}
+        assert world.feedback("a", **body).status_code == 200
+    one = _decoded(_plot(world, metric="m0").content).size
+    capped = _decoded(_plot(world).content).size
+    # The same height as MAX_METRICS charts (plus the note's line), not MAX_METRICS + 3.
+    chart = 320
+    assert (capped[1] - one[1]) // chart == plot.MAX_METRICS - 1
+    unknown = _plot(world, metric="nope").json()["error"]["message"]
+    assert "it has: m0, m1, m2" in unknown
+
+
 def test_plot_errors(world: World) -> None:
     world.chat("a", user="u")
     unknown = _plot(world, metric="nope")
