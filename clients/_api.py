@@ -323,6 +323,22 @@ class Endpoints:
         return Op(_read(path), json_body)
 
     @endpoint
+    def experiment_plot(
+        self,
+        alias: str,
+        *,
+        since: float | str | None = None,
+        until: float | str | None = None,
+        metric: str | None = None,
+    ) -> Op[bytes]:
+        """A PNG of alias `alias`'s experiment (admin): each feedback metric's running
+        mean with its 95% interval, per arm, over time (`metric`: only that one)."""
+        query = {"since": since, "until": until, "metric": metric}
+        params = urlencode({k: str(v) for k, v in query.items() if v is not None})
+        path = f"/admin/aliases/{segment(alias)}/experiment/plot.png"
+        return Op(_read(path + (f"?{params}" if params else "")), _content)
+
+    @endpoint
     def set_guardrails(
         self,
         alias: str,
@@ -620,6 +636,10 @@ class Endpoints:
 # Inference changes no server state: sending it again is harmless (it costs engine time).
 def _inference(path: str, body: JSON) -> Spec:
     return Spec("POST", path, "api", replayable=True, json=body)
+
+
+def _content(response: httpx.Response) -> bytes:
+    return response.content
 
 
 def _read(path: str) -> Spec:

@@ -204,7 +204,7 @@ def write_report(record: RunRecord, out: Path, *, plots: bool = True) -> Path:
     if plots:
         try:
             images = write_plots(record, out)
-        except ImportError as exc:  # matplotlib is a dev extra: the table still matters
+        except ImportError as exc:  # a broken matplotlib install: the table still matters
             print(f"no plots ({exc}); pip install matplotlib", file=sys.stderr)
     path = out / "results.md"
     path.write_text(render(record, images))

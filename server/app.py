@@ -164,6 +164,8 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         )
         await asyncio.to_thread(ramps.load)
         exposures.listeners.append(ramps.observe)
+        # Exposures and errors per alias arm, for the dashboard's Experiments row.
+        exposures.listeners.append(metrics.observe_exposure)
         writer = asyncio.create_task(exposures.run())
         stepper = asyncio.create_task(ramps.run())
         for record in router.registry.adapters():

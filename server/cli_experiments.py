@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -24,6 +25,7 @@ from server.cli_admin import (
     _query,
     _session,
     default_client,
+    err,
     out,
 )
 
@@ -181,12 +183,30 @@ def make_experiments_app(connect: ClientFactory = default_client) -> typer.Typer
             str | None,
             typer.Option(help="The control arm (default: the first).", show_default=False),
         ] = None,
+        plot: Annotated[
+            Path | None,
+            typer.Option(
+                "--plot",
+                help="Also write a PNG of each metric's running mean with its 95% interval "
+                "per arm over time to this file.",
+                show_default=False,
+            ),
+        ] = None,
+        metric: Annotated[
+            str | None,
+            typer.Option(help="With --plot: only this metric.", show_default=False),
+        ] = None,
         url: Url = DEFAULT_URL,
         admin_key: AdminKey = None,
         as_json: AsJson = False,
     ) -> None:
         """Per-arm statistics of an alias: exposures, errors, latency, outcomes against
         the control, and the sample-ratio-mismatch check."""
+        if plot is not None:
+            with _session(connect, url, admin_key) as client:
+                png = client.experiment_plot(name, since=since, until=until, metric=metric)
+                plot.write_bytes(png)  # OSError: one line on stderr, like the calls'
+            err.print(f"plot written to {plot}")
         result = _query(
             connect,
             url,

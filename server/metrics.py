@@ -14,7 +14,9 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Summary, generate_latest
+
+from adapters_registry.experiments import Exposure, Feedback
 
 log = logging.getLogger("loraswap.requests")
 
@@ -76,6 +78,9 @@ class Metrics:
         self.registry = CollectorRegistry()
         self._adapter = _Bounded(max_label_values)
         self._tenant = _Bounded(max_label_values)
+        self._alias = _Bounded(max_label_values)
+        # Feedback metric names are chosen by callers: bounded like adapters.
+        self._outcome = _Bounded(max_label_values)
         r = self.registry
         labels = ["adapter", "version", "variant", "tenant"]
         self.requests = Counter(
@@ -174,6 +179,60 @@ class Metrics:
             ["alias", "variant", "rule"],
             registry=r,
         )
+
+        # Per alias and arm (the requests' own series above have the arm but not the alias,
+        # and one arm key may serve several aliases): what the Experiments row plots.
+        experiment = ["alias", "variant"]
+        self.exposures = Counter(
+            "loraswap_exposures",
+            "Requests served through an alias (exposures), by alias, arm and status.",
+            [*experiment, "status"],
+            registry=r,
+        )
+        self.exposure_latency = Histogram(
+            "loraswap_exposure_latency_seconds",
+            "End-to-end latency of successful requests served through an alias.",
+            experiment,
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        # First outcomes per (response, metric); a later change of an outcome (last write
+        # wins in the database and the report) is not counted again, as in the guardrails.
+        self.feedback_labels = Summary(
+            "loraswap_feedback_label",
+            "Binary feedback outcomes (1 positive, 0 negative): _count outcomes, _sum "
+            "positives, by alias, arm and feedback metric.",
+            [*experiment, "metric"],
+            registry=r,
+        )
+        self.feedback_scores = Summary(
+            "loraswap_feedback_score",
+            "Numeric feedback outcomes: _count and _sum, by alias, arm and feedback metric.",
+            [*experiment, "metric"],
+            registry=r,
+        )
+
+    def _experiment(self, alias: str, variant: str) -> tuple[str, str]:
+        bounded = self._alias(alias)
+        return bounded, variant if bounded not in ("", OTHER) else ""
+
+    def observe_exposure(self, exposure: Exposure) -> None:
+        """An exposure listener (server/experiments/log.py)."""
+        labels = self._experiment(exposure.alias, exposure.variant)
+        self.exposures.labels(*labels, str(exposure.status)).inc()
+        if exposure.status == 200:
+            self.exposure_latency.labels(*labels).observe(exposure.latency_s)
+
+    def observe_feedback(self, exposure: Exposure, feedback: Feedback) -> None:
+        """A first outcome recorded for `exposure` (POST /v1/feedback)."""
+        labels = (
+            *self._experiment(exposure.alias, exposure.variant),
+            self._outcome(feedback.metric),
+        )
+        if feedback.label is not None:
+            self.feedback_labels.labels(*labels).observe(feedback.label)
+        if feedback.score is not None:
+            self.feedback_scores.labels(*labels).observe(feedback.score)
 
     def observe(self, info: RequestInfo) -> None:
         adapter = self._adapter(info.adapter)

@@ -15,15 +15,25 @@ from dataclasses import asdict
 from datetime import datetime, timezone
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Depends, Query
+from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapters_registry.errors import AdapterNotFound
 from adapters_registry.experiments import Exposure, Feedback, GuardrailEvent, RampRecord
 from adapters_registry.names import NAME_PATTERN
+from adapters_registry.records import Variant
+from server.adapters import AdapterRouter
 from server.auth import require_admin
-from server.deps import ExposuresDep, GuardrailsDep, PrincipalDep, RampsDep, RouterDep
+from server.deps import (
+    ExposuresDep,
+    GuardrailsDep,
+    MetricsDep,
+    PrincipalDep,
+    RampsDep,
+    RouterDep,
+)
 from server.errors import InvalidRequest, ResponseNotFound
+from server.experiments import plot
 from server.experiments.guardrails import Limits
 from server.experiments.log import ExposureLog
 from server.experiments.ramps import RampPlan
@@ -104,7 +114,11 @@ async def _find(
 
 @router.post("/v1/feedback", summary="Report an outcome of a response (A/B experiments)")
 async def post_feedback(
-    body: FeedbackBody, principal: PrincipalDep, log: ExposuresDep, guardrails: GuardrailsDep
+    body: FeedbackBody,
+    principal: PrincipalDep,
+    log: ExposuresDep,
+    guardrails: GuardrailsDep,
+    metrics: MetricsDep,
 ) -> dict[str, Any]:
     """Idempotent per (response, metric): the last outcome sent is the one kept."""
     exposure = await _find(log, body.response_id, body.request_id, principal.tenant_name)
@@ -119,7 +133,8 @@ async def post_feedback(
         label=body.label_value,
         score=body.score,
     )
-    if record.created_at == record.updated_at:  # a first outcome: the guardrails count it
+    if record.created_at == record.updated_at:  # a first outcome: guardrails and metrics count it
+        metrics.observe_feedback(exposure, record)
         value = record.label if record.label is not None else record.score
         if value is not None:
             guardrails.feedback(exposure, record.metric, float(value))
@@ -180,20 +195,15 @@ def parse_time(value: str | None, param: str) -> float | None:
     return seconds
 
 
-@admin_router.get(
-    "/aliases/{name}/experiment", summary="Per-arm statistics of an alias's experiment"
-)
-async def experiment_report(
-    name: str,
-    router_: RouterDep,
-    log: ExposuresDep,
-    since: Annotated[
-        str | None, Query(description="Window start: Unix seconds or ISO 8601.")
-    ] = None,
-    until: Annotated[str | None, Query(description="Window end (excluded).")] = None,
-    control: Annotated[str | None, Query(description="The control arm [the first].")] = None,
-) -> dict[str, Any]:
-    start, end = parse_time(since, "since"), parse_time(until, "until")
+Since = Annotated[str | None, Query(description="Window start: Unix seconds or ISO 8601.")]
+Until = Annotated[str | None, Query(description="Window end (excluded).")]
+
+
+async def _experiment(
+    name: str, router_: AdapterRouter, log: ExposureLog, start: float | None, end: float | None
+) -> tuple[tuple[Variant, ...], list[Exposure], list[tuple[str, Feedback]]]:
+    """An alias's arms and its window's exposures and feedback (404: no such alias, and
+    none in the log either)."""
     alias = router_.registry.alias(name)
     if alias is None and not NAME_PATTERN.fullmatch(name):
         raise AdapterNotFound(f"alias {name!r} not found", adapter=name)  # none ever was
@@ -208,7 +218,22 @@ async def experiment_report(
     exposures, feedback = await asyncio.to_thread(read)
     if alias is None and not exposures:
         raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
-    variants = alias.variants if alias is not None else ()
+    return (alias.variants if alias is not None else ()), exposures, feedback
+
+
+@admin_router.get(
+    "/aliases/{name}/experiment", summary="Per-arm statistics of an alias's experiment"
+)
+async def experiment_report(
+    name: str,
+    router_: RouterDep,
+    log: ExposuresDep,
+    since: Since = None,
+    until: Until = None,
+    control: Annotated[str | None, Query(description="The control arm [the first].")] = None,
+) -> dict[str, Any]:
+    start, end = parse_time(since, "since"), parse_time(until, "until")
+    variants, exposures, feedback = await _experiment(name, router_, log, start, end)
     try:
         return await asyncio.to_thread(
             build_report,
@@ -222,6 +247,62 @@ async def experiment_report(
         )
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="control") from None
+
+
+@admin_router.get(
+    "/aliases/{name}/experiment/plot.png",
+    summary="PNG: each metric's running mean with its 95% interval, per arm, over time",
+    response_class=Response,
+    responses={200: {"content": {"image/png": {}}, "description": "The plot."}},
+)
+async def experiment_plot(
+    name: str,
+    router_: RouterDep,
+    log: ExposuresDep,
+    since: Since = None,
+    until: Until = None,
+    metric: Annotated[
+        str | None,
+        Query(description="The feedback metric to draw [every metric of the window]."),
+    ] = None,
+) -> Response:
+    """One chart per metric (and per kind: labels, scores) with outcomes in the window,
+    for the first `MAX_METRICS` (6) metrics by name unless one is named. With no feedback
+    in the window yet the image says so (200); a named metric that has no outcomes in
+    the window is a 400 naming the metrics that have."""
+    start, end = parse_time(since, "since"), parse_time(until, "until")
+    variants, exposures, feedback = await _experiment(name, router_, log, start, end)
+    metrics = sorted({f.metric for _, f in feedback})
+    if metric is not None:
+        if metric not in metrics:
+            raise InvalidRequest(
+                f"no feedback of metric {metric!r} in this window (it has: "
+                f"{', '.join(metrics[:20]) or 'none'}{', ...' if len(metrics) > 20 else ''})",
+                param="metric",
+            )
+        metrics = [metric]
+    note = ""
+    if len(metrics) > plot.MAX_METRICS:
+        note = f"the first {plot.MAX_METRICS} of {len(metrics)} metrics: name one with ?metric="
+        metrics = metrics[: plot.MAX_METRICS]
+
+    def draw() -> bytes:
+        drawn = plot.panels(variants, exposures, feedback, metrics)
+        return plot.render(name, drawn, _window_text(start, end), note)
+
+    png = await asyncio.to_thread(draw)
+    return Response(png, media_type="image/png", headers={"cache-control": "no-store"})
+
+
+def _window_text(start: float | None, end: float | None) -> str:
+    def at(t: float | None, default: str) -> str:
+        return (
+            default
+            if t is None
+            else datetime.fromtimestamp(t, timezone.utc).isoformat(" ", "seconds")
+        )
+
+    return f"{at(start, 'start')} to {at(end, 'now')}"
 
 
 class GuardrailsBody(BaseModel):

@@ -86,7 +86,7 @@ class Query:
 
 
 def dashboard_queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, Query, str]]:
-    """(where, query, legendFormat) for every panel target and template variable."""
+    """(where, query, legendFormat) for every panel target, annotation and template variable."""
 
     def panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         for panel in items:
@@ -100,6 +100,10 @@ def dashboard_queries(dashboard: dict[str, Any]) -> Iterator[tuple[str, Query, s
                 Query(target["expr"]),
                 (target.get("legendFormat", "")),
             )
+    for annotation in dashboard["annotations"]["list"]:
+        if "expr" in annotation:
+            text = annotation.get("titleFormat", "") + annotation.get("textFormat", "")
+            yield f"annotation {annotation['name']!r}", Query(annotation["expr"]), text
     for var in dashboard["templating"]["list"]:
         if var["type"] == "query":
             query = var["query"]["query"] if isinstance(var["query"], dict) else var["query"]
@@ -195,8 +199,14 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> Scrape:
         assert client.put("/admin/aliases/ab", headers=admin, json=ab).status_code == 200
         guard = {"min_exposures": 1, "max_error_rate": 0.5}
         assert client.put("/admin/aliases/ab/guardrails", headers=admin, json=guard).is_success
+        served = []
         for i in range(20):
-            client.post("/v1/completions", json={**body, "model": "ab", "user": f"u{i}"})
+            r = client.post("/v1/completions", json={**body, "model": "ab", "user": f"u{i}"})
+            if r.status_code == 200:
+                served.append(r.json()["id"])
+        # Feedback on an alias response: the per-arm outcome series.
+        outcome = {"response_id": served[0], "metric": "thumbs", "label": 1, "score": 4.5}
+        assert client.post("/v1/feedback", headers=admin, json=outcome).status_code == 200
         text = client.get("/metrics", headers=admin).text
     return parse_scrape(text)
 
@@ -217,6 +227,10 @@ def test_scrape_has_the_labelled_series(scrape: Scrape) -> None:
     assert "le" in series["loraswap_time_per_output_token_seconds_bucket"]
     assert "running_lora_adapters" in series["vllm:lora_requests_info"]
     assert {"alias", "variant", "rule"} <= series["loraswap_guardrail_rollbacks_total"]
+    assert {"alias", "variant", "status"} <= series["loraswap_exposures_total"]
+    assert {"alias", "variant", "le"} <= series["loraswap_exposure_latency_seconds_bucket"]
+    for outcome in ("label", "score"):
+        assert {"alias", "variant", "metric"} <= series[f"loraswap_feedback_{outcome}_sum"]
 
 
 def test_every_query_uses_exposed_metrics_and_labels(
@@ -275,6 +289,34 @@ def test_dashboard_shape(dashboard: dict[str, Any]) -> None:
     # Quantiles come from rate() over the _bucket series, summed by le.
     quantiles = [e for e in exprs if "histogram_quantile" in e]
     assert quantiles and all("_bucket{" in e and "rate(" in e and "by (le" in e for e in quantiles)
+
+
+def test_experiment_panels_are_per_alias_and_arm(dashboard: dict[str, Any]) -> None:
+    """Exposures, errors, latency and feedback each by alias and arm, filtered by $alias;
+    guardrail rollbacks also as annotations."""
+    variables = {v["name"] for v in dashboard["templating"]["list"]}
+    assert {"alias", "window"} <= variables
+    per_arm: dict[str, Query] = {}
+    for where, q, _ in dashboard_queries(dashboard):
+        if where.startswith("variable"):
+            continue
+        for name in q.metrics:
+            if name.startswith(
+                ("loraswap_exposures_total", "loraswap_exposure_latency", "loraswap_feedback_")
+            ):
+                per_arm[name] = q
+                assert {"alias", "variant"} <= q.grouping_labels, where
+                assert "alias" in q.matcher_labels[name], where
+    assert {
+        "loraswap_exposures_total",
+        "loraswap_exposure_latency_seconds_bucket",
+        "loraswap_feedback_label_count",
+        "loraswap_feedback_label_sum",
+        "loraswap_feedback_score_count",
+        "loraswap_feedback_score_sum",
+    } <= set(per_arm)
+    annotations = [Query(a["expr"]) for a in dashboard["annotations"]["list"] if "expr" in a]
+    assert any("loraswap_guardrail_rollbacks_total" in a.metrics for a in annotations)
 
 
 def test_query_parser() -> None:

@@ -364,3 +364,48 @@ def test_srm_flags_60_40_of_a_50_50_alias_over_10000_rows_not_a_fair_split(
     ).json()
     assert report["srm"]["observed"] == {"pirate@1": 5040, "formal@1": 4960}
     assert report["srm"]["flagged"] is False
+
+
+def _samples(world: World) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = world.c.get("/metrics", headers=ADMIN).text
+    return {
+        (s.name, frozenset(s.labels.items())): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+
+
+def test_exposures_and_first_outcomes_are_metrics_per_alias_and_arm(world: World) -> None:
+    ids = {}
+    for i in range(12):
+        r = world.chat("a", user=f"user-{i}")
+        assert r.status_code == 200, r.text
+        ids[r.json()["id"]] = r.headers["x-alias-variant"]
+    world.chat("a", user=None, model="pirate")  # not through an alias: not an exposure
+    scores: dict[str, list[float]] = {"pirate@1": [], "formal@1": []}
+    for n, (response_id, variant) in enumerate(ids.items()):
+        body = {"response_id": response_id, "metric": "thumbs", "label": n % 2, "score": n}
+        assert world.feedback("a", **body).status_code == 200
+        scores[variant].append(n)
+        # A changed outcome replaces the first in the report; the metrics count firsts only.
+        assert world.feedback("a", **{**body, "label": 1, "score": 100}).status_code == 200
+    samples = _samples(world)
+
+    def value(name: str, **labels: str) -> float:
+        return samples.get((name, frozenset(labels.items())), 0.0)
+
+    for variant in ("pirate@1", "formal@1"):
+        arm = {"alias": "bot", "variant": variant}
+        served = list(ids.values()).count(variant)
+        assert served > 0  # 12 users on a 50/50 split: 2**-11 to fail by chance
+        assert value("loraswap_exposures_total", **arm, status="200") == served
+        assert value("loraswap_exposure_latency_seconds_count", **arm) == served
+        mine = scores[variant]
+        thumbs = {**arm, "metric": "thumbs"}
+        assert value("loraswap_feedback_score_count", **thumbs) == len(mine)
+        assert value("loraswap_feedback_score_sum", **thumbs) == sum(mine)
+        assert value("loraswap_feedback_label_count", **thumbs) == len(mine)
+        assert value("loraswap_feedback_label_sum", **thumbs) == sum(n % 2 for n in mine)
+    assert sum(v for (name, _), v in samples.items() if name == "loraswap_exposures_total") == 12
