@@ -20,6 +20,7 @@ from server.experiments import plot
 from server.experiments.report import build_report
 from server.routes.experiments import _window_text
 from tests.experiments import ADMIN, World, open_world
+from tests.testclient import ClientResponse
 from tests.unit.test_experiments_client import ADMIN_KEY, URL, cli, transport
 
 __all__ = ["cli", "transport"]  # fixtures of the client tests, used here too
@@ -52,7 +53,7 @@ def test_the_last_point_of_each_line_is_the_reports_figure(n: int) -> None:
     report = build_report("bot", ARMS, exposures, feedback)
     arms = {arm["variant"]: arm["metrics"]["thumbs"] for arm in report["variants"]}
     for kind in ("label", "score"):
-        lines = plot.running_means(ARMS, exposures, feedback, "thumbs", kind)  # type: ignore[arg-type]
+        lines = plot.running_means(ARMS, exposures, feedback, "thumbs", kind)
         assert [line.variant for line in lines] == ["pirate@1", "formal@1"]
         for line in lines:
             block = arms[line.variant][kind]
@@ -82,7 +83,7 @@ def world(tmp_path: Path) -> Iterator[World]:
         yield w
 
 
-def _plot(world: World, **query: Any) -> httpx.Response:
+def _plot(world: World, **query: Any) -> ClientResponse:
     return world.c.get("/admin/aliases/bot/experiment/plot.png", params=query, headers=ADMIN)
 
 
