@@ -36,15 +36,16 @@ __all__ = [
 Run = tuple[int, int, int]
 
 # Strategy thresholds of _lora_mm. The matmuls are tiny (rank 8-64), so what they cost
-# is mostly per-call overhead plus, for the dense strategy, the flops spent on slots a
-# row does not use. They were chosen with loadtests/bench_lora_ops.py-style layer calls
-# (qkv slices, bf16, one thread) at hidden 576 / rank 16 and hidden 2048 / rank 64,
-# 4-16 slots, 8-1024 rows (loadtests/results/2026-11-22-cpu2/lora-fast.md):
-# - runs of >= _LONG_RUN_ROWS rows (prefill chunks) are best done one matmul per run in
-#   place, as long as there are at most _MAX_RUNS_PER_SLOT runs per active slot;
+# is mostly per-call overhead (~10-30 us per small bf16 matmul on 2 cores) plus, for the
+# dense strategy, the flops spent on slots a row does not use. Measured with
+# loadtests/bench_lora_ops.py-style layer calls (qkv slices, bf16, 1 thread) at hidden
+# 576 / rank 16 and hidden 2048 / rank 64, 4-16 slots, 8-1024 rows; re-measure with that
+# script before changing them:
+# - runs of >= 32 rows (prefill chunks) are best done one matmul per run in place, as
+#   long as there are at most 4 runs per active slot;
 # - otherwise all-slots-at-once ("dense") wins while rows * slots * out * in stays under
-#   _DENSE_MAX_MACS multiply-adds, and per-slot gather + matmul + scatter ("grouped")
-#   wins above that.
+#   ~8M multiply-adds (e.g. 128 decode rows over 4 slots at hidden 576 / rank 16), and
+#   per-slot gather + matmul + scatter ("grouped") wins above that.
 _LONG_RUN_ROWS: Final = 32
 _MAX_RUNS_PER_SLOT: Final = 4
 _DENSE_MAX_MACS: Final = 1 << 23
