@@ -44,7 +44,7 @@ class EngineSettings(BaseModel):
     lora_fast: bool = Field(
         True,
         description="On top of the fix, our step-planned fast CPU LoRA path "
-        "(server/engine/lora_fast.py); off: the fixed per-op path.",
+        "(server/engine/lora/); off: the fixed per-op path.",
     )
     enforce_eager: bool = Field(False, description="Disable compilation / graphs.")
     scheduling_policy: Literal["priority", "fcfs"] = Field(

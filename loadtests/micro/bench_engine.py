@@ -5,7 +5,7 @@ the same batches under each LoRA implementation, switched at run time:
 
 - ``ops``: vLLM's PunicaWrapperCPU driving our fixed per-op replacements (the state
   before issue 6: correct, one matmul per active slot and per slice);
-- ``fast``: our step-planned wrapper (server/engine/lora_fast.py): one plan per engine
+- ``fast``: our step-planned wrapper (server/engine/lora/): one plan per engine
   step, fused slices, one batched GEMM pair per layer call;
 - ``upstream``: vLLM's own ops, as shipped (wrong for mixed base + adapter batches; for
   reference only).
@@ -161,9 +161,10 @@ def main(argv: list[str] | None = None) -> None:
     weight_ratio = sum(_params(p) for p in adapter_dirs) / _params(model_dir, True)
 
     from vllm import LLM, SamplingParams
+    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
     from vllm.lora.request import LoRARequest
 
-    from server.engine import lora_fast
+    from server.engine.lora.patch import CpuLoraPatch, LoraImpl
 
     llm = LLM(
         model=str(model_dir),
@@ -176,6 +177,9 @@ def main(argv: list[str] | None = None) -> None:
         max_lora_rank=max_rank,
         disable_log_stats=True,
     )
+    patch = CpuLoraPatch.of(PunicaWrapperCPU)
+    if patch is None:
+        raise SystemExit("our CPU LoRA fix is not installed in this process")
     loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapter_dirs)]
     batch = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
     single = SamplingParams(temperature=0.0, max_tokens=args.single_tokens, ignore_eos=True)
@@ -199,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     impls = args.impls.split(",")
     scenarios = args.scenarios.split(",")
     # warm-up: loads every adapter into its slot, primes allocator and oneDNN caches
-    lora_fast.set_impl(impls[-1])
+    patch.use(LoraImpl(impls[-1]))
     warm = time.perf_counter()
     run("mixed")
     run("base")
@@ -208,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         import cProfile
         import pstats
 
-        lora_fast.set_impl(args.profile)
+        patch.use(LoraImpl(args.profile))
         prof = cProfile.Profile()
         prof.enable()
         run(args.profile_scenario)
@@ -220,12 +224,12 @@ def main(argv: list[str] | None = None) -> None:
     for rnd in range(args.rounds):
         for scenario in scenarios:
             for impl in impls if rnd % 2 == 0 else reversed(impls):
-                lora_fast.set_impl(impl)
+                patch.use(LoraImpl(impl))
                 value = run(scenario)
                 results[impl][scenario].append(value)
                 print(f"  {impl:>8} {scenario:<12} {value:8.1f} tok/s", file=sys.stderr, flush=True)
         print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
-    lora_fast.set_impl("fast")
+    patch.use(LoraImpl.FAST)
 
     load = os.getloadavg()
     print(

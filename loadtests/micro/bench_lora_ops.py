@@ -26,8 +26,10 @@ from types import ModuleType
 
 import torch
 
-from server.engine import lora_fast
-from server.engine import lora_ops as ours
+from server.engine.lora import ops as ours
+from server.engine.lora.apply import apply_lora
+from server.engine.lora.pack import build_pack
+from server.engine.lora.plan import plan_step
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32, "fp16": torch.float16}
 
@@ -154,10 +156,10 @@ def main(argv: list[str] | None = None) -> None:
         # The fast path as the engine runs it: plan once per step, pack once per adapter
         # load (both outside the timed layer call), then one apply per layer call.
         y_fast = y_up.clone()
-        plan = lora_fast.plan_step(row_slots)
-        pack = lora_fast.build_pack(lora_a, lora_b, args.out_dims)
+        plan = plan_step(row_slots)
+        pack = build_pack(lora_a, lora_b, args.out_dims)
 
-        run_fast = functools.partial(lora_fast.apply_lora, y_fast, x, pack, plan, 0.5)
+        run_fast = functools.partial(apply_lora, y_fast, x, pack, plan, 0.5)
 
         run_up()
         run_ours()

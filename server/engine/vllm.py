@@ -19,16 +19,17 @@ from server.settings import EngineSettings
 
 log = logging.getLogger("loraswap.engine")
 
-# -- the vLLM plugin: our CPU multi-LoRA fix (ops in server/engine/lora_ops.py) ----
+# -- the vLLM plugin: our CPU multi-LoRA fix (server/engine/lora/) ------------------
 #
 # vLLM calls `register_plugin` (entry point `vllm.general_plugins`) in every one of its
-# processes, possibly several times, so it is idempotent and cheap after the first call.
-# On the CPU platform, unless LORASWAP_LORA_FIX is 0/false/off/no, it swaps vLLM's CPU
-# punica LoRA ops for ours while a probe says the installed vLLM still has the -1 bug,
-# and wraps `_get_lora_device` so LoRA works on int8 W8A8 layers whose `weight` is None.
+# processes, possibly several times, so it is idempotent and cheap after the first call:
+# what it did is recorded on the vLLM class it patched (CpuLoraPatch.of). On the CPU
+# platform, unless LORASWAP_LORA_FIX is 0/false/off/no, it swaps vLLM's CPU punica LoRA
+# ops for ours while a probe says the installed vLLM still has the -1 bug, and wraps
+# `_get_lora_device` so LoRA works on int8 W8A8 layers whose `weight` is None.
 
 LORA_FIX_ENV = "LORASWAP_LORA_FIX"
-# The step-planned fast path of server/engine/lora_fast.py (on top of the op fix).
+# The step-planned fast path of server/engine/lora/ (on top of the op fix).
 LORA_FAST_ENV = "LORASWAP_LORA_FAST"
 _DISABLED_VALUES = frozenset({"0", "false", "off", "no"})
 
@@ -42,17 +43,14 @@ _DEVICE_FIX_MODULES = (
 
 lora_fix_log = logging.getLogger("loraswap.lora_fix")
 
-_lora_fix_done = False
+
+def _enabled(env: str, default: str) -> bool:
+    return os.environ.get(env, default).strip().lower() not in _DISABLED_VALUES
 
 
 def register_plugin() -> None:
     """Entry point of `vllm.general_plugins`: install the CPU LoRA fix where it applies."""
-    global _lora_fix_done
-    if _lora_fix_done:
-        return
-    # Decided once per process: neither the env nor the platform changes afterwards.
-    _lora_fix_done = True
-    if os.environ.get(LORA_FIX_ENV, "auto").strip().lower() in _DISABLED_VALUES:
+    if not _enabled(LORA_FIX_ENV, "auto"):
         return
 
     from vllm.platforms import current_platform
@@ -64,49 +62,54 @@ def register_plugin() -> None:
     import vllm.lora.ops.torch_ops.lora_ops as torch_lora_ops
     import vllm.lora.punica_wrapper.punica_cpu as punica_cpu
 
-    from server.engine import lora_ops
+    from server.engine.lora.patch import CpuLoraPatch
 
-    device_modules: list[ModuleType] = []
-    for name in _DEVICE_FIX_MODULES:
-        try:
-            device_modules.append(importlib.import_module(name))
-        except ImportError:  # a later vLLM moved it; the others still get the fix
-            lora_fix_log.debug("LoRA device fix: %s not importable", name)
-
-    fix_ops = False
-    if lora_ops.is_ours(vars(punica_cpu).get("bgmv_shrink")):
-        # Already installed in this process (e.g. by a re-imported copy of this module).
-        fix_ops = True
-    else:
-        try:
-            fix_ops = lora_ops.upstream_bug_present(torch_lora_ops.bgmv_shrink)
-        except Exception:
-            # The op no longer takes 0.32.0-style arguments: ours would be mis-called too.
-            lora_fix_log.warning(
-                "CPU LoRA ops: probe of vLLM's bgmv_shrink failed; leaving the ops as they are",
-                exc_info=True,
-            )
-
-    upstream_ops = {name: getattr(punica_cpu, name) for name in lora_ops.OPS}
-    patched = lora_ops.install(
-        punica_cpu if fix_ops else None,
-        device_modules,
-        extra_op_modules=[torch_ops, torch_lora_ops],
+    if CpuLoraPatch.of(punica_cpu.PunicaWrapperCPU) is not None:
+        return  # decided once per process: neither the env nor the platform changes
+    fix_ops = _ops_need_fix(punica_cpu, torch_lora_ops)
+    patch = CpuLoraPatch.install(
+        punica_cpu.PunicaWrapperCPU,
+        punica_cpu,
+        fix_ops=fix_ops,
+        fast=_enabled(LORA_FAST_ENV, "1"),
+        op_modules=[torch_ops, torch_lora_ops],
+        device_modules=_device_fix_modules(),
     )
-    if fix_ops and os.environ.get(LORA_FAST_ENV, "1").strip().lower() not in _DISABLED_VALUES:
-        from server.engine import lora_fast
-
-        lora_fast.install(punica_cpu.PunicaWrapperCPU, punica_cpu, upstream_ops)
-        patched.append(
-            "PunicaWrapperCPU.{add_lora_linear,add_lora_logits,update_metadata} (fast path)"
-        )
-    if patched:
+    if patch.patched:
         lora_fix_log.info(
             "CPU LoRA fix (pid %d%s): patched %s",
             os.getpid(),
             "" if fix_ops else ", upstream ops already correct",
-            _summary(patched),
+            _summary(patch.patched),
         )
+
+
+def _device_fix_modules() -> list[ModuleType]:
+    modules: list[ModuleType] = []
+    for name in _DEVICE_FIX_MODULES:
+        try:
+            modules.append(importlib.import_module(name))
+        except ImportError:  # a later vLLM moved it; the others still get the fix
+            lora_fix_log.debug("LoRA device fix: %s not importable", name)
+    return modules
+
+
+def _ops_need_fix(punica_cpu: ModuleType, torch_lora_ops: ModuleType) -> bool:
+    """Whether vLLM's CPU ops still have the -1 bug (or ours are already bound)."""
+    from server.engine.lora import ops
+
+    if ops.is_ours(vars(punica_cpu).get("bgmv_shrink")):
+        # Already installed in this process (e.g. by a re-imported copy of this module).
+        return True
+    try:
+        return ops.upstream_bug_present(torch_lora_ops.bgmv_shrink)
+    except Exception:
+        # The op no longer takes 0.32.0-style arguments: ours would be mis-called too.
+        lora_fix_log.warning(
+            "CPU LoRA ops: probe of vLLM's bgmv_shrink failed; leaving the ops as they are",
+            exc_info=True,
+        )
+        return False
 
 
 def _summary(patched: list[str]) -> str:

@@ -1,4 +1,4 @@
-"""The step-planned CPU LoRA path (server/engine/lora_fast.py) against a plain reference.
+"""The step-planned CPU LoRA path (server/engine/lora/) against a plain reference.
 
 The reference is the definition: for every row t with slot s >= 0 and every output slice
 i, ``y[t, slice_i] += scale * x[t] @ A_i[s].T @ B_i[s].T``; rows with slot -1 untouched.
@@ -14,8 +14,12 @@ from typing import Any
 import pytest
 import torch
 
-from server.engine import lora_fast, lora_ops
-from server.engine.lora_fast import apply_lora, build_pack, plan_step
+from server.engine.lora import ops, wrapper
+from server.engine.lora.apply import apply_lora, scatter_add
+from server.engine.lora.pack import build_pack
+from server.engine.lora.patch import CpuLoraPatch, LoraImpl
+from server.engine.lora.plan import plan_step
+from server.engine.lora.wrapper import StepCache
 
 
 def _reference(
@@ -191,11 +195,11 @@ def test_a_pack_is_rebuilt_when_vllm_writes_a_slot() -> None:
     outs = [8]
     a = (torch.zeros(2, 1, 8, 4),)
     b = (torch.zeros(2, 1, 8, 8),)
-    wrapper = types.SimpleNamespace()
-    first = lora_fast._pack_of(wrapper, a, b, outs)
-    assert lora_fast._pack_of(wrapper, a, b, outs) is first
+    cache = StepCache()
+    first = cache.pack(a, b, outs)
+    assert cache.pack(a, b, outs) is first
     a[0][1, 0, :2].copy_(torch.ones(2, 4))
-    second = lora_fast._pack_of(wrapper, a, b, outs)
+    second = cache.pack(a, b, outs)
     assert second is not first and second.rank == (0, 2)
 
 
@@ -222,38 +226,58 @@ class _FakeWrapper:
         self.logits_calls = getattr(self, "logits_calls", 0) + 1
 
 
+Installed = tuple[type[_FakeWrapper], types.ModuleType, CpuLoraPatch]
+
+
 @pytest.fixture
-def installed(monkeypatch: pytest.MonkeyPatch) -> tuple[type[_FakeWrapper], types.ModuleType]:
-    monkeypatch.setattr(lora_fast, "_STATE", {})
+def installed() -> Installed:
+    return _install()
+
+
+def _install() -> Installed:
     cls = type("Wrapper", (_FakeWrapper,), {})
     cls.add_lora_linear = _FakeWrapper.add_lora_linear  # type: ignore[method-assign]
     cls.add_lora_logits = _FakeWrapper.add_lora_logits  # type: ignore[method-assign]
     module = types.ModuleType("fake_punica_cpu")
-    upstream = {name: (lambda *a, **k: None) for name in lora_ops.OPS}
+    upstream = {name: (lambda *a, **k: None) for name in ops.OPS}
     for name, fn in upstream.items():
         setattr(module, name, fn)
-    lora_fast.install(cls, module, upstream)
-    return cls, module
+    patch = CpuLoraPatch.install(cls, module, fix_ops=True, fast=True)
+    return cls, module, patch
 
 
-def test_install_and_switch(installed: tuple[type[_FakeWrapper], types.ModuleType]) -> None:
-    cls, module = installed
-    assert cls.add_lora_linear is lora_fast.add_lora_linear
-    assert all(getattr(module, n) is fn for n, fn in lora_ops.OPS.items())
-    lora_fast.set_impl("upstream")
+def test_install_and_switch(installed: Installed) -> None:
+    cls, module, patch = installed
+    assert cls.add_lora_linear is wrapper.add_lora_linear
+    assert all(getattr(module, n) is fn for n, fn in ops.OPS.items())
+    assert patch.impl is LoraImpl.FAST
+    patch.use(LoraImpl.UPSTREAM)
     assert cls.add_lora_linear is _FakeWrapper.add_lora_linear
-    assert module.bgmv_shrink is not lora_ops.bgmv_shrink
-    lora_fast.set_impl("ops")
-    assert module.bgmv_shrink is lora_ops.bgmv_shrink
+    assert module.bgmv_shrink is not ops.bgmv_shrink
+    patch.use(LoraImpl.OPS)
+    assert module.bgmv_shrink is ops.bgmv_shrink
+    assert patch.impl is LoraImpl.OPS
     with pytest.raises(ValueError, match="unknown"):
-        lora_fast.set_impl("turbo")
-    lora_fast.set_impl("fast")
+        patch.use(LoraImpl("turbo"))
+    patch.use(LoraImpl.FAST)
+
+
+def test_each_wrapper_class_keeps_its_own_patch() -> None:
+    """No process-wide state of ours: the record of a patch lives on the class it patched."""
+    (cls1, _, patch1), (cls2, module2, patch2) = _install(), _install()
+    assert patch1 is not patch2
+    assert CpuLoraPatch.of(cls1) is patch1 and CpuLoraPatch.of(cls2) is patch2
+    assert CpuLoraPatch.of(_FakeWrapper) is None
+    patch1.use(LoraImpl.UPSTREAM)
+    assert cls1.add_lora_linear is _FakeWrapper.add_lora_linear
+    assert cls2.add_lora_linear is wrapper.add_lora_linear
+    assert module2.bgmv_shrink is ops.bgmv_shrink
 
 
 def test_the_wrapper_replans_each_step_and_falls_back_on_odd_shapes(
-    installed: tuple[type[_FakeWrapper], types.ModuleType],
+    installed: Installed,
 ) -> None:
-    cls, _ = installed
+    cls, _, _ = installed
     w = cls()
     a = (torch.randn(2, 1, 4, 6),)
     b = (torch.randn(2, 1, 5, 4),)
@@ -269,12 +293,10 @@ def test_the_wrapper_replans_each_step_and_falls_back_on_odd_shapes(
     assert w.fallbacks == 1
 
 
-def test_a_second_install_changes_nothing(
-    installed: tuple[type[_FakeWrapper], types.ModuleType],
-) -> None:
-    cls, module = installed
+def test_a_second_install_changes_nothing(installed: Installed) -> None:
+    cls, module, patch = installed
     update = cls.update_metadata
-    lora_fast.install(cls, module, {})
+    assert CpuLoraPatch.install(cls, module, fix_ops=True, fast=True) is patch
     assert cls.update_metadata is update
 
 
@@ -285,7 +307,7 @@ def test_scatter_add_full_and_partial_width(lo: int, hi: int) -> None:
     dest = torch.tensor([4, 0, 2])
     want = y.clone()
     want[dest, lo:hi] += rows
-    lora_fast._scatter_add(y, lo, hi, dest, rows)
+    scatter_add(y, lo, hi, dest, rows)
     assert torch.allclose(y, want)
 
 
@@ -309,10 +331,8 @@ def test_per_slice_expand_with_a_gap_when_weights_are_large() -> None:
     assert torch.equal(got[:, 512:768], y[:, 512:768])
 
 
-def test_logits_lora_runs_only_when_a_slot_has_lm_head_weights(
-    installed: tuple[type[_FakeWrapper], types.ModuleType],
-) -> None:
-    cls, _ = installed
+def test_logits_lora_runs_only_when_a_slot_has_lm_head_weights(installed: Installed) -> None:
+    cls, _, patch = installed
     w = cls()
     a, b = torch.zeros(2, 1, 4, 6), torch.zeros(2, 1, 10, 4)
     y, x = torch.zeros(3, 10), torch.randn(3, 6)
@@ -322,6 +342,6 @@ def test_logits_lora_runs_only_when_a_slot_has_lm_head_weights(
     a[1, 0, :2] = 1.0
     w.add_lora_logits(y, x, a, b, 1.0)
     assert w.logits_calls == 1
-    lora_fast.set_impl("ops")
+    patch.use(LoraImpl.OPS)
     assert cls.add_lora_logits is _FakeWrapper.add_lora_logits
-    lora_fast.set_impl("fast")
+    patch.use(LoraImpl.FAST)

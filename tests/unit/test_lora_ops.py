@@ -1,4 +1,4 @@
-"""server.engine.lora_ops: the -1-safe CPU LoRA ops, the upstream probe, and install().
+"""server.engine.lora: the -1-safe CPU LoRA ops, the upstream probe, and their binding.
 
 The ops are checked against a plain per-token float64 computation (zero contribution for
 index -1) on every code path of the op (runs / dense / grouped, asserted by spying on
@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 import torch
 
-from server.engine import lora_ops
+from server.engine.lora import device, kernels, ops
+from server.engine.lora.patch import bind_fixes
 
 upstream = pytest.importorskip("vllm.lora.ops.torch_ops.lora_ops")
 
@@ -24,7 +25,7 @@ OUT = 80
 SLOTS = 4
 
 # name -> (slot per row). Lengths and layouts chosen so that each one takes a known
-# strategy of lora_ops._lora_mm (see EXPECTED_PATH) with SLOTS slots.
+# strategy of kernels._lora_mm (see EXPECTED_PATH) with SLOTS slots.
 PATTERNS: dict[str, list[int]] = {
     # one adapter for the whole batch
     "single": [2] * 7,
@@ -101,18 +102,18 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, dtype: torch.dty
 
 @pytest.fixture
 def path_spy(monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> list[str]:
-    """Records which strategy functions of lora_ops ran (and sets up "_grouped" cases)."""
+    """Records which strategy functions of the kernels ran (and sets up "_grouped" cases)."""
     if str(request.node.callspec.params.get("pattern", "")).endswith("_grouped"):
-        monkeypatch.setattr(lora_ops, "_DENSE_MAX_MACS", 0)
+        monkeypatch.setattr(kernels, "_DENSE_MAX_MACS", 0)
     taken: list[str] = []
     for name in ("_mm_runs", "_mm_dense", "_mm_grouped"):
-        original: Callable[..., None] = getattr(lora_ops, name)
+        original: Callable[..., None] = getattr(kernels, name)
 
         def spy(*args: Any, _name: str = name, _orig: Callable[..., None] = original) -> None:
             taken.append(_name)
             _orig(*args)
 
-        monkeypatch.setattr(lora_ops, name, spy)
+        monkeypatch.setattr(kernels, name, spy)
     return taken
 
 
@@ -153,9 +154,9 @@ def test_shrink_matches_reference(
     out = torch.full((len(slots), rank + 3), 7.0, dtype=out_dtype)
     scaling = 0.5
     if form == "bgmv":
-        lora_ops.bgmv_shrink(x, w, out, torch.tensor(slots), scaling)
+        ops.bgmv_shrink(x, w, out, torch.tensor(slots), scaling)
     else:
-        lora_ops.sgmv_shrink(x, w, out, *_segments(slots), scaling)
+        ops.sgmv_shrink(x, w, out, *_segments(slots), scaling)
     expected = _reference(x, w, slots, out_dtype) * scaling
     _assert_close(out[:, :rank], expected, out_dtype)
     assert torch.all(out[:, rank:] == 7.0)
@@ -185,9 +186,9 @@ def test_expand_matches_reference(
     start = torch.randn(len(slots), OUT, generator=gen).to(dtype)
     out = start.clone()
     if form == "bgmv":
-        lora_ops.bgmv_expand(x, w, out, torch.tensor(slots), add_inputs)
+        ops.bgmv_expand(x, w, out, torch.tensor(slots), add_inputs)
     else:
-        lora_ops.sgmv_expand(x, w, out, *_segments(slots), add_inputs)
+        ops.sgmv_expand(x, w, out, *_segments(slots), add_inputs)
     delta = _reference(x, w, slots, dtype)
     expected = start.double() + delta if add_inputs else delta
     _assert_close(out, expected, dtype)
@@ -220,9 +221,9 @@ def test_expand_slice_matches_reference(
     start = torch.randn(len(slots), total, generator=gen).to(dtype)
     out = start.clone()
     if form == "bgmv":
-        lora_ops.bgmv_expand_slice(x, w, out, torch.tensor(slots), offset, size, add_inputs)
+        ops.bgmv_expand_slice(x, w, out, torch.tensor(slots), offset, size, add_inputs)
     else:
-        lora_ops.sgmv_expand_slice(x, w, out, *_segments(slots), offset, size, add_inputs)
+        ops.sgmv_expand_slice(x, w, out, *_segments(slots), offset, size, add_inputs)
     delta = _reference(x, w, slots, dtype)
     expected = start.double().clone()
     if add_inputs:
@@ -241,7 +242,7 @@ def test_three_dimensional_weights_are_accepted() -> None:
     x = torch.randn(3, HIDDEN)
     w = torch.randn(SLOTS, 16, HIDDEN)
     out = torch.zeros(3, 16)
-    lora_ops.bgmv_shrink(x, w, out, torch.tensor(slots), 1.0)
+    ops.bgmv_shrink(x, w, out, torch.tensor(slots), 1.0)
     _assert_close(out, _reference(x, w, slots, torch.float32), torch.float32)
 
 
@@ -251,7 +252,7 @@ def test_slot_past_the_end_raises_like_upstream() -> None:
     with pytest.raises(IndexError):
         upstream.bgmv_shrink(x, w, torch.zeros(2, 16), torch.tensor([0, SLOTS]), 1.0)
     with pytest.raises(IndexError):
-        lora_ops.bgmv_shrink(x, w, torch.zeros(2, 16), torch.tensor([0, SLOTS]), 1.0)
+        ops.bgmv_shrink(x, w, torch.zeros(2, 16), torch.tensor([0, SLOTS]), 1.0)
 
 
 # ------------------------------------------------------------------- against upstream
@@ -284,7 +285,7 @@ def test_all_six_ops_equal_upstream_without_base_rows(n: int, dtype: torch.dtype
         name: str, inputs: torch.Tensor, w: torch.Tensor, out: torch.Tensor, *args: Any
     ) -> None:
         mine, theirs = out.clone(), out.clone()
-        getattr(lora_ops, name)(inputs, w, mine, *args)
+        getattr(ops, name)(inputs, w, mine, *args)
         getattr(upstream, name)(inputs, w, theirs, *args)
         _assert_close(mine, theirs, dtype)
 
@@ -304,14 +305,14 @@ def test_expand_padding_and_broadcast_corner_cases_equal_upstream() -> None:
     idx = torch.tensor([0, 2, 1])
     mine = torch.randn(3, OUT)
     theirs = mine.clone()
-    lora_ops.bgmv_expand(x, w, mine, idx, True)
+    ops.bgmv_expand(x, w, mine, idx, True)
     upstream.bgmv_expand(x, w, theirs, idx, True)
     _assert_close(mine, theirs, torch.float32)
     # one input row broadcast onto every output row (upstream's `limit = 1`)
     one = torch.randn(1, 8)
     mine = torch.randn(4, OUT)
     theirs = mine.clone()
-    lora_ops.bgmv_expand(one, w, mine, torch.tensor([3]), True)
+    ops.bgmv_expand(one, w, mine, torch.tensor([3]), True)
     upstream.bgmv_expand(one, w, theirs, torch.tensor([3]), True)
     _assert_close(mine, theirs, torch.float32)
 
@@ -323,7 +324,7 @@ def test_upstream_gives_base_rows_the_last_slot() -> None:
     w = torch.randn(SLOTS, 1, 16, HIDDEN)
     theirs, mine = torch.zeros(2, 16), torch.zeros(2, 16)
     upstream.bgmv_shrink(x, w, theirs, torch.tensor(slots), 1.0)
-    lora_ops.bgmv_shrink(x, w, mine, torch.tensor(slots), 1.0)
+    ops.bgmv_shrink(x, w, mine, torch.tensor(slots), 1.0)
     _assert_close(theirs[1], w[SLOTS - 1, 0] @ x[1], torch.float32)
     assert torch.all(mine[1] == 0)
 
@@ -332,11 +333,11 @@ def test_upstream_gives_base_rows_the_last_slot() -> None:
 
 
 def test_probe_detects_upstream_bug() -> None:
-    assert lora_ops.upstream_bug_present(upstream.bgmv_shrink) is True
+    assert ops.upstream_bug_present(upstream.bgmv_shrink) is True
 
 
 def test_probe_passes_our_op() -> None:
-    assert lora_ops.upstream_bug_present(lora_ops.bgmv_shrink) is False
+    assert ops.upstream_bug_present(ops.bgmv_shrink) is False
 
 
 # ----------------------------------------------------------------------------- install
@@ -345,7 +346,7 @@ def test_probe_passes_our_op() -> None:
 def _fake_modules() -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
     punica = types.ModuleType("fake.punica_cpu")
     torch_ops = types.ModuleType("fake.torch_ops")
-    for name in lora_ops.OPS:
+    for name in ops.OPS:
         setattr(punica, name, getattr(upstream, name))
         setattr(torch_ops, name, getattr(upstream, name))
     punica.unrelated = len  # type: ignore[attr-defined]
@@ -365,13 +366,13 @@ def _upstream_like_get_lora_device(base_layer: torch.nn.Module) -> torch.device:
 
 def test_install_patches_every_binding_and_is_idempotent() -> None:
     punica, torch_ops, utils = _fake_modules()
-    done = lora_ops.install(punica, [utils], extra_op_modules=[torch_ops])
+    done = bind_fixes(punica, [utils], extra_op_modules=[torch_ops])
     assert sorted(done) == sorted(
-        [f"fake.punica_cpu.{n}" for n in lora_ops.OPS]
-        + [f"fake.torch_ops.{n}" for n in lora_ops.OPS]
+        [f"fake.punica_cpu.{n}" for n in ops.OPS]
+        + [f"fake.torch_ops.{n}" for n in ops.OPS]
         + ["fake.layers_utils._get_lora_device"]
     )
-    for name, ours in lora_ops.OPS.items():
+    for name, ours in ops.OPS.items():
         assert getattr(punica, name) is ours
         assert getattr(torch_ops, name) is ours
     assert punica.unrelated is len
@@ -379,16 +380,16 @@ def test_install_patches_every_binding_and_is_idempotent() -> None:
     assert wrapper is not _upstream_like_get_lora_device
     assert wrapper.__wrapped__ is _upstream_like_get_lora_device
 
-    assert lora_ops.install(punica, [utils], extra_op_modules=[torch_ops]) == []
+    assert bind_fixes(punica, [utils], extra_op_modules=[torch_ops]) == []
     assert utils._get_lora_device is wrapper  # not wrapped twice
-    assert punica.bgmv_shrink is lora_ops.bgmv_shrink
+    assert punica.bgmv_shrink is ops.bgmv_shrink
 
 
 def test_install_shares_one_wrapper_across_importers() -> None:
     utils, base_linear = types.ModuleType("u"), types.ModuleType("b")
     utils._get_lora_device = _upstream_like_get_lora_device  # type: ignore[attr-defined]
     base_linear._get_lora_device = _upstream_like_get_lora_device  # type: ignore[attr-defined]
-    assert lora_ops.install(None, [utils, base_linear]) == [
+    assert bind_fixes(None, [utils, base_linear]) == [
         "u._get_lora_device",
         "b._get_lora_device",
     ]
@@ -397,7 +398,7 @@ def test_install_shares_one_wrapper_across_importers() -> None:
 
 def test_install_without_punica_leaves_ops_alone() -> None:
     punica, torch_ops, utils = _fake_modules()
-    assert lora_ops.install(None, [utils], extra_op_modules=[torch_ops]) == [
+    assert bind_fixes(None, [utils], extra_op_modules=[torch_ops]) == [
         "fake.layers_utils._get_lora_device"
     ]
     assert punica.bgmv_shrink is upstream.bgmv_shrink
@@ -411,10 +412,10 @@ def test_install_skips_an_op_whose_signature_changed() -> None:
         raise AssertionError("never called")
 
     punica.bgmv_shrink = bgmv_shrink  # type: ignore[attr-defined]
-    done = lora_ops.install(punica)
+    done = bind_fixes(punica)
     assert "fake.punica_cpu.bgmv_shrink (skipped: signature differs from vLLM 0.32.0)" in done
     assert punica.bgmv_shrink is bgmv_shrink
-    assert punica.bgmv_expand is lora_ops.bgmv_expand
+    assert punica.bgmv_expand is ops.bgmv_expand
 
 
 # -------------------------------------------------------------------------- device fix
@@ -434,7 +435,7 @@ def test_device_fix_falls_back_when_weight_is_none() -> None:
     layer = _W8A8Like("meta")  # meta: a device no default could produce by accident
     with pytest.raises(AttributeError, match="'NoneType' object has no attribute 'device'"):
         _upstream_like_get_lora_device(layer)
-    fixed = lora_ops.make_lora_device_fix(_upstream_like_get_lora_device)
+    fixed = device.make_lora_device_fix(_upstream_like_get_lora_device)
     assert fixed(layer) == torch.device("meta")
 
 
@@ -446,7 +447,7 @@ def test_device_fix_keeps_upstream_answer_when_it_has_one() -> None:
         return torch.device("meta")
 
     layer = torch.nn.Linear(2, 2)  # on cpu: the wrapper must not second-guess upstream
-    assert lora_ops.make_lora_device_fix(original)(layer) == torch.device("meta")
+    assert device.make_lora_device_fix(original)(layer) == torch.device("meta")
     assert calls == [layer]
 
 
@@ -455,26 +456,26 @@ def test_lora_device_lookup_order_and_fallbacks() -> None:
     packed.weight = None  # type: ignore[assignment]
     packed.register_buffer("other", torch.empty(1))
     packed.weight_packed = torch.nn.Parameter(torch.empty(2, device="meta"))
-    assert lora_ops.lora_device(packed) == torch.device("meta")  # before the buffer
+    assert device.lora_device(packed) == torch.device("meta")  # before the buffer
 
     buffers_only = torch.nn.Module()
     buffers_only.weight = None  # type: ignore[assignment]
     buffers_only.register_buffer("scale", torch.empty(1, device="meta"))
-    assert lora_ops.lora_device(buffers_only) == torch.device("meta")
+    assert device.lora_device(buffers_only) == torch.device("meta")
 
     with pytest.raises(ValueError, match="Unsupported base layer"):
-        lora_ops.lora_device(torch.nn.Module())
+        device.lora_device(torch.nn.Module())
 
 
 def test_device_fix_repairs_real_vllm_get_lora_device() -> None:
     utils = pytest.importorskip("vllm.lora.layers.utils")
     original = utils._get_lora_device
-    if lora_ops.is_ours(original) or original in lora_ops._DEVICE_FIXES.values():
+    if ops.is_ours(original) or device.is_device_fix(original):
         pytest.skip("already patched in this process")
     layer = _W8A8Like("meta")
     with pytest.raises(AttributeError):
         original(layer)
-    assert lora_ops.make_lora_device_fix(original)(layer) == torch.device("meta")
+    assert device.make_lora_device_fix(original)(layer) == torch.device("meta")
 
 
 # ------------------------------------------------------- through vLLM's punica wrapper
@@ -492,7 +493,7 @@ def _wrapper_case(
     punica_cpu = pytest.importorskip("vllm.lora.punica_wrapper.punica_cpu")
     layer_utils = pytest.importorskip("vllm.lora.layers.utils")
     if patch_ops:
-        for name, op in lora_ops.OPS.items():
+        for name, op in ops.OPS.items():
             monkeypatch.setattr(punica_cpu, name, op)
     wrapper = punica_cpu.PunicaWrapperCPU(64, 8, "cpu")
     mapping = layer_utils.LoRAMapping(
