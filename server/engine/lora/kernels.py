@@ -38,7 +38,7 @@ Run = tuple[int, int, int]
 # Strategy thresholds of _lora_mm. The matmuls are tiny (rank 8-64), so what they cost
 # is mostly per-call overhead (~10-30 us per small bf16 matmul on 2 cores) plus, for the
 # dense strategy, the flops spent on slots a row does not use. Measured with
-# loadtests/bench_lora_ops.py-style layer calls (qkv slices, bf16, 1 thread) at hidden
+# loadtests/micro/bench_lora_ops.py-style layer calls (qkv slices, bf16, 1 thread) at hidden
 # 576 / rank 16 and hidden 2048 / rank 64, 4-16 slots, 8-1024 rows; re-measure with that
 # script before changing them:
 # - runs of >= 32 rows (prefill chunks) are best done one matmul per run in place, as
