@@ -12,7 +12,7 @@ from server.engine.base import Engine
 from server.experiments.guardrails import Guardrails
 from server.experiments.log import ExposureLog
 from server.experiments.ramps import Ramps
-from server.quotas import Quotas
+from server.quotas import Admission
 from server.serving import Gateway
 
 
@@ -26,8 +26,8 @@ def get_router(request: Request) -> AdapterRouter:
     return router
 
 
-def get_quotas(request: Request) -> Quotas:
-    quotas: Quotas = request.app.state.quotas
+def get_quotas(request: Request) -> Admission:
+    quotas: Admission = request.app.state.quotas
     return quotas
 
 
@@ -47,7 +47,7 @@ RouterDep = Annotated[AdapterRouter, Depends(get_router)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
-QuotasDep = Annotated[Quotas, Depends(get_quotas)]
+QuotasDep = Annotated[Admission, Depends(get_quotas)]
 
 
 def get_exposures(request: Request) -> ExposureLog:

@@ -24,7 +24,7 @@ from adapters_registry.records import (
 from server.adapters import AdapterRouter
 from server.auth import require_admin
 from server.deps import EngineDep, QuotasDep, RouterDep
-from server.quotas import Quotas
+from server.quotas import Admission
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -316,7 +316,7 @@ def _files(config: UploadFile, model: UploadFile) -> dict[str, BinaryIO]:
 # -- tenants and their API keys -------------------------------------------------------
 
 
-def _tenant(t: TenantRecord, quotas: Quotas) -> dict[str, Any]:
+def _tenant(t: TenantRecord, quotas: Admission) -> dict[str, Any]:
     return {
         "name": t.name,
         "max_concurrent": t.max_concurrent,
