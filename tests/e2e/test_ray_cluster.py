@@ -240,8 +240,9 @@ def test_a_replica_killed_mid_stream(cluster: Cluster) -> None:
         async with httpx.AsyncClient(base_url=cluster.server.url, timeout=120) as c:
             opened = []
             for _ in range(2):  # one on each replica (the second goes to the idle one)
-                opened.append(await _open_stream(c, long, {}))
+                opened.append(await _open_stream(c, long, AUTH))
                 await asyncio.sleep(0.5)
+            assert [resp.status_code for _, resp in opened] == [200, 200]
             await asyncio.sleep(1.0)  # both streams under way
             killed = time.monotonic()
             os.kill(victim.pid, signal.SIGKILL)
@@ -254,7 +255,7 @@ def test_a_replica_killed_mid_stream(cluster: Cluster) -> None:
             async def first_success() -> tuple[float | None, int]:
                 failed = 0
                 while time.monotonic() - killed < 120:
-                    r = await c.post("/v1/chat/completions", json=chat(BASE))
+                    r = await c.post("/v1/chat/completions", json=chat(BASE), headers=AUTH)
                     if r.status_code == 200:
                         return time.monotonic() - killed, failed
                     failed += 1
@@ -266,7 +267,7 @@ def test_a_replica_killed_mid_stream(cluster: Cluster) -> None:
             )
             # then: every request succeeds while the replica comes back
             later = [
-                (await c.post("/v1/chat/completions", json=chat(BASE))).status_code
+                (await c.post("/v1/chat/completions", json=chat(BASE), headers=AUTH)).status_code
                 for _ in range(5)
             ]
             back = None
@@ -277,7 +278,9 @@ def test_a_replica_killed_mid_stream(cluster: Cluster) -> None:
                     continue
                 served = set()
                 for _ in range(6):  # Ray's routing sends these to RUNNING replicas only
-                    r = await c.post("/v1/chat/completions", json=chat(BASE), headers=ANY)
+                    r = await c.post(
+                        "/v1/chat/completions", json=chat(BASE), headers={**AUTH, **ANY}
+                    )
                     later.append(r.status_code)
                     served.add(r.headers.get("x-loraswap-replica"))
                 if len(served) == 2:
