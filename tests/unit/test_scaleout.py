@@ -340,3 +340,15 @@ async def test_a_replica_dying_mid_stream_ends_the_stream_with_an_error_frame(
         assert frames[0] == 'data: {"a": 1}'
         assert '"code": "engine_unavailable"' in frames[1]
         assert frames[-1] == "data: [DONE]"
+
+
+def test_the_cluster_address_is_the_setting_else_rays_own_variable(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from server.ray_serve import ray_address
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    assert ray_address(Settings()) is None  # a local Ray of our own
+    monkeypatch.setenv("RAY_ADDRESS", "head:6379")
+    assert ray_address(Settings()) == "head:6379"
+    assert ray_address(Settings(ray={"address": "ray://x:10001"})) == "ray://x:10001"  # type: ignore[arg-type]
