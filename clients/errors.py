@@ -142,8 +142,9 @@ class InternalServerError(APIStatusError):
 class ServiceUnavailableError(InternalServerError):
     """503: the inference engine is not running (starting, draining or dead:
     `engine_unavailable`), the server has as many requests in flight as it takes
-    (`server_overloaded`), or its download cache holds only adapters in use
-    (`adapter_cache_full`); `retry_after` says when to try again."""
+    (`server_overloaded`), its download cache holds only adapters in use
+    (`adapter_cache_full`), or (Ray) the application's quota state is unreachable
+    (`quotas_unavailable`); `retry_after` says when to try again."""
 
 
 _BY_STATUS: dict[int, type[APIStatusError]] = {
@@ -197,6 +198,7 @@ _STATUS_BY_CODE = {
     "server_overloaded": 503,
     "adapter_cache_full": 503,
     "registry_unavailable": 503,
+    "quotas_unavailable": 503,
     "insufficient_storage": 507,
 }
 _STATUS_BY_TYPE = {

@@ -31,7 +31,7 @@ from server.experiments.log import ExposureLog
 from server.experiments.ramps import Ramps
 from server.lifecycle import AdmissionMiddleware, Lifecycle
 from server.metrics import Metrics, RequestInfo, log_request
-from server.quotas import Quotas
+from server.quotas import Admission, Quotas
 from server.routes import admin, experiments, health, metrics_route, openai
 from server.serving import Gateway
 from server.settings import Settings
@@ -126,8 +126,11 @@ async def _follow_registry(router: AdapterRouter, interval_s: float) -> None:
             log.exception("registry refresh failed; retrying in %.1fs", interval_s)
 
 
-def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
-    """The ASGI app. Pass `engine` to reuse one (tests); otherwise vLLM starts in lifespan."""
+def create_app(
+    settings: Settings, engine: Engine | None = None, quotas: Admission | None = None
+) -> FastAPI:
+    """The ASGI app. Pass `engine` to reuse one (tests); otherwise vLLM starts in lifespan.
+    `quotas`: admission shared with other replicas (Ray); else this process's own."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -140,7 +143,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         app.state.router = router
         _refuse_open_network(settings, router.registry)
         app.state.open_mode = open_mode(settings)
-        app.state.quotas = Quotas(settings.max_in_flight)
+        app.state.quotas = quotas if quotas is not None else Quotas(settings.max_in_flight)
         layer = OpenAILayer(eng.engine_client, args, settings.served_model_name)
         app.state.gateway = Gateway(router, layer, app.state.quotas, settings.max_tokens_cap)
         app.state.admin_key = (

@@ -41,9 +41,9 @@ HomeOpt = Annotated[
 
 def _settings(**top: Any) -> Settings:
     """Build the one Settings object: environment first, then explicit CLI flags
-    (`engine_x` / `openai_x` set field x of that section)."""
+    (`engine_x` / `openai_x` / `ray_x` set field x of that section)."""
     base = Settings().model_dump()
-    for section in ("engine", "openai"):
+    for section in ("engine", "openai", "ray"):
         keys = [k for k in top if k.startswith(f"{section}_")]
         for key in keys:
             value = top.pop(key)
@@ -122,7 +122,27 @@ def serve(
     ray: Annotated[
         bool, typer.Option("--ray", help="Serve with Ray Serve: replicas, adapter affinity.")
     ] = False,
-    replicas: Annotated[int, typer.Option(min=1, help="With --ray: engine replicas.")] = 2,
+    ray_address: Annotated[
+        str | None,
+        typer.Option(
+            help="With --ray: join this Ray cluster (else RAY_ADDRESS, else a local Ray)."
+        ),
+    ] = None,
+    replicas: Annotated[
+        int | None, typer.Option(min=1, help="With --ray: engine replicas, a fixed count [2].")
+    ] = None,
+    min_replicas: Annotated[
+        int | None, typer.Option(min=0, help="With --ray --max-replicas: autoscaling floor [1].")
+    ] = None,
+    max_replicas: Annotated[
+        int | None, typer.Option(min=1, help="With --ray: autoscale replicas up to this many.")
+    ] = None,
+    target_ongoing_requests: Annotated[
+        float | None, typer.Option(help="With --max-replicas: requests per replica aimed for.")
+    ] = None,
+    max_replicas_per_node: Annotated[
+        int | None, typer.Option(min=1, help="With --ray: at most this many replicas per node.")
+    ] = None,
     adapters_per_replica: Annotated[
         int | None,
         typer.Option(min=1, help="With --ray: adapter versions one replica keeps loaded."),
@@ -149,6 +169,13 @@ def serve(
         openai_tool_call_parser=tool_call_parser,
         openai_enable_auto_tool_choice=enable_auto_tool_choice or None,
         openai_structured_outputs_backend=structured_outputs_backend,
+        ray_address=ray_address,
+        ray_replicas=replicas,
+        ray_min_replicas=min_replicas,
+        ray_max_replicas=max_replicas,
+        ray_target_ongoing_requests=target_ongoing_requests,
+        ray_max_replicas_per_node=max_replicas_per_node,
+        ray_adapters_per_replica=adapters_per_replica,
     )
     if quantized and not demo:
         raise typer.BadParameter("--quantized selects the demo's quantized base; use with --demo")
@@ -175,7 +202,7 @@ def serve(
     if ray:
         from server.ray_serve import serve_forever
 
-        serve_forever(settings, replicas, adapters_per_replica or settings.engine.max_cpu_loras)
+        serve_forever(settings)
         return
     console.print(
         f"serving {settings.served_model_name} from {settings.model} on "

@@ -13,7 +13,7 @@ from server.experiments.guardrails import Guardrails
 from server.experiments.log import ExposureLog
 from server.experiments.ramps import Ramps
 from server.metrics import Metrics
-from server.quotas import Quotas
+from server.quotas import Admission
 from server.serving import Gateway
 
 
@@ -27,8 +27,8 @@ def get_router(request: Request) -> AdapterRouter:
     return router
 
 
-def get_quotas(request: Request) -> Quotas:
-    quotas: Quotas = request.app.state.quotas
+def get_quotas(request: Request) -> Admission:
+    quotas: Admission = request.app.state.quotas
     return quotas
 
 
@@ -48,7 +48,7 @@ RouterDep = Annotated[AdapterRouter, Depends(get_router)]
 EngineDep = Annotated[Engine, Depends(get_engine)]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
-QuotasDep = Annotated[Quotas, Depends(get_quotas)]
+QuotasDep = Annotated[Admission, Depends(get_quotas)]
 
 
 def get_exposures(request: Request) -> ExposureLog:

@@ -14,6 +14,7 @@
     ├── RequestTooLarge          413  the request body is above the limit
     ├── RateLimited              429  a tenant quota (concurrency or tokens/minute)
     ├── Overloaded               503  the server-wide bound on work in flight
+    ├── QuotasUnavailable        503  Ray: the application's shared quota state is unreachable
     ├── NotImplementedByEngine   501  vLLM's OpenAI layer does not support this here
     ├── EngineUnavailable        503  the engine is starting, draining or dead
     └── EngineFailure            500  the engine failed on a request (a bug)
@@ -95,6 +96,10 @@ class Overloaded(ServerError):
     pass
 
 
+class QuotasUnavailable(ServerError):
+    pass
+
+
 class NotImplementedByEngine(ServerError):
     pass
 
@@ -131,6 +136,7 @@ ERROR_TABLE: dict[type[Exception], ErrorKind] = {
     RequestTooLarge: ErrorKind(413, _INVALID, "request_too_large"),
     RateLimited: ErrorKind(429, "rate_limit_error", "rate_limit_exceeded"),
     Overloaded: ErrorKind(503, "service_unavailable_error", "server_overloaded"),
+    QuotasUnavailable: ErrorKind(503, "service_unavailable_error", "quotas_unavailable"),
     NotImplementedByEngine: ErrorKind(501, _INVALID, "not_implemented"),
     EngineUnavailable: ErrorKind(503, "service_unavailable_error", "engine_unavailable"),
     EngineFailure: ErrorKind(500, "server_error", "engine_error"),

@@ -135,11 +135,23 @@ async def forward(gate: Gate, request: Request, call: ReplicaCall) -> Response:
         return error_response(EngineUnavailable("no replica could serve the request; retry"))
     assert isinstance(start, ResponseStart)
 
+    sse = any(
+        k.lower() == b"content-type" and v.startswith(b"text/event-stream")
+        for k, v in start.headers
+    )
+
     async def rest() -> AsyncIterator[bytes]:
         try:
             async for chunk in stream:
                 assert isinstance(chunk, bytes)
                 yield chunk
+        except Exception as exc:
+            # The replica died mid-response (its process killed, its node gone). A
+            # stream ends as a stream that failed does; other bodies can only be cut.
+            log.warning("replica failed mid-response: %r", exc)
+            if not sse:
+                raise
+            yield error_frame(EngineUnavailable("the replica serving this stream failed; retry"))
         finally:
             await stream.aclose()  # type: ignore[attr-defined]
 
@@ -156,6 +168,12 @@ def reply_headers(start: ResponseStart) -> list[tuple[bytes, bytes]]:
         for k, v in start.headers
         if k not in _DROPPED and (start.status < 400 or not k.startswith(_OURS))
     ]
+
+
+def error_frame(exc: Exception) -> bytes:
+    """An SSE error frame, then the end of the stream, as the app ends a failed stream."""
+    _, body = describe(exc)
+    return f"data: {json.dumps(body)}\n\ndata: [DONE]\n\n".encode()
 
 
 def error_response(exc: Exception) -> JSONResponse:

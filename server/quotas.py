@@ -18,6 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 from adapters_registry.records import TenantRecord
 from server.errors import InvalidRequest, Overloaded, RateLimited
@@ -52,6 +53,29 @@ class Ticket:
             self.quotas._release(self)
 
 
+class Admitted(Protocol):
+    """What the Gateway holds for an admitted request (a Ticket, or a shared one)."""
+
+    priority: int
+    used_tokens: int | None
+
+    def reserve(self, total: int) -> None: ...
+
+    def release(self) -> None: ...
+
+
+class Admission(Protocol):
+    """Admission as the Gateway, /metrics and /admin use it: these per-process Quotas, or
+    the application-wide ones of Ray replicas (server/scaleout/coordinator.py)."""
+
+    @property
+    def in_flight(self) -> int: ...
+
+    def tenant_in_flight(self, name: str) -> int: ...
+
+    async def enter(self, tenant: TenantRecord | None, estimate: int) -> Admitted: ...
+
+
 class Quotas:
     def __init__(self, max_in_flight: int, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_in_flight = max_in_flight
@@ -59,6 +83,10 @@ class Quotas:
         self._clock = clock
         self._buckets: dict[str, _Bucket] = {}
         self._limits: dict[str, TenantRecord] = {}
+
+    async def enter(self, tenant: TenantRecord | None, estimate: int) -> Ticket:
+        """`admit`, as the Admission interface spells it."""
+        return self.admit(tenant, estimate)
 
     def admit(self, tenant: TenantRecord | None, estimate: int) -> Ticket:
         """Admit one request before any work is done for it, reserving `estimate` tokens

@@ -1,8 +1,12 @@
 """Ray Serve deployment: N replicas, each with its own engine, and adapter affinity.
 
-The only module importing ray. `loraswap serve --ray --replicas N` runs:
+The only module importing ray. `loraswap serve --ray` runs, on a Ray it starts or on a
+cluster it joins (`--ray-address`, `RAY_ADDRESS`), and Ray's own tooling runs the same
+application (`serve run server.ray_serve:app_builder ...`, a `serve` config file with
+`import_path: server.ray_serve:app_builder`, a KubeRay RayService):
 
-    HTTP -> Ray Serve proxy -> Ingress (1) -> Replica (N), each create_app(settings)
+    HTTP -> Ray Serve proxy -> Ingress (1) -> Replica (N, or autoscaled), each create_app
+                                                  \\-> Coordinator (1 named actor)
 
 - **Ingress** first admits the request (server/ingress.py: body limits, the upload limit
   only for the admin on the upload routes, authentication and tenant access of inference
@@ -12,12 +16,18 @@ The only module importing ray. `loraswap serve --ray --replicas N` runs:
   Ray Serve's multiplexed model id: Ray routes it to a replica that already holds it
   (`@serve.multiplexed`), else to the least loaded one, which loads it. Everything else
   (admin API, /v1/models, base-model requests) goes to any replica. The request itself
-  crosses as bytes and the response comes back as a stream (SSE stays SSE).
-- **Replica** runs the whole single-process app (auth, quotas, metrics, errors) in-process
+  crosses as bytes and the response comes back as a stream (SSE stays SSE). A replica
+  that dies mid-stream ends the stream with an error frame; Ray restarts it, and new
+  requests go to the live ones (multiplexed ids of a dead replica are forgotten).
+- **Replica** runs the whole single-process app (auth, metrics, errors) in-process
   on the request, with its own vLLM engine; it keeps at most `adapters_per_replica`
   versions in its engine (server/placement.py: Residency, LRU), the same number Ray's
   multiplexer assumes, and says in `x-loraswap-replica` / `x-loraswap-cold-load` which
   replica served the request and whether it had to load the adapter.
+- **Coordinator** (server/scaleout/coordinator.py): the application's one quota state
+  (tenant concurrency and tokens, `max_in_flight`), which every replica's Gateway admits
+  against, and the board where replicas publish their metrics: `/metrics`, whichever
+  replica answers it, merges them (server/scaleout/metrics_merge.py).
 - **Admin changes** go through one replica to the shared registry database; the others,
   and the ingress, poll it every `registry.refresh_interval_s`: every replica serves the
   new state at most `refresh_interval_s` (plus one poll's duration) after the write is
@@ -36,7 +46,7 @@ import logging
 import os
 import signal
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -45,20 +55,34 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 from ray import serve
 
+from adapters_registry.records import TenantRecord
 from server import ingress
 from server.app import create_app, open_registry
-from server.errors import EngineUnavailable
+from server.errors import EngineUnavailable, QuotasUnavailable
 from server.placement import HttpRequest, Residency, ResponseStart, call_asgi, parse_key
+from server.scaleout.config import settings_from_args
+from server.scaleout.coordinator import (
+    Coordinator,
+    Grant,
+    Refusal,
+    SharedQuotas,
+    Snapshot,
+    unreachable,
+)
+from server.scaleout.metrics_merge import merge
 from server.settings import Settings
 
 log = logging.getLogger("loraswap.ray")
 
 _METHODS = ["GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"]
+APP_NAME = "loraswap"
+_NAMESPACE = "loraswap"
 
 
 def cpus_of_replica(rank: int, replicas: int, cores: int) -> str:
     """The cores replica `rank` binds its engine's threads to: the cores split evenly
     (two engines spinning on the same cores would halve each other's speed)."""
+    rank %= replicas
     if replicas >= cores:
         core = rank % cores
         return f"{core}"
@@ -66,33 +90,184 @@ def cpus_of_replica(rank: int, replicas: int, cores: int) -> str:
     return f"{rank * per}-{rank * per + per - 1}"
 
 
-def build_app(settings: Settings, replicas: int, adapters_per_replica: int) -> Any:
-    """The Ray Serve application (Ingress bound to Replica)."""
-    max_ongoing = settings.engine.max_num_seqs
+def replicas_per_node(settings: Settings) -> int:
+    """How many replicas may share a node, i.e. split its cores: `max_replicas_per_node`
+    (1: each replica binds all of its node's cores), else all of them (one machine)."""
+    r = settings.ray
+    count = r.max_replicas if r.max_replicas is not None else r.replicas
+    return min(r.max_replicas_per_node or count, count)
 
-    @serve.deployment(
-        num_replicas=replicas,
-        max_ongoing_requests=max_ongoing,
-        ray_actor_options={"num_cpus": 0},
-        graceful_shutdown_timeout_s=settings.drain_timeout_s,
-        health_check_period_s=5,
-    )
+
+def gpus_per_replica(settings: Settings) -> float:
+    if settings.ray.gpus_per_replica is not None:
+        return settings.ray.gpus_per_replica
+    from server.engine.vllm import gpu_build
+
+    return float(settings.engine.tensor_parallel_size) if gpu_build() else 0.0
+
+
+def replica_options(settings: Settings) -> dict[str, Any]:
+    """Ray Serve's options of the Replica deployment: count or autoscaling, placement."""
+    r = settings.ray
+    actor: dict[str, Any] = {"num_cpus": 0}
+    gpus = gpus_per_replica(settings)
+    if gpus:
+        actor["num_gpus"] = gpus
+    options: dict[str, Any] = {
+        "max_ongoing_requests": settings.engine.max_num_seqs,
+        "ray_actor_options": actor,
+        "graceful_shutdown_timeout_s": settings.drain_timeout_s,
+        "health_check_period_s": 5,
+        "max_replicas_per_node": r.max_replicas_per_node,
+    }
+    if r.autoscaling:
+        options["autoscaling_config"] = {
+            "min_replicas": r.min_replicas if r.min_replicas is not None else 1,
+            "max_replicas": r.max_replicas,
+            "target_ongoing_requests": r.target_ongoing_requests,
+            "upscale_delay_s": r.upscale_delay_s,
+            "downscale_delay_s": r.downscale_delay_s,
+        }
+    else:
+        options["num_replicas"] = r.replicas
+    return options
+
+
+@ray.remote(num_cpus=0, max_restarts=-1)
+class CoordinatorActor:
+    """The Coordinator in one Ray actor: its methods run one at a time, in order."""
+
+    def __init__(self, max_in_flight: int, ttl_s: float) -> None:
+        self._c = Coordinator(max_in_flight, ttl_s)
+
+    def configure(self, max_in_flight: int) -> None:
+        self._c.configure(max_in_flight)
+
+    def admit(self, owner: str, tenant: TenantRecord | None, estimate: int) -> Grant | Refusal:
+        return self._c.admit(owner, tenant, estimate)
+
+    def reserve(self, number: int, total: int) -> Refusal | None:
+        return self._c.reserve(number, total)
+
+    def release(self, number: int, used_tokens: int | None) -> None:
+        self._c.release(number, used_tokens)
+
+    def beat(self, owner: str, name: str, metrics: bytes | None) -> None:
+        self._c.beat(owner, name, metrics)
+
+    def snapshot(self) -> Snapshot:
+        return self._c.snapshot()
+
+
+def coordinator_name(app_name: str) -> str:
+    return f"{APP_NAME}-coordinator-{app_name}"
+
+
+def coordinator(settings: Settings, app_name: str) -> Any:
+    """The application's coordinator: created by the first replica that asks, then
+    found by name. Detached, so that replicas restarting do not take it with them;
+    restarted by Ray if its process or node dies (with fresh counts)."""
+    return CoordinatorActor.options(  # type: ignore[attr-defined]
+        name=coordinator_name(app_name),
+        namespace=_NAMESPACE,
+        lifetime="detached",
+        get_if_exists=True,
+    ).remote(settings.max_in_flight, settings.ray.replica_ttl_s)
+
+
+class _RayCalls:
+    """server/scaleout/coordinator.py's CoordinatorCalls over the actor; any failure to
+    reach it within the timeout is QuotasUnavailable (fail closed)."""
+
+    def __init__(self, actor: Any, timeout_s: float) -> None:
+        self._actor = actor
+        self._timeout_s = timeout_s
+
+    async def admit(
+        self, owner: str, tenant: TenantRecord | None, estimate: int
+    ) -> Grant | Refusal:
+        result: Grant | Refusal = await self._call(
+            self._actor.admit.remote(owner, tenant, estimate)
+        )
+        return result
+
+    def reserve(self, number: int, total: int) -> Refusal | None:
+        try:
+            result: Refusal | None = ray.get(
+                self._actor.reserve.remote(number, total), timeout=self._timeout_s
+            )
+        except Exception as exc:
+            raise _unreachable(exc) from exc
+        return result
+
+    def release(self, number: int, used_tokens: int | None) -> None:
+        with contextlib.suppress(Exception):
+            self._actor.release.remote(number, used_tokens)
+
+    async def snapshot(self) -> Snapshot:
+        result: Snapshot = await self._call(self._actor.snapshot.remote())
+        return result
+
+    async def _call(self, ref: Any) -> Any:
+        try:
+            return await asyncio.wait_for(ref, self._timeout_s)
+        except Exception as exc:
+            raise _unreachable(exc) from exc
+
+
+def _unreachable(exc: Exception) -> QuotasUnavailable:
+    log.warning("quota coordinator unreachable: %r", exc)
+    return unreachable()
+
+
+def build_app(settings: Settings) -> Any:
+    """The Ray Serve application (Ingress bound to Replica)."""
+    adapters_per_replica = settings.ray.adapters_per_replica or settings.engine.max_cpu_loras
+    on_node = replicas_per_node(settings)
+
+    @serve.deployment(**replica_options(settings))
     class Replica:
         async def __init__(self, settings: Settings) -> None:  # type: ignore[misc]
             context = serve.get_replica_context()
             rank = context.rank.rank
             if settings.engine.cpu_threads_bind == "auto":
                 cores = len(os.sched_getaffinity(0))
-                bind = cpus_of_replica(rank, replicas, cores)
+                bind = cpus_of_replica(rank, on_node, cores)
                 engine = settings.engine.model_copy(update={"cpu_threads_bind": bind})
                 settings = settings.model_copy(update={"engine": engine})
-            self._name = f"replica-{rank}".encode()
-            self._app = create_app(settings)
+            self._name = f"replica-{rank}"
+            self._owner = context.replica_id.unique_id
+            self._coordinator = coordinator(settings, context.app_name)
+            self._coordinator.configure.remote(settings.max_in_flight)
+            calls = _RayCalls(self._coordinator, settings.ray.coordinator_timeout_s)
+            self._quotas = SharedQuotas(calls, self._owner)
+            self._metrics_auth = _metrics_auth(settings)
+            self._app = create_app(settings, quotas=self._quotas)
             self._lifespan: Any = self._app.router.lifespan_context(self._app)
             await self._lifespan.__aenter__()
             self._router = self._app.state.router
             self._residency = Residency(adapters_per_replica)
             self._lock = asyncio.Lock()
+            self._beats = asyncio.create_task(self._beat(settings.ray.beat_interval_s))
+
+        async def _beat(self, interval_s: float) -> None:
+            """Renew this replica's quota tickets and publish its metrics."""
+            while True:
+                try:
+                    metrics = await self._own_metrics()
+                    await asyncio.wait_for(
+                        self._coordinator.beat.remote(self._owner, self._name, metrics),
+                        interval_s * 2,
+                    )
+                except Exception:
+                    log.warning("beat to the coordinator failed", exc_info=True)
+                await asyncio.sleep(interval_s)
+
+        async def _own_metrics(self) -> bytes | None:
+            request = HttpRequest("GET", "/metrics", headers=self._metrics_auth)
+            request.client = ("127.0.0.1", 0)  # open mode's local caller, if no key is set
+            start, body = await _collect(call_asgi(self._app, request))
+            return body if start.status == 200 else None
 
         @serve.multiplexed(max_num_models_per_replica=adapters_per_replica)  # type: ignore[untyped-decorator]
         async def _multiplexed(self, key: str) -> str:
@@ -115,13 +290,19 @@ def build_app(settings: Settings, replicas: int, adapters_per_replica: int) -> A
         async def handle(
             self, request: HttpRequest, key: str | None
         ) -> AsyncIterator[ResponseStart | bytes]:
-            headers = [(b"x-loraswap-replica", self._name)]
-            # Read your writes: an admin call right after another one, answered by another
-            # replica, must see it (one single-row read when nothing changed).
-            if request.path.startswith("/admin") and await asyncio.to_thread(
-                self._router.registry.refresh
-            ):
-                await self._router.release_unreachable()
+            headers = [(b"x-loraswap-replica", self._name.encode())]
+            if request.path.startswith("/admin"):
+                # Read your writes: an admin call right after another one, answered by
+                # another replica, must see it (one single-row read when nothing changed).
+                if await asyncio.to_thread(self._router.registry.refresh):
+                    await self._router.release_unreachable()
+                # Tenants' running requests as the whole application counts them.
+                with contextlib.suppress(QuotasUnavailable):
+                    await self._quotas.sync()
+            if request.path == "/metrics":
+                async for item in self._metrics(request, headers):
+                    yield item
+                return
             if key is not None:
                 if serve.get_multiplexed_model_id():
                     await self._multiplexed(key)
@@ -130,7 +311,25 @@ def build_app(settings: Settings, replicas: int, adapters_per_replica: int) -> A
             async for item in call_asgi(self._app, request, headers):
                 yield item
 
+        async def _metrics(
+            self, request: HttpRequest, headers: list[tuple[bytes, bytes]]
+        ) -> AsyncIterator[ResponseStart | bytes]:
+            """The app's /metrics (its own auth decides), answered for the application:
+            this replica's series now, the others' as last published, each labelled."""
+            start, body = await _collect(call_asgi(self._app, request, headers))
+            if start.status == 200:
+                others: dict[str, bytes] = {}
+                with contextlib.suppress(QuotasUnavailable):
+                    others = (await self._quotas.sync()).metrics
+                body = merge({**others, self._name: body})
+                start.headers = [(k, v) for k, v in start.headers if k != b"content-length"]
+            yield start
+            yield body
+
         async def __del__(self) -> None:
+            beats = getattr(self, "_beats", None)
+            if beats is not None:
+                beats.cancel()
             lifespan = getattr(self, "_lifespan", None)
             if lifespan is not None:
                 self._lifespan = None
@@ -192,6 +391,39 @@ def build_app(settings: Settings, replicas: int, adapters_per_replica: int) -> A
     return Ingress.bind(Replica.bind(settings), settings)  # type: ignore[attr-defined]
 
 
+def app_builder(args: Mapping[str, Any]) -> Any:
+    """The application for Ray's own tooling: `serve run server.ray_serve:app_builder
+    model=/models/base ray.max_replicas=4`, or `import_path: server.ray_serve:app_builder`
+    in a `serve` config file with these args (deploy/ray/serve-config.yaml). Settings come
+    from LORASWAP_* (a config file's runtime_env env_vars) and then `args`.
+
+    Ray's tooling has no start-up hook of ours: /health answers as soon as the replicas
+    are up (`loraswap serve --ray` holds it at 503 until the deployment finished)."""
+    app = build_app(settings_from_args(args))
+    return app
+
+
+async def _collect(
+    stream: AsyncIterator[ResponseStart | bytes],
+) -> tuple[ResponseStart, bytes]:
+    start: ResponseStart | None = None
+    chunks: list[bytes] = []
+    async for item in stream:
+        if isinstance(item, ResponseStart):
+            start = item
+        else:
+            chunks.append(item)
+    assert start is not None
+    return start, b"".join(chunks)
+
+
+def _metrics_auth(settings: Settings) -> list[tuple[bytes, bytes]]:
+    key = settings.metrics_key or settings.admin_key
+    if key is None:
+        return []
+    return [(b"authorization", f"Bearer {key.get_secret_value()}".encode())]
+
+
 def _unavailable(message: str) -> Response:
     return ingress.error_response(EngineUnavailable(message))
 
@@ -200,28 +432,54 @@ def _header(request: HttpRequest, name: bytes) -> bytes | None:
     return next((v for k, v in request.headers if k.lower() == name), None)
 
 
-def serve_forever(settings: Settings, replicas: int, adapters_per_replica: int) -> None:
-    """Start a local Ray, deploy, serve until SIGTERM/SIGINT, then shut everything down."""
+def ray_address(settings: Settings) -> str | None:
+    """The cluster to join: the setting, else Ray's own RAY_ADDRESS; None: start one."""
+    return settings.ray.address or os.environ.get("RAY_ADDRESS") or None
+
+
+def serve_forever(settings: Settings) -> None:
+    """Start a local Ray or join a cluster, deploy, serve until SIGTERM/SIGINT, then
+    take the application down (and a Ray of our own with it)."""
     # Ray's workers must import this code, whether installed or run from a checkout.
     root = str(Path(__file__).resolve().parent.parent)
-    os.environ["PYTHONPATH"] = os.pathsep.join(
-        p for p in (root, os.environ.get("PYTHONPATH", "")) if p
-    )
-    ray.init(
-        num_cpus=len(os.sched_getaffinity(0)),
-        include_dashboard=False,
-        object_store_memory=int(os.environ.get("LORASWAP_RAY_OBJECT_STORE_BYTES", 128 << 20)),
-        logging_level=logging.WARNING,
-    )
+    pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    address = ray_address(settings)
+    if address is not None:
+        # A cluster's workers do not inherit our environment: the job's runtime_env
+        # carries the import path (the same path on every node: an image, a checkout).
+        ray.init(
+            address=address,
+            runtime_env={"env_vars": {"PYTHONPATH": pythonpath}},
+            logging_level=logging.WARNING,
+        )
+    else:
+        os.environ["PYTHONPATH"] = pythonpath
+        ray.init(
+            # "local": a Ray of our own, never a cluster `ray start` left a record of
+            address="local",
+            num_cpus=len(os.sched_getaffinity(0)),
+            include_dashboard=False,
+            object_store_memory=int(os.environ.get("LORASWAP_RAY_OBJECT_STORE_BYTES", 128 << 20)),
+            logging_level=logging.WARNING,
+        )
     stop = threading.Event()
     try:
-        serve.start(http_options={"host": settings.host, "port": settings.port})
-        handle = serve.run(
-            build_app(settings, replicas, adapters_per_replica), name="loraswap", route_prefix="/"
+        # One HTTP entry, on the head node: a proxy per node would bind the same port
+        # twice on one host, and a load balancer in front of a cluster picks its own.
+        serve.start(
+            proxy_location="HeadOnly", http_options={"host": settings.host, "port": settings.port}
         )
+        handle = serve.run(build_app(settings), name=APP_NAME, route_prefix="/")
         handle.set_ready.remote().result()
+        r = settings.ray
+        count = (
+            f"{r.min_replicas or 1}-{r.max_replicas} autoscaled"
+            if r.autoscaling
+            else str(r.replicas)
+        )
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
         print(
-            f"serving {settings.served_model_name} with {replicas} Ray Serve replicas on "
+            f"serving {settings.served_model_name} with {count} Ray Serve replicas on {where}, "
             f"http://{settings.host}:{settings.port}",
             flush=True,
         )
@@ -232,5 +490,10 @@ def serve_forever(settings: Settings, replicas: int, adapters_per_replica: int) 
         print("shutting down Ray Serve", flush=True)
     finally:
         with contextlib.suppress(Exception):
-            serve.shutdown()  # type: ignore[no-untyped-call]
+            serve.delete(APP_NAME)
+        with contextlib.suppress(Exception):
+            ray.kill(ray.get_actor(coordinator_name(APP_NAME), namespace=_NAMESPACE))
+        if address is None:
+            with contextlib.suppress(Exception):
+                serve.shutdown()  # type: ignore[no-untyped-call]
         ray.shutdown()

@@ -42,7 +42,7 @@ from server.engine.openai_layer import (
 )
 from server.errors import InvalidDefaults, InvalidRequest
 from server.metrics import RequestInfo
-from server.quotas import Quotas
+from server.quotas import Admission
 
 _MAX_N = 16  # choices per request (and prompts per completion request)
 _MAX_STOP = 4  # stop strings, as OpenAI
@@ -77,7 +77,7 @@ def _get(body: Any, name: str) -> Any:
 
 class Gateway:
     def __init__(
-        self, router: AdapterRouter, layer: OpenAILayer, quotas: Quotas, max_tokens_cap: int
+        self, router: AdapterRouter, layer: OpenAILayer, quotas: Admission, max_tokens_cap: int
     ) -> None:
         self._router = router
         self._layer = layer
@@ -104,7 +104,7 @@ class Gateway:
         info: RequestInfo | None = getattr(request.state, "info", None)
         if info is not None:
             _describe(info, target, caller, _response_id(body, request))
-        ticket = self._quotas.admit(caller.tenant, self._known_tokens(body))
+        ticket = await self._quotas.enter(caller.tenant, self._known_tokens(body))
         usage = Usage()
         leases: list[Lease] = []
 

@@ -47,6 +47,9 @@ class EngineSettings(BaseModel):
         "(server/engine/lora/); off: the fixed per-op path.",
     )
     enforce_eager: bool = Field(False, description="Disable compilation / graphs.")
+    tensor_parallel_size: int = Field(
+        1, ge=1, description="GPUs one engine spans (vLLM's tensor parallelism); 1 on CPU."
+    )
     scheduling_policy: Literal["priority", "fcfs"] = Field(
         "priority",
         description="'priority' lets a tenant's first request go ahead of another tenant's "
@@ -170,6 +173,70 @@ class SourcesSettings(BaseModel):
         return value
 
 
+class RaySettings(BaseModel):
+    """`loraswap serve --ray` and Ray's own tooling (server/ray_serve.py: app_builder)."""
+
+    address: str | None = Field(
+        None,
+        description="Ray cluster to join (`auto`, `host:port`, `ray://host:10001`); unset: "
+        "RAY_ADDRESS if set, else a local Ray started for the server.",
+    )
+    replicas: int = Field(2, ge=1, description="Engine replicas (a fixed count).")
+    min_replicas: int | None = Field(
+        None, ge=0, description="With max_replicas: Ray Serve's autoscaler's lower bound."
+    )
+    max_replicas: int | None = Field(
+        None, ge=1, description="Set: replicas autoscale (Ray Serve) up to this many."
+    )
+    target_ongoing_requests: float = Field(
+        4.0, gt=0, description="Autoscaling: requests per replica the autoscaler aims for."
+    )
+    upscale_delay_s: float = Field(
+        10.0, ge=0, description="Autoscaling: load lasting this long adds replicas."
+    )
+    downscale_delay_s: float = Field(
+        60.0, ge=0, description="Autoscaling: idleness lasting this long removes replicas."
+    )
+    max_replicas_per_node: int | None = Field(
+        None,
+        ge=1,
+        description="At most this many replicas on one Ray node (1: one per node, each "
+        "binding all of its node's cores); unset: no limit.",
+    )
+    adapters_per_replica: int | None = Field(
+        None, ge=1, description="Adapter versions one replica keeps loaded [engine.max_cpu_loras]."
+    )
+    gpus_per_replica: float | None = Field(
+        None,
+        ge=0,
+        description="Ray `num_gpus` of a replica; unset: engine.tensor_parallel_size on a GPU "
+        "build of vLLM (as seen where the application is built), 0 on CPU.",
+    )
+    coordinator_timeout_s: float = Field(
+        2.0, gt=0, description="Longest wait for the shared quota state; past it, 503."
+    )
+    beat_interval_s: float = Field(
+        2.0,
+        gt=0,
+        description="How often a replica renews its quota tickets and publishes its metrics.",
+    )
+    replica_ttl_s: float = Field(
+        15.0,
+        gt=0,
+        description="A replica silent this long is gone: its tickets freed, its metrics dropped.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> RaySettings:
+        if self.max_replicas is not None and (self.min_replicas or 0) > self.max_replicas:
+            raise ValueError("ray.min_replicas must not exceed ray.max_replicas")
+        return self
+
+    @property
+    def autoscaling(self) -> bool:
+        return self.max_replicas is not None
+
+
 class Settings(BaseSettings):
     """Server configuration. Every field is documented in README's configuration table."""
 
@@ -242,6 +309,7 @@ class Settings(BaseSettings):
     engine: EngineSettings = Field(default_factory=EngineSettings)
     openai: OpenAISettings = Field(default_factory=OpenAISettings)
     experiments: ExperimentsSettings = Field(default_factory=ExperimentsSettings)
+    ray: RaySettings = Field(default_factory=RaySettings)
 
     @model_validator(mode="after")
     def _one_registry_database(self) -> Settings:

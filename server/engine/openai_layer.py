@@ -138,6 +138,8 @@ def vllm_args(settings: Settings) -> Namespace:
         argv += ["--structured-outputs-config.disable_any_whitespace", "true"]
     if e.enforce_eager:
         argv.append("--enforce-eager")
+    if e.tensor_parallel_size > 1:
+        argv += ["--tensor-parallel-size", str(e.tensor_parallel_size)]
     if o.chat_template is not None:
         argv += ["--chat-template", o.chat_template]
     if o.tool_call_parser is not None:

@@ -212,3 +212,11 @@ def lora_request(lora: LoraHandle) -> Any:
     from vllm.lora.request import LoRARequest
 
     return LoRARequest(lora_name=lora.engine_name, lora_int_id=lora.lora_id, lora_path=lora.path)
+
+
+def gpu_build() -> bool:
+    """Whether this vLLM runs on GPUs (its platform as detected in this process): Ray
+    replicas then each take `tensor_parallel_size` GPUs."""
+    from vllm.platforms import current_platform
+
+    return not current_platform.is_cpu()

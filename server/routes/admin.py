@@ -27,7 +27,7 @@ from server.adapters import AdapterRouter
 from server.auth import require_admin
 from server.deps import EngineDep, GatewayDep, QuotasDep, RouterDep
 from server.errors import InvalidDefaults
-from server.quotas import Quotas
+from server.quotas import Admission
 
 router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
 
@@ -366,7 +366,7 @@ def _files(config: UploadFile, model: UploadFile) -> dict[str, BinaryIO]:
 # -- tenants and their API keys -------------------------------------------------------
 
 
-def _tenant(t: TenantRecord, quotas: Quotas) -> dict[str, Any]:
+def _tenant(t: TenantRecord, quotas: Admission) -> dict[str, Any]:
     return {
         "name": t.name,
         "max_concurrent": t.max_concurrent,
