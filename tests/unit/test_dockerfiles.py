@@ -92,9 +92,10 @@ def test_hadolint_does_find_problems(tmp_path: Path) -> None:
 def test_installed_as_setup_sh_installs(engine: str) -> None:
     setup = (ROOT / "scripts" / "setup.sh").read_text()
     image = IMAGES[engine].read_text()
-    # setup.sh: .[${engine},demo,dev]; an image is the same less the dev tools.
+    # setup.sh: .[${engine},demo,postgres,s3,dev]; an image is the same less the dev
+    # tools: a PostgreSQL registry and s3:// sources work in the image as in a checkout.
     expected = {engine if e == "${engine}" else e for e in pip_extras(setup)} - {"dev"}
-    assert pip_extras(image) == expected == {engine, "demo"}
+    assert pip_extras(image) == expected == {engine, "demo", "postgres", "s3"}
     # The engine extra is vLLM's build for it.
     assert re.search(rf'^{engine} = \["vllm', (ROOT / "pyproject.toml").read_text(), re.M)
     # On CPU, setup.sh removes the CUDA builds of torchvision & co. pip pulls in; so must
