@@ -1,4 +1,4 @@
-"""The `loraswap` command: serve, and build the offline demo assets."""
+"""`loraswap serve` and `loraswap demo prepare`: run the server, build the offline demo assets."""
 
 from __future__ import annotations
 
@@ -14,24 +14,10 @@ import typer
 import uvicorn
 from rich.console import Console
 
-from server.cli_admin import adapters_app, aliases_app, tenants_app
-from server.cli_experiments import experiments_app
 from server.lifecycle import Lifecycle
 from server.settings import OpenAISettings, Settings
 
-app = typer.Typer(help="Multi-LoRA inference server on vLLM.", no_args_is_help=True)
 demo_app = typer.Typer(help="Offline demo assets (base model, adapters, quantized base).")
-app.add_typer(demo_app, name="demo")
-app.add_typer(adapters_app, name="adapters", help="Manage adapters on a running server.")
-app.add_typer(aliases_app, name="aliases", help="Manage A/B aliases on a running server.")
-app.add_typer(
-    tenants_app, name="tenants", help="Manage tenants, quotas and API keys on a running server."
-)
-app.add_typer(
-    experiments_app,
-    name="experiments",
-    help="A/B experiments: feedback on responses, reports of aliases.",
-)
 console = Console(stderr=True)
 
 HomeOpt = Annotated[
@@ -88,7 +74,6 @@ def demo_prepare(home: HomeOpt = None) -> None:
     _prepare_demo(settings.home)
 
 
-@app.command()
 def serve(
     demo: Annotated[bool, typer.Option(help="Serve the demo model and adapters.")] = False,
     quantized: Annotated[bool, typer.Option(help="With --demo: the quantized base.")] = False,
@@ -255,11 +240,3 @@ class DrainingServer(uvicorn.Server):
             f"{time.perf_counter() - start:.2f}s; shutting down"
         )
         self.should_exit = True
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()
