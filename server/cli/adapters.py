@@ -212,33 +212,47 @@ def push(
         f"checked {folder}: rank {spec.rank}, targets {', '.join(spec.target_modules)}, "
         f"sha256 {spec.sha256[:12]}"
     )
-    files = {"adapter_config": folder / CONFIG_NAME, "adapter_model": folder / WEIGHTS_NAME}
     with session(url, admin_key) as client:
-        exists = _exists(client, name)
-        with progress(f"uploading {name}") as bar:
-            if exists:
-                version = client.upload_version(
-                    name,
-                    files,
-                    sha256=spec.sha256,
-                    make_current=not stage,
-                    progress=bar,
-                    defaults=defaults,
-                )
-            else:
-                adapter = client.upload_adapter(
-                    name,
-                    files,
-                    sha256=spec.sha256,
-                    progress=bar,
-                    owner=owner,
-                    shared=shared,
-                    defaults=defaults,
-                )
-                version = adapter["versions"][-1]
+        version = _push(client, folder, spec, name, stage, owner, shared, defaults)
     state = "staged: `loraswap adapters set-current` serves it" if stage else "current"
     out.print(f"pushed {render.describe(version)} ({state})")
     _print_call(url, name, version)
+
+
+def _push(
+    client: Client,
+    folder: Path,
+    spec: AdapterSpec,
+    name: str,
+    stage: bool,
+    owner: str | None,
+    shared: bool,
+    defaults: ServingDefaults | None,
+) -> VersionInfo:
+    """Upload the checked folder's two files as the next version of NAME, or as a new
+    adapter (the checkpoint's other files, optimizer pickles and all, stay here)."""
+    files = {"adapter_config": folder / CONFIG_NAME, "adapter_model": folder / WEIGHTS_NAME}
+    exists = _exists(client, name)
+    with progress(f"uploading {name}") as bar:
+        if exists:
+            return client.upload_version(
+                name,
+                files,
+                sha256=spec.sha256,
+                make_current=not stage,
+                progress=bar,
+                defaults=defaults,
+            )
+        adapter = client.upload_adapter(
+            name,
+            files,
+            sha256=spec.sha256,
+            progress=bar,
+            owner=owner,
+            shared=shared,
+            defaults=defaults,
+        )
+    return adapter["versions"][-1]
 
 
 def _exists(client: Client, name: str) -> bool:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -193,6 +193,10 @@ def guardrails(
     if as_json:
         print_json(result)
         return
+    _print_guardrails(name, result)
+
+
+def _print_guardrails(name: str, result: dict[str, Any]) -> None:
     limits = result["limits"]
     if limits is None:
         out.print(f"{name}: no guardrails")
