@@ -29,6 +29,7 @@ from server.errors import ErrorKind, InvalidRequest, ServerError, describe, erro
 from server.experiments.guardrails import Guardrails
 from server.experiments.log import ExposureLog
 from server.experiments.ramps import Ramps
+from server.experiments.shadow import Shadows
 from server.lifecycle import AdmissionMiddleware, Lifecycle
 from server.metrics import Metrics, RequestInfo, log_request
 from server.quotas import Quotas
@@ -164,6 +165,12 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
         )
         await asyncio.to_thread(ramps.load)
         exposures.listeners.append(ramps.observe)
+        # Shadow traffic: sampled requests run again on an alias's shadow adapter.
+        app.state.shadows = shadows = Shadows(
+            router, layer, app.state.quotas, exposures, metrics, settings.experiments
+        )
+        await asyncio.to_thread(shadows.load)
+        app.state.gateway.shadows = shadows
         writer = asyncio.create_task(exposures.run())
         stepper = asyncio.create_task(ramps.run())
         for record in router.registry.adapters():
@@ -186,6 +193,7 @@ def create_app(settings: Settings, engine: Engine | None = None) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await ramps.settle()
+            await shadows.close()
             await exposures.close()  # what the last requests left in the queue
             router.registry.close()
             if own:

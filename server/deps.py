@@ -12,6 +12,7 @@ from server.engine.base import Engine
 from server.experiments.guardrails import Guardrails
 from server.experiments.log import ExposureLog
 from server.experiments.ramps import Ramps
+from server.experiments.shadow import Shadows
 from server.quotas import Quotas
 from server.serving import Gateway
 
@@ -65,6 +66,12 @@ def get_ramps(request: Request) -> Ramps:
     return ramps
 
 
+def get_shadows(request: Request) -> Shadows:
+    shadows: Shadows = request.app.state.shadows
+    return shadows
+
+
 ExposuresDep = Annotated[ExposureLog, Depends(get_exposures)]
 RampsDep = Annotated[Ramps, Depends(get_ramps)]
 GuardrailsDep = Annotated[Guardrails, Depends(get_guardrails)]
+ShadowsDep = Annotated[Shadows, Depends(get_shadows)]
