@@ -240,7 +240,7 @@ def test_requests_are_sampled_per_request_at_the_fraction(world: World) -> None:
     expected = random.Random(7)
     sampled = [expected.random() < 0.5 for _ in range(20)]
     ids = []
-    for i in range(20):
+    for _ in range(20):
         ids.append(greedy_chat(world, "same-user").json()["id"])  # not sticky per user
         settle(world)
     recorded = runs(world)
