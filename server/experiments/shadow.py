@@ -229,3 +229,4 @@ class Shadows:
         """Wait for the shadows running now (tests)."""
         while self._running:
             await asyncio.gather(*list(self._running), return_exceptions=True)
+            await asyncio.sleep(0)  # their done callbacks take them out of the set

@@ -238,8 +238,9 @@ def test_client_and_cli_shadow(cli: Callable[..., Any], transport: httpx.BaseTra
         got = admin.set_shadow("bot", "formal@1", 1.0)
         assert got == {"alias": "bot", "adapter": "formal@1", "fraction": 1.0}
         assert admin.get_shadow("bot")["adapter"] == "formal@1"
-        reply = admin.chat("bot", HI, max_tokens=4, user="ann", temperature=0)
-        assert reply.body["choices"][0]["message"]["content"]
+        with Client(URL, api_key=admin.create_key("acme")["key"], transport=transport) as acme:
+            reply = acme.chat("bot", HI, max_tokens=4, user="ann", temperature=0)
+            assert reply.body["choices"][0]["message"]["content"]
         assert admin.delete_shadow("bot")["adapter"] == "formal@1"
         with pytest.raises(NotFoundError):
             admin.get_shadow("bot")

@@ -28,6 +28,8 @@ class GatedEngine(FakeEngine):
     """Holds engine requests at their start: shadows while `shadows_held`, client
     requests whose x-request-id starts with "hold" while `held` (the tests' load)."""
 
+    HOLD = "chatcmpl-hold"  # vLLM's engine request id: its prefix and our x-request-id
+
     def __init__(self, broken: set[str] = frozenset()) -> None:  # type: ignore[assignment]
         super().__init__()
         self.broken = broken
@@ -40,7 +42,7 @@ class GatedEngine(FakeEngine):
         if request_id.endswith(".shadow"):
             if self.shadows_held:
                 await self.release_shadows.wait()
-        elif request_id.startswith("hold") and self.held:
+        elif request_id.startswith(self.HOLD) and self.held:
             await self.release.wait()
 
     async def add_lora(self, lora: LoraHandle) -> None:
@@ -321,6 +323,13 @@ def test_under_load_shadows_are_dropped_first(world: World, engine: GatedEngine)
     shadow(world, adapter="formal@1", fraction=1)
 
     async def scenario() -> dict[str, httpx.Response]:
+        try:
+            return await load()
+        finally:  # whatever failed, nothing stays held in the engine
+            engine.release.set()
+            engine.release_shadows.set()
+
+    async def load() -> dict[str, httpx.Response]:
         out = {}
         # 1. a shadow running (held in the engine) when the load arrives: aborted
         engine.shadows_held = True
@@ -329,7 +338,7 @@ def test_under_load_shadows_are_dropped_first(world: World, engine: GatedEngine)
             await asyncio.sleep(0.01)
         engine.held = True
         held = [asyncio.create_task(_post(world, f"hold-{i}", f"h{i}")) for i in range(2)]
-        while len([r for r, _ in engine.requests if r.startswith("hold")]) < 2:
+        while len([r for r, _ in engine.requests if r.startswith(engine.HOLD)]) < 2:
             await asyncio.sleep(0.01)
         await shadows(world).settle()
         # 2. a request finishing while two others are in flight: its shadow not started
