@@ -112,6 +112,9 @@ class AdapterRouter:
         # by tenant and the adapters-directory folders not registered yet.
         self._bodies: OrderedDict[tuple[str | None, tuple[str, ...]], bytes] = OrderedDict()
         self._bodies_generation = -1
+        # Versions reachable by other means than the registry: an alias's shadow adapter
+        # pinned to a version (server/experiments/shadow.py) stays loaded between runs.
+        self.also_reachable: Callable[[str, int], bool] = lambda _name, _version: False
 
     @property
     def base_name(self) -> str:
@@ -238,6 +241,13 @@ class AdapterRouter:
             )
         version = await self._version(name, None, model, tenant)
         return Target(model=f"{self._base}:{name}", version=version)
+
+    async def version_of(self, name: str, number: int | None, tenant: str | None) -> Target:
+        """Adapter `name` (version `number`, None: the current one) as `tenant` may use
+        it, as a target of its own (an alias's shadow); raises ModelNotFound."""
+        model = f"{self._base}:{name}"
+        version = await self._version(name, number, model, tenant)
+        return Target(model=model, version=version)
 
     async def _version(
         self, name: str, number: int | None, model: str, tenant: str | None
@@ -527,7 +537,7 @@ class AdapterRouter:
         and still is this content (a deleted and re-created name never reuses a number,
         but the check costs nothing and holds whatever the registry's history)."""
         name, number, digest = key
-        if not self.registry.is_referenced(name, number):
+        if not (self.registry.is_referenced(name, number) or self.also_reachable(name, number)):
             return False
         record = self.registry.adapter(name)
         version = record.version(number) if record is not None else None

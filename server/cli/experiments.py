@@ -1,4 +1,5 @@
-"""`loraswap experiments ...`: feedback on responses and the report of an alias's experiment.
+"""`loraswap experiments ...`: feedback on responses, the report of an alias's experiment,
+its guardrails, ramp and shadow.
 
 Like the other admin commands (server/cli/options.py) these talk HTTP through
 `clients.Client`. `feedback` acts as a tenant when given `--api-key` (the tenant whose
@@ -138,6 +139,8 @@ def report(
     out.print(render.arms_table(result))
     if result["metrics"]:
         out.print(render.metrics_table(result))
+    if result.get("shadow"):
+        out.print(render.shadow_table(result))
     out.print(render.srm_line(result))
 
 
@@ -252,3 +255,40 @@ def ramp(
         f"{name}: {result['candidate']} at {result['percent']:g}% "
         f"(step {result['step'] + 1} of {len(result['steps'])}: {shown}); {result['state']}"
     )
+
+
+@app.command("shadow")
+def shadow(
+    name: AliasName,
+    adapter: Annotated[
+        str | None,
+        typer.Option(help="The shadow adapter: name or name@N.", show_default=False),
+    ] = None,
+    fraction: Annotated[
+        float | None,
+        typer.Option(
+            min=0, max=1, help="Share of the alias's requests (0..1).", show_default=False
+        ),
+    ] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Stop the shadow traffic.")] = False,
+    url: Url = DEFAULT_URL,
+    admin_key: AdminKey = None,
+    as_json: AsJson = False,
+) -> None:
+    """Show an alias's shadow; with --adapter and --fraction, set it (sampled requests
+    also run on it, after their response, dropped first under load; its replies are
+    recorded, never returned); --clear stops it."""
+    if (adapter is None) != (fraction is None):
+        raise typer.BadParameter("--adapter and --fraction go together")
+    with session(url, admin_key) as client:
+        if clear:
+            result = client.delete_shadow(name)
+        elif adapter is not None and fraction is not None:
+            result = client.set_shadow(name, adapter, fraction)
+        else:
+            result = client.get_shadow(name)
+    if as_json:
+        print_json(result)
+        return
+    state = "; stopped" if clear else ""
+    out.print(f"{name}: shadow {result['adapter']} on {result['fraction']:.0%} of requests{state}")

@@ -208,3 +208,30 @@ def srm_line(report: dict[str, Any]) -> str:
     verdict = "[red]MISMATCH[/red]" if srm["flagged"] else "ok"
     observed = ", ".join(f"{k}={v}" for k, v in srm["observed"].items())
     return f"sample ratio: {verdict} (chi-square p = {srm['p_value']:.3g}; {observed})"
+
+
+def shadow_table(report: dict[str, Any]) -> Table:
+    table = Table(title="shadow traffic (outputs recorded, never returned)")
+    for column in ("shadow", "sampled", "runs", "dropped", "failed", "greedy match"):
+        table.add_column(column, justify="left" if column == "shadow" else "right")
+    for column in ("tokens control/shadow", "latency ms control/shadow"):
+        table.add_column(column, justify="right")
+    for s in report["shadow"]:
+        control, candidate = s["control"], s["candidate"]
+        match = (
+            "-"
+            if s["match_rate"] is None
+            else f"{s['greedy_matches']}/{s['greedy_compared']} {_interval(s['match_rate_ci95'])}"
+        )
+        table.add_row(
+            s["shadow"],
+            str(s["sampled"]),
+            str(s["runs"]),
+            str(s["dropped"]),
+            str(s["failed"]),
+            match,
+            f"{_fmt(control['completion_tokens_mean'], 1)}/"
+            f"{_fmt(candidate['completion_tokens_mean'], 1)}",
+            f"{_ms(control['latency_s_mean'])}/{_ms(candidate['latency_s_mean'])}",
+        )
+    return table
