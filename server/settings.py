@@ -1,7 +1,8 @@
 """One Settings object, built once at start-up (env + CLI) and passed down.
 
 Environment variables use the prefix ``LORASWAP_`` and ``__`` for nesting, e.g.
-``LORASWAP_ENGINE__MAX_LORA_RANK=32``. The CLI (server/cli.py) overrides the same fields.
+``LORASWAP_ENGINE__MAX_LORA_RANK=32``. `loraswap serve` (server/cli/serve.py) overrides the
+same fields.
 """
 
 from __future__ import annotations

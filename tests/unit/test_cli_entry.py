@@ -104,6 +104,7 @@ def test_serve_runs_uvicorn_with_the_connection_bound_and_the_real_peer(
     from typer.testing import CliRunner
 
     import server.cli as cli
+    import server.cli.serve as serve
 
     started: list[uvicorn.Config] = []
 
@@ -114,7 +115,7 @@ def test_serve_runs_uvicorn_with_the_connection_bound_and_the_real_peer(
         def run(self) -> None:
             pass
 
-    monkeypatch.setattr(cli, "DrainingServer", Recorder)
+    monkeypatch.setattr(serve, "DrainingServer", Recorder)
     # `serve` sets up the request log (its own handler, no propagation): undone after.
     requests_log = logging.getLogger("loraswap.requests")
     monkeypatch.setattr(requests_log, "handlers", [])

@@ -12,7 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-import typer
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 from fastapi import FastAPI
 from typer.testing import CliRunner
@@ -45,7 +44,8 @@ from clients import (
     WarmedAdapter,
 )
 from server.app import create_app
-from server.cli_admin import make_adapters_app, make_aliases_app, make_tenants_app
+from server.cli import app as loraswap
+from server.cli.options import client_factory
 from server.settings import Settings
 from tests.adapters import make_adapter, make_base
 from tests.fakes import FakeEngine, chat_prompt_ids, reply
@@ -470,20 +470,17 @@ runner = CliRunner()
 
 @pytest.fixture
 def cli(transport: httpx.BaseTransport) -> Callable[..., Any]:
-    """Run `loraswap <args>` with both sub-apps on a client of the in-process app."""
+    """Run `loraswap <args>` (the real command) on a client of the in-process app."""
 
     def connect(url: str, admin_key: str | None) -> Client:
         assert url == URL  # from LORASWAP_URL
         return Client(url, admin_key=admin_key, transport=transport, sleep=lambda _: None)
 
-    app = typer.Typer()
-    app.add_typer(make_adapters_app(connect), name="adapters")
-    app.add_typer(make_aliases_app(connect), name="aliases")
-    app.add_typer(make_tenants_app(connect), name="tenants")
     env = {"LORASWAP_URL": URL, "LORASWAP_ADMIN_KEY": ADMIN_KEY, "COLUMNS": "200"}
 
     def run(*args: str, code: int = 0, input: str | None = None) -> Any:
-        result = runner.invoke(app, list(args), env=env, input=input)
+        with client_factory(connect):
+            result = runner.invoke(loraswap, list(args), env=env, input=input)
         assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
         return result
 
@@ -566,9 +563,10 @@ def test_cli_connection_failure_is_one_line() -> None:
     def connect(url: str, admin_key: str | None) -> Client:
         return Client(url, transport=httpx.MockTransport(refuse), sleep=lambda _: None)
 
-    result = runner.invoke(
-        make_adapters_app(connect), ["list", "--url", "http://127.0.0.1:9"], env={"COLUMNS": "200"}
-    )
+    with client_factory(connect):
+        result = runner.invoke(
+            loraswap, ["adapters", "list", "--url", "http://127.0.0.1:9"], env={"COLUMNS": "200"}
+        )
     assert result.exit_code == 1
     assert result.stderr.startswith("error: cannot talk to http://127.0.0.1:9/admin/adapters")
     assert result.stderr.count("\n") == 1

@@ -10,7 +10,6 @@ from typing import Any
 
 import httpx
 import pytest
-import typer
 from anyio.from_thread import start_blocking_portal
 from typer.testing import CliRunner
 
@@ -23,7 +22,8 @@ from clients import (
     NotFoundError,
 )
 from server.app import create_app
-from server.cli_experiments import make_experiments_app
+from server.cli import app as loraswap
+from server.cli.options import client_factory
 from server.settings import Settings
 from tests.adapters import make_adapter, make_base
 from tests.fakes import FakeEngine
@@ -145,12 +145,11 @@ def cli(transport: httpx.BaseTransport) -> Callable[..., Any]:
     def connect(url: str, admin_key: str | None) -> Client:
         return Client(url, admin_key=admin_key, transport=transport, sleep=lambda _: None)
 
-    app = typer.Typer()
-    app.add_typer(make_experiments_app(connect), name="experiments")
     env = {"LORASWAP_URL": URL, "LORASWAP_ADMIN_KEY": ADMIN_KEY, "COLUMNS": "250"}
 
     def run(*args: str, code: int = 0) -> Any:
-        result = runner.invoke(app, list(args), env=env)
+        with client_factory(connect):
+            result = runner.invoke(loraswap, list(args), env=env)
         assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
         return result
 

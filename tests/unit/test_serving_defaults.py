@@ -11,13 +11,13 @@ from typing import Any
 
 import httpx
 import pytest
-import typer
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from clients import BadRequestError, Client, ServingDefaults
 from server.app import create_app
-from server.cli_admin import make_adapters_app
+from server.cli import app as loraswap
+from server.cli.options import client_factory
 from server.serving import DEFAULTS_HEADER
 from tests.adapters import make_adapter
 from tests.databases import registry_settings
@@ -384,12 +384,11 @@ def cli(transport: httpx.BaseTransport) -> Callable[..., Any]:
     def connect(url: str, admin_key: str | None) -> Client:
         return Client(url, admin_key=admin_key, transport=transport, sleep=lambda _: None)
 
-    app = typer.Typer()
-    app.add_typer(make_adapters_app(connect), name="adapters")
     env = {"LORASWAP_URL": URL, "LORASWAP_ADMIN_KEY": ADMIN_KEY, "COLUMNS": "250"}
 
     def run(*args: str, code: int = 0) -> Any:
-        result = CliRunner().invoke(app, ["adapters", *args], env=env)
+        with client_factory(connect):
+            result = CliRunner().invoke(loraswap, ["adapters", *args], env=env)
         assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
         return result
 

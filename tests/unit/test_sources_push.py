@@ -11,11 +11,11 @@ from typing import Any
 
 import httpx
 import pytest
-import typer
 from typer.testing import CliRunner
 
 from clients import Client
-from server.cli_admin import make_adapters_app
+from server.cli import app as loraswap
+from server.cli.options import client_factory
 from tests.adapters import make_adapter, make_base
 from tests.unit.test_client import ADMIN_KEY, HI, URL, Server
 
@@ -49,12 +49,11 @@ def push(transport: httpx.BaseTransport) -> Callable[..., Any]:
     def connect(url: str, admin_key: str | None) -> Client:
         return Client(url, admin_key=admin_key, transport=transport, sleep=lambda _: None)
 
-    app = typer.Typer()
-    app.add_typer(make_adapters_app(connect), name="adapters")
     env = {"LORASWAP_URL": URL, "LORASWAP_ADMIN_KEY": ADMIN_KEY, "COLUMNS": "250"}
 
     def run(*args: str, code: int = 0) -> Any:
-        result = runner.invoke(app, ["adapters", "push", *args], env=env)
+        with client_factory(connect):
+            result = runner.invoke(loraswap, ["adapters", "push", *args], env=env)
         assert result.exit_code == code, (result.stdout, result.stderr, result.exception)
         return result
 

@@ -1,4 +1,4 @@
-"""The `loraswap` command: serve, and build the offline demo assets."""
+"""`loraswap serve` and `loraswap demo prepare`: run the server, build the offline demo assets."""
 
 from __future__ import annotations
 
@@ -14,24 +14,10 @@ import typer
 import uvicorn
 from rich.console import Console
 
-from server.cli_admin import adapters_app, aliases_app, tenants_app
-from server.cli_experiments import experiments_app
 from server.lifecycle import Lifecycle
 from server.settings import OpenAISettings, Settings
 
-app = typer.Typer(help="Multi-LoRA inference server on vLLM.", no_args_is_help=True)
 demo_app = typer.Typer(help="Offline demo assets (base model, adapters, quantized base).")
-app.add_typer(demo_app, name="demo")
-app.add_typer(adapters_app, name="adapters", help="Manage adapters on a running server.")
-app.add_typer(aliases_app, name="aliases", help="Manage A/B aliases on a running server.")
-app.add_typer(
-    tenants_app, name="tenants", help="Manage tenants, quotas and API keys on a running server."
-)
-app.add_typer(
-    experiments_app,
-    name="experiments",
-    help="A/B experiments: feedback on responses, reports of aliases.",
-)
 console = Console(stderr=True)
 
 HomeOpt = Annotated[
@@ -88,70 +74,88 @@ def demo_prepare(home: HomeOpt = None) -> None:
     _prepare_demo(settings.home)
 
 
-@app.command()
+Model = Annotated[Path | None, typer.Option(help="Base model folder.")]
+AdaptersDir = Annotated[Path | None, typer.Option(help="Folder of adapters.")]
+ServedName = Annotated[str | None, typer.Option(help="Base name in the API.")]
+Host = Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")]
+Port = Annotated[int | None, typer.Option(help="Port (default 8000).")]
+Dtype = Annotated[str | None, typer.Option(help="auto|bfloat16|float16|float32.")]
+MaxLoraRank = Annotated[int | None, typer.Option(help="Largest adapter rank.")]
+MaxLoras = Annotated[int | None, typer.Option(help="Adapters per engine step.")]
+MaxModelLen = Annotated[int | None, typer.Option(help="Context length.")]
+OpenNetwork = Annotated[
+    bool, typer.Option(help="Allow serving without API keys on a non-loopback address.")
+]
+KvCacheGib = Annotated[int | None, typer.Option(help="KV cache GiB (CPU).")]
+ChatTemplate = Annotated[
+    str | None, typer.Option(help="As vllm serve: a chat template file (or text).")
+]
+ToolCallParser = Annotated[
+    str | None, typer.Option(help="As vllm serve: tool-call parser (pythonic, hermes, ...).")
+]
+AutoToolChoice = Annotated[
+    bool, typer.Option(help="As vllm serve: let the model call tools (needs a parser).")
+]
+StructuredBackend = Annotated[
+    str | None,
+    typer.Option(help="As vllm serve's structured-outputs backend: auto|xgrammar|guidance|..."),
+]
+Ray = Annotated[
+    bool, typer.Option("--ray", help="Serve with Ray Serve: replicas, adapter affinity.")
+]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(help="With --ray: join this Ray cluster (else RAY_ADDRESS, else a local Ray)."),
+]
+Replicas = Annotated[
+    int | None, typer.Option(min=1, help="With --ray: engine replicas, a fixed count [2].")
+]
+MinReplicas = Annotated[
+    int | None, typer.Option(min=0, help="With --ray --max-replicas: autoscaling floor [1].")
+]
+MaxReplicas = Annotated[
+    int | None, typer.Option(min=1, help="With --ray: autoscale replicas up to this many.")
+]
+TargetOngoing = Annotated[
+    float | None, typer.Option(help="With --max-replicas: requests per replica aimed for.")
+]
+PerNode = Annotated[
+    int | None, typer.Option(min=1, help="With --ray: at most this many replicas per node.")
+]
+PerReplica = Annotated[
+    int | None, typer.Option(min=1, help="With --ray: adapter versions one replica keeps loaded.")
+]
+
+
 def serve(
     demo: Annotated[bool, typer.Option(help="Serve the demo model and adapters.")] = False,
     quantized: Annotated[bool, typer.Option(help="With --demo: the quantized base.")] = False,
-    model: Annotated[Path | None, typer.Option(help="Base model folder.")] = None,
-    adapters_dir: Annotated[Path | None, typer.Option(help="Folder of adapters.")] = None,
-    served_model_name: Annotated[str | None, typer.Option(help="Base name in the API.")] = None,
-    host: Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")] = None,
-    port: Annotated[int | None, typer.Option(help="Port (default 8000).")] = None,
-    dtype: Annotated[str | None, typer.Option(help="auto|bfloat16|float16|float32.")] = None,
-    max_lora_rank: Annotated[int | None, typer.Option(help="Largest adapter rank.")] = None,
-    max_loras: Annotated[int | None, typer.Option(help="Adapters per engine step.")] = None,
-    max_model_len: Annotated[int | None, typer.Option(help="Context length.")] = None,
-    unsafe_allow_open_network: Annotated[
-        bool,
-        typer.Option(help="Allow serving without API keys on a non-loopback address."),
-    ] = False,
-    kv_cache_gib: Annotated[int | None, typer.Option(help="KV cache GiB (CPU).")] = None,
-    chat_template: Annotated[
-        str | None, typer.Option(help="As vllm serve: a chat template file (or text).")
-    ] = None,
-    tool_call_parser: Annotated[
-        str | None, typer.Option(help="As vllm serve: tool-call parser (pythonic, hermes, ...).")
-    ] = None,
-    enable_auto_tool_choice: Annotated[
-        bool, typer.Option(help="As vllm serve: let the model call tools (needs a parser).")
-    ] = False,
-    structured_outputs_backend: Annotated[
-        str | None,
-        typer.Option(help="As vllm serve's structured-outputs backend: auto|xgrammar|guidance|..."),
-    ] = None,
-    ray: Annotated[
-        bool, typer.Option("--ray", help="Serve with Ray Serve: replicas, adapter affinity.")
-    ] = False,
-    ray_address: Annotated[
-        str | None,
-        typer.Option(
-            help="With --ray: join this Ray cluster (else RAY_ADDRESS, else a local Ray)."
-        ),
-    ] = None,
-    replicas: Annotated[
-        int | None, typer.Option(min=1, help="With --ray: engine replicas, a fixed count [2].")
-    ] = None,
-    min_replicas: Annotated[
-        int | None, typer.Option(min=0, help="With --ray --max-replicas: autoscaling floor [1].")
-    ] = None,
-    max_replicas: Annotated[
-        int | None, typer.Option(min=1, help="With --ray: autoscale replicas up to this many.")
-    ] = None,
-    target_ongoing_requests: Annotated[
-        float | None, typer.Option(help="With --max-replicas: requests per replica aimed for.")
-    ] = None,
-    max_replicas_per_node: Annotated[
-        int | None, typer.Option(min=1, help="With --ray: at most this many replicas per node.")
-    ] = None,
-    adapters_per_replica: Annotated[
-        int | None,
-        typer.Option(min=1, help="With --ray: adapter versions one replica keeps loaded."),
-    ] = None,
+    model: Model = None,
+    adapters_dir: AdaptersDir = None,
+    served_model_name: ServedName = None,
+    host: Host = None,
+    port: Port = None,
+    dtype: Dtype = None,
+    max_lora_rank: MaxLoraRank = None,
+    max_loras: MaxLoras = None,
+    max_model_len: MaxModelLen = None,
+    unsafe_allow_open_network: OpenNetwork = False,
+    kv_cache_gib: KvCacheGib = None,
+    chat_template: ChatTemplate = None,
+    tool_call_parser: ToolCallParser = None,
+    enable_auto_tool_choice: AutoToolChoice = False,
+    structured_outputs_backend: StructuredBackend = None,
+    ray: Ray = False,
+    ray_address: RayAddress = None,
+    replicas: Replicas = None,
+    min_replicas: MinReplicas = None,
+    max_replicas: MaxReplicas = None,
+    target_ongoing_requests: TargetOngoing = None,
+    max_replicas_per_node: PerNode = None,
+    adapters_per_replica: PerReplica = None,
     home: HomeOpt = None,
 ) -> None:
     """Run the OpenAI-compatible server (one process, or Ray Serve replicas with --ray)."""
-    from server.app import create_app
-
     settings = _settings(
         home=home,
         model=model,
@@ -177,6 +181,10 @@ def serve(
         ray_max_replicas_per_node=max_replicas_per_node,
         ray_adapters_per_replica=adapters_per_replica,
     )
+    _run(settings, demo=demo, quantized=quantized, ray=ray)
+
+
+def _run(settings: Settings, *, demo: bool, quantized: bool, ray: bool) -> None:
     if quantized and not demo:
         raise typer.BadParameter("--quantized selects the demo's quantized base; use with --demo")
     if demo:
@@ -190,15 +198,7 @@ def serve(
         )
     if settings.model is None:
         raise typer.BadParameter("give --model (or --demo)")
-    logging.basicConfig(
-        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    # The request log is JSON already: one bare line per request, for log shippers.
-    requests_log = logging.getLogger("loraswap.requests")
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    requests_log.addHandler(handler)
-    requests_log.propagate = False
+    _configure_logging()
     if ray:
         from server.ray_serve import serve_forever
 
@@ -208,6 +208,24 @@ def serve(
         f"serving {settings.served_model_name} from {settings.model} on "
         f"http://{settings.host}:{settings.port}"
     )
+    _serve_uvicorn(settings)
+
+
+def _configure_logging() -> None:
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    # The request log is JSON already: one bare line per request, for log shippers.
+    requests_log = logging.getLogger("loraswap.requests")
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    requests_log.addHandler(handler)
+    requests_log.propagate = False
+
+
+def _serve_uvicorn(settings: Settings) -> None:
+    from server.app import create_app
+
     app_ = create_app(settings)
     config = uvicorn.Config(
         app_,
@@ -255,11 +273,3 @@ class DrainingServer(uvicorn.Server):
             f"{time.perf_counter() - start:.2f}s; shutting down"
         )
         self.should_exit = True
-
-
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()
