@@ -32,8 +32,9 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from adapters_registry.registry import Registry, usable_by
 from server.app import open_mode
 from server.auth import bearer, local_caller, principal_for
-from server.errors import EngineUnavailable, ServerError, describe
+from server.errors import EngineUnavailable, ModelNotFound, ServerError, describe
 from server.lifecycle import UPLOAD_OVERHEAD_BYTES, body_limit, too_large
+from server.names import parse_model
 from server.placement import INFERENCE_PATHS, HttpRequest, ResponseStart, routing_key
 from server.settings import Settings
 
@@ -88,10 +89,11 @@ class Gate:
         model = payload.get("model") if isinstance(payload, dict) else None
         if not isinstance(model, str):
             return True
-        prefix, sep, name = model.partition(":")
-        if not sep:
-            name = model
-        elif prefix != self.base:
+        try:
+            name = parse_model(model, self.base)
+        except ModelNotFound:
+            return True
+        if name is None:
             return True
         record = self.registry.alias(name) or self.registry.adapter(name)
         return record is None or usable_by(record, tenant)
