@@ -33,7 +33,7 @@ from adapters_registry.registry import Registry, usable_by
 from server.app import open_mode
 from server.auth import bearer, local_caller, principal_for
 from server.errors import EngineUnavailable, ModelNotFound, ServerError, describe
-from server.lifecycle import UPLOAD_OVERHEAD_BYTES, body_limit, too_large
+from server.lifecycle import body_limit, too_large, upload_limit
 from server.names import parse_model
 from server.placement import INFERENCE_PATHS, HttpRequest, ResponseStart, routing_key
 from server.settings import Settings
@@ -59,7 +59,7 @@ class Gate:
         )
         self.open_mode = open_mode(settings)
         self.max_body_bytes = settings.max_body_bytes
-        self.max_upload_bytes = settings.max_adapter_bytes + UPLOAD_OVERHEAD_BYTES
+        self.max_upload_bytes = upload_limit(settings.max_adapter_bytes)
 
     def routing(self, request: HttpRequest) -> str | None:
         """The routing key of an admitted request (None: any replica); raises the
