@@ -29,7 +29,8 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from adapters_registry.registry import Registry, usable_by
+from adapters_registry.registry import Registry
+from adapters_registry.tenants import usable_by
 from server.app import open_mode
 from server.auth import bearer, local_caller, principal_for
 from server.errors import EngineUnavailable, ModelNotFound, ServerError, describe

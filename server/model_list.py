@@ -8,7 +8,8 @@ from collections import OrderedDict
 from collections.abc import Callable
 
 from adapters_registry import DirectoryCatalog
-from adapters_registry.registry import Registry, usable_by
+from adapters_registry.registry import Registry
+from adapters_registry.tenants import usable_by
 
 # Encoded /v1/models bodies kept (one per tenant asking; ~110 bytes per adapter each).
 _MAX_BODIES = 64

@@ -27,7 +27,8 @@ from adapters_registry import (
 )
 from adapters_registry.ab import choose
 from adapters_registry.records import AdapterRecord, AliasRecord, VersionRecord
-from adapters_registry.registry import Registry, usable_by
+from adapters_registry.registry import Registry
+from adapters_registry.tenants import usable_by
 from server.errors import ModelNotFound
 
 
