@@ -41,8 +41,6 @@ class AdapterRouter:
         self.pool = LoraPool(registry, engine, metrics, max_resident)
         self.resolver = NameResolver(base_name, registry, catalog, self.pool.release_unreachable)
         self.models = ModelList(registry, catalog)
-        # The download cache keeps what the engine may still read: what the pool holds.
-        registry.cache.in_use = self.pool.in_use_shas
 
     @property
     def base_name(self) -> str:

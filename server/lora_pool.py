@@ -76,6 +76,8 @@ class LoraPool:
         self._loading: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[object]] = set()  # lease endings' engine removals
+        # The download cache keeps what the engine may still read: what the pool holds.
+        registry.cache.add_reader(self.in_use_shas)
 
     def loaded(self) -> list[tuple[LoraHandle, int]]:
         """(handle, running requests) of every version held in the engine."""
