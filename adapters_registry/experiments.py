@@ -1,13 +1,14 @@
-"""Persistence of A/B experiments: the exposure log, feedback, guardrails, ramps.
+"""Persistence of A/B experiments: the exposure log, feedback, guardrails, ramps, shadows.
 
 An *exposure* is one inference request served through an alias: which arm served it
 (variant key, concrete adapter@version and its content digest), for whom (tenant, a
 sha256 of the end user, never the user itself), and how it went (status, tokens, TTFT,
 latency). *Feedback* is an outcome a caller reports later about one exposure, per metric
 (a binary label and/or a numeric score). Together they are what an experiment report
-joins (server/experiments/report.py).
+joins (server/experiments/report.py). A *shadow run* is what became of one sampled
+request's second run on an alias's shadow adapter (server/experiments/shadow.py).
 
-The tables come with schema version 4 of the registry database (store.py's migrations),
+The tables come with schema versions 4 and 6 of the registry database (store.py's migrations),
 so they live in the same SQLite file or PostgreSQL database as the registry. Writes here
 do not bump the registry's change counter: replicas reload their registry snapshot on
 registry changes, not on every batch of exposures.
@@ -66,6 +67,26 @@ MIGRATION = (
 )
 
 
+# Schema version 6: shadow traffic. A table of its own rather than columns of `exposures`:
+# a shadow runs after its request's response is over, so its outcome is known only after
+# the exposure row has been queued (often written); and most exposures have no shadow.
+SHADOW_MIGRATION = (
+    # One shadow per alias: its adapter (version None: follows the current one) and the
+    # share of the alias's requests that also run on it.
+    "CREATE TABLE IF NOT EXISTS shadows ("
+    "alias TEXT PRIMARY KEY, adapter TEXT NOT NULL, version BIGINT, "
+    "fraction DOUBLE PRECISION NOT NULL, updated_at DOUBLE PRECISION NOT NULL)",
+    # What became of each sampled request's shadow; retention of exposures takes it.
+    "CREATE TABLE IF NOT EXISTS shadow_runs ("
+    "exposure_id TEXT PRIMARY KEY REFERENCES exposures(exposure_id) ON DELETE CASCADE, "
+    "shadow TEXT NOT NULL, adapter TEXT, version BIGINT, outcome TEXT NOT NULL, "
+    "greedy INTEGER NOT NULL, control_tokens BIGINT NOT NULL, "
+    "control_latency_s DOUBLE PRECISION, shadow_tokens BIGINT, "
+    "shadow_latency_s DOUBLE PRECISION, greedy_match INTEGER, "
+    "created_at DOUBLE PRECISION NOT NULL)",
+)
+
+
 @dataclass(frozen=True)
 class Exposure:
     exposure_id: str  # ours, unique; response and request ids may repeat (client-chosen)
@@ -89,6 +110,67 @@ class Exposure:
     def is_error(self) -> bool:
         """A failure the arm may own (a 5xx): a bad request or a quota refusal is not."""
         return self.status >= 500
+
+
+@dataclass(frozen=True)
+class ShadowConfig:
+    alias: str
+    adapter: str
+    version: int | None  # None: the adapter's current version at each run
+    fraction: float  # of the alias's requests, sampled per request
+
+    @property
+    def key(self) -> str:
+        return self.adapter if self.version is None else f"{self.adapter}@{self.version}"
+
+
+@dataclass(frozen=True)
+class ShadowRun:
+    """One sampled request's shadow: `run` (both outputs known), `dropped` (not started,
+    or aborted, because the server was busy) or `failed` (the shadow's own error)."""
+
+    exposure_id: str
+    shadow: str  # the configured key: "formal" or "formal@2"
+    adapter: str | None  # the version it ran on (None: dropped before resolving it)
+    version: int | None
+    outcome: str
+    greedy: bool  # temperature 0: the two outputs are comparable token for token
+    control_tokens: int  # completion tokens of the request's own engine run
+    control_latency_s: float | None
+    shadow_tokens: int | None
+    shadow_latency_s: float | None
+    greedy_match: bool | None  # greedy and both finished: the same tokens; else None
+    created_at: float
+
+
+_SHADOW_RUN_COLUMNS = (
+    "exposure_id, shadow, adapter, version, outcome, greedy, control_tokens, "
+    "control_latency_s, shadow_tokens, shadow_latency_s, greedy_match, created_at"
+)
+
+
+def _shadow_run(row: Sequence[object]) -> ShadowRun:
+    def opt_int(v: object) -> int | None:
+        return None if v is None else int(str(v))
+
+    def opt_float(v: object) -> float | None:
+        return None if v is None else float(str(v))
+
+    match = opt_int(row[10])
+    return ShadowRun(
+        exposure_id=str(row[0]),
+        shadow=str(row[1]),
+        adapter=None if row[2] is None else str(row[2]),
+        version=opt_int(row[3]),
+        outcome=str(row[4]),
+        greedy=bool(int(str(row[5]))),
+        control_tokens=int(str(row[6])),
+        control_latency_s=opt_float(row[7]),
+        shadow_tokens=opt_int(row[8]),
+        shadow_latency_s=opt_float(row[9]),
+        greedy_match=None if match is None else bool(match),
+        created_at=float(str(row[11])),
+    )
 
 
 @dataclass(frozen=True)
@@ -279,6 +361,89 @@ class ExperimentStore:
                 (alias, *params),
             ).fetchall()
         return [(str(r[0]), _feedback(r[1:])) for r in rows]
+
+    # -- shadows -------------------------------------------------------------------------
+
+    def put_shadow(self, alias: str, config: ShadowConfig | None) -> None:
+        """Set (None: remove) an alias's shadow."""
+        with self._db.write() as db:
+            if config is None:
+                db.execute("DELETE FROM shadows WHERE alias=?", (alias,))
+                return
+            db.execute(
+                "INSERT INTO shadows (alias, adapter, version, fraction, updated_at) "
+                "VALUES (?,?,?,?,?) ON CONFLICT (alias) DO UPDATE SET "
+                "adapter=excluded.adapter, version=excluded.version, "
+                "fraction=excluded.fraction, updated_at=excluded.updated_at",
+                (alias, config.adapter, config.version, config.fraction, time.time()),
+            )
+
+    def shadows(self) -> dict[str, ShadowConfig]:
+        with self._db.read() as db:
+            rows = db.execute("SELECT alias, adapter, version, fraction FROM shadows").fetchall()
+        return {
+            str(r[0]): ShadowConfig(
+                alias=str(r[0]),
+                adapter=str(r[1]),
+                version=None if r[2] is None else int(str(r[2])),
+                fraction=float(str(r[3])),
+            )
+            for r in rows
+        }
+
+    def add_shadow_runs(self, rows: Sequence[ShadowRun]) -> int:
+        """Record shadow runs in one transaction; those whose exposure is not in the
+        database (it was dropped, or the exposure log is off) are skipped. The number
+        recorded."""
+        if not rows:
+            return 0
+        written = 0
+        with self._db.write() as db:
+            for start in range(0, len(rows), _ROWS_PER_INSERT):
+                chunk = rows[start : start + _ROWS_PER_INSERT]
+                marks = ",".join("?" * len(chunk))
+                found = db.execute(
+                    f"SELECT exposure_id FROM exposures WHERE exposure_id IN ({marks})",
+                    [r.exposure_id for r in chunk],
+                ).fetchall()
+                present = {str(f[0]) for f in found}
+                for r in chunk:
+                    if r.exposure_id not in present:
+                        continue
+                    db.execute(
+                        f"INSERT INTO shadow_runs ({_SHADOW_RUN_COLUMNS}) VALUES "
+                        "(?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT (exposure_id) DO NOTHING",
+                        (
+                            r.exposure_id,
+                            r.shadow,
+                            r.adapter,
+                            r.version,
+                            r.outcome,
+                            int(r.greedy),
+                            r.control_tokens,
+                            r.control_latency_s,
+                            r.shadow_tokens,
+                            r.shadow_latency_s,
+                            None if r.greedy_match is None else int(r.greedy_match),
+                            r.created_at,
+                        ),
+                    )
+                    written += 1
+        return written
+
+    def shadow_runs(
+        self, alias: str, *, since: float | None = None, until: float | None = None
+    ) -> list[ShadowRun]:
+        """The shadow runs of the alias's exposures in the window (by exposure time)."""
+        window, params = _window(since, until)
+        columns = ", ".join(f"s.{c.strip()}" for c in _SHADOW_RUN_COLUMNS.split(","))
+        with self._db.read() as db:
+            rows = db.execute(
+                f"SELECT {columns} FROM shadow_runs s JOIN exposures e "
+                f"ON e.exposure_id = s.exposure_id WHERE e.alias=?{window}",
+                (alias, *params),
+            ).fetchall()
+        return [_shadow_run(r) for r in rows]
 
     # -- guardrails ----------------------------------------------------------------------
 

@@ -57,8 +57,11 @@ from adapters_registry.sources.base import storage_errors
 from adapters_registry.sources.cache import sweep_staging
 from adapters_registry.spec import AdapterSpec
 from adapters_registry.store import Store
-from adapters_registry.tenants import Tenants
+from adapters_registry.tenants import Tenants, usable_by
 from adapters_registry.validate import WEIGHTS_FILE, Limits, inspect_adapter
+
+# usable_by: where callers found it before tenants.py owned it.
+__all__ = ["Registry", "RegistryConfig", "usable_by"]
 
 log = logging.getLogger("loraswap.registry")
 _SHA256 = re.compile(r"[0-9a-f]{64}")

@@ -27,6 +27,7 @@ from adapters_registry.errors import (
     TenantNotFound,
 )
 from adapters_registry.experiments import MIGRATION as EXPERIMENTS_MIGRATION
+from adapters_registry.experiments import SHADOW_MIGRATION
 from adapters_registry.records import (
     AdapterRecord,
     AliasRecord,
@@ -38,7 +39,7 @@ from adapters_registry.records import (
 )
 from adapters_registry.spec import AdapterSpec
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 # BIGINT and DOUBLE PRECISION, not INTEGER and REAL: the same affinities in SQLite, while
 # PostgreSQL's INTEGER is 32-bit (sizes, quotas) and REAL a 32-bit float (timestamps
 # to ~2 minutes).
@@ -122,6 +123,8 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
     # A version's serving defaults (records.ServingDefaults), a JSON object; NULL: none
     # (every version registered before).
     5: ("ALTER TABLE versions ADD COLUMN defaults TEXT",),
+    # Shadow traffic: an alias's shadow adapter and its runs (adapters_registry/experiments.py).
+    6: SHADOW_MIGRATION,
 }
 
 

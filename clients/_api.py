@@ -377,6 +377,25 @@ class Endpoints:
         return Op(_delete(f"/admin/aliases/{segment(alias)}/guardrails"), json_body)
 
     @endpoint
+    def set_shadow(self, alias: str, adapter: str, fraction: float) -> Op[JSON]:
+        """Run `fraction` (0..1, drawn per request) of alias `alias`'s requests also on
+        `adapter` (`name` or `name@N`) (admin): after each sampled request, at the lowest
+        priority, dropped first under load; its replies are recorded (lengths, latencies,
+        whether greedy outputs matched: see the report), never returned."""
+        body = {"adapter": adapter, "fraction": fraction}
+        return Op(_put(f"/admin/aliases/{segment(alias)}/shadow", body), json_body)
+
+    @endpoint
+    def get_shadow(self, alias: str) -> Op[JSON]:
+        """An alias's shadow: `adapter` and `fraction`."""
+        return Op(_read(f"/admin/aliases/{segment(alias)}/shadow"), json_body)
+
+    @endpoint
+    def delete_shadow(self, alias: str) -> Op[JSON]:
+        """Stop an alias's shadow traffic (its runs stay on record)."""
+        return Op(_delete(f"/admin/aliases/{segment(alias)}/shadow"), json_body)
+
+    @endpoint
     def set_ramp(
         self,
         alias: str,

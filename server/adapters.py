@@ -56,6 +56,9 @@ class AdapterRouter:
     ) -> Target:
         return await self.resolver.resolve(model, user, tenant)
 
+    async def version_of(self, name: str, number: int | None, tenant: str | None) -> Target:
+        return await self.resolver.version_of(name, number, tenant)
+
     async def model_names(self, tenant: str | None = None) -> tuple[list[str], list[str]]:
         return await self.models.model_names(tenant)
 

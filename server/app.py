@@ -29,6 +29,7 @@ from server.errors import ErrorKind, InvalidRequest, ServerError, describe, erro
 from server.experiments.guardrails import Guardrails
 from server.experiments.log import ExposureLog
 from server.experiments.ramps import Ramps
+from server.experiments.shadow import Shadows
 from server.lifecycle import AdmissionMiddleware, Lifecycle, upload_limit
 from server.metrics import Metrics, RequestInfo, log_request
 from server.quotas import Admission, Quotas
@@ -174,6 +175,12 @@ def create_app(
         exposures.listeners.append(ramps.observe)
         # Exposures and errors per alias arm, for the dashboard's Experiments row.
         exposures.listeners.append(metrics.observe_exposure)
+        # Shadow traffic: sampled requests run again on an alias's shadow adapter.
+        app.state.shadows = shadows = Shadows(
+            router, layer, app.state.quotas, exposures, metrics, settings.experiments
+        )
+        await asyncio.to_thread(shadows.load)
+        app.state.gateway.shadows = shadows
         writer = asyncio.create_task(exposures.run())
         stepper = asyncio.create_task(ramps.run())
         for record in router.registry.adapters():
@@ -200,6 +207,7 @@ def create_app(
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             await ramps.settle()
+            await shadows.close()
             await exposures.close()  # what the last requests left in the queue
             router.registry.close()
             if own:

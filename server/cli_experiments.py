@@ -1,4 +1,5 @@
-"""`loraswap experiments ...`: feedback on responses and the report of an alias's experiment.
+"""`loraswap experiments ...`: feedback on responses, the report of an alias's experiment,
+its guardrails, ramp and shadow.
 
 Like the other admin commands (server/cli_admin.py) these talk HTTP through
 `clients.Client`. `feedback` acts as a tenant when given `--api-key` (the tenant whose
@@ -115,6 +116,33 @@ def srm_line(report: dict[str, Any]) -> str:
     return f"sample ratio: {verdict} (chi-square p = {srm['p_value']:.3g}; {observed})"
 
 
+def shadow_table(report: dict[str, Any]) -> Table:
+    table = Table(title="shadow traffic (outputs recorded, never returned)")
+    for column in ("shadow", "sampled", "runs", "dropped", "failed", "greedy match"):
+        table.add_column(column, justify="left" if column == "shadow" else "right")
+    for column in ("tokens control/shadow", "latency ms control/shadow"):
+        table.add_column(column, justify="right")
+    for s in report["shadow"]:
+        control, candidate = s["control"], s["candidate"]
+        match = (
+            "-"
+            if s["match_rate"] is None
+            else f"{s['greedy_matches']}/{s['greedy_compared']} {_interval(s['match_rate_ci95'])}"
+        )
+        table.add_row(
+            s["shadow"],
+            str(s["sampled"]),
+            str(s["runs"]),
+            str(s["dropped"]),
+            str(s["failed"]),
+            match,
+            f"{_fmt(control['completion_tokens_mean'], 1)}/"
+            f"{_fmt(candidate['completion_tokens_mean'], 1)}",
+            f"{_ms(control['latency_s_mean'])}/{_ms(candidate['latency_s_mean'])}",
+        )
+    return table
+
+
 def make_experiments_app(connect: ClientFactory = default_client) -> typer.Typer:
     """The `experiments` commands, each opening its client through `connect`."""
     app = typer.Typer(
@@ -221,6 +249,8 @@ def make_experiments_app(connect: ClientFactory = default_client) -> typer.Typer
         out.print(arms_table(result))
         if result["metrics"]:
             out.print(metrics_table(result))
+        if result.get("shadow"):
+            out.print(shadow_table(result))
         out.print(srm_line(result))
 
     @app.command("guardrails")
@@ -332,6 +362,44 @@ def make_experiments_app(connect: ClientFactory = default_client) -> typer.Typer
         out.print(
             f"{name}: {result['candidate']} at {result['percent']:g}% "
             f"(step {result['step'] + 1} of {len(result['steps'])}: {shown}); {result['state']}"
+        )
+
+    @app.command("shadow")
+    def shadow(
+        name: AliasName,
+        adapter: Annotated[
+            str | None,
+            typer.Option(help="The shadow adapter: name or name@N.", show_default=False),
+        ] = None,
+        fraction: Annotated[
+            float | None,
+            typer.Option(
+                min=0, max=1, help="Share of the alias's requests (0..1).", show_default=False
+            ),
+        ] = None,
+        clear: Annotated[bool, typer.Option("--clear", help="Stop the shadow traffic.")] = False,
+        url: Url = DEFAULT_URL,
+        admin_key: AdminKey = None,
+        as_json: AsJson = False,
+    ) -> None:
+        """Show an alias's shadow; with --adapter and --fraction, set it (sampled requests
+        also run on it, after their response, dropped first under load; its replies are
+        recorded, never returned); --clear stops it."""
+        if (adapter is None) != (fraction is None):
+            raise typer.BadParameter("--adapter and --fraction go together")
+        with _session(connect, url, admin_key) as client:
+            if clear:
+                result = client.delete_shadow(name)
+            elif adapter is not None and fraction is not None:
+                result = client.set_shadow(name, adapter, fraction)
+            else:
+                result = client.get_shadow(name)
+        if as_json:
+            typer.echo(json.dumps(result, indent=2))
+            return
+        state = "; stopped" if clear else ""
+        out.print(
+            f"{name}: shadow {result['adapter']} on {result['fraction']:.0%} of requests{state}"
         )
 
     return app

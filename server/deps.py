@@ -12,6 +12,7 @@ from server.engine.base import Engine
 from server.experiments.guardrails import Guardrails
 from server.experiments.log import ExposureLog
 from server.experiments.ramps import Ramps
+from server.experiments.shadow import Shadows
 from server.metrics import Metrics
 from server.quotas import Admission
 from server.serving import Gateway
@@ -72,6 +73,14 @@ def get_metrics(request: Request) -> Metrics:
 
 
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def get_shadows(request: Request) -> Shadows:
+    shadows: Shadows = request.app.state.shadows
+    return shadows
+
+
 ExposuresDep = Annotated[ExposureLog, Depends(get_exposures)]
 RampsDep = Annotated[Ramps, Depends(get_ramps)]
 GuardrailsDep = Annotated[Guardrails, Depends(get_guardrails)]
+ShadowsDep = Annotated[Shadows, Depends(get_shadows)]

@@ -26,7 +26,7 @@ import asyncio
 import itertools
 import logging
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,8 +76,16 @@ class LoraPool:
         self._loading: dict[str, int] = {}
         self._locks: dict[str, asyncio.Lock] = {}
         self._tasks: set[asyncio.Task[object]] = set()  # lease endings' engine removals
+        # Who else keeps a version reachable besides the registry (see add_reachable).
+        self._also_reachable: list[Callable[[str, int], bool]] = []
         # The download cache keeps what the engine may still read: what the pool holds.
         registry.cache.add_reader(self.in_use_shas)
+
+    def add_reachable(self, reachable: Callable[[str, int], bool]) -> None:
+        """Keep versions `reachable(adapter, version)` names loaded while idle, as the
+        registry's current and alias-pinned ones are (e.g. an alias's shadow adapter
+        pinned to a version, server/experiments/shadow.py)."""
+        self._also_reachable.append(reachable)
 
     def loaded(self) -> list[tuple[LoraHandle, int]]:
         """(handle, running requests) of every version held in the engine."""
@@ -310,7 +318,10 @@ class LoraPool:
         and still is this content (a deleted and re-created name never reuses a number,
         but the check costs nothing and holds whatever the registry's history)."""
         name, number, digest = key
-        if not self.registry.is_referenced(name, number):
+        if not (
+            self.registry.is_referenced(name, number)
+            or any(reachable(name, number) for reachable in self._also_reachable)
+        ):
             return False
         record = self.registry.adapter(name)
         version = record.version(number) if record is not None else None

@@ -47,6 +47,7 @@ class RequestInfo:
     response_id: str = ""  # the id in the response body (chatcmpl-..., cmpl-..., resp_...)
     digest: str = ""  # the version's content digest (not logged: long, and in the registry)
     user_hash: str = ""  # sha256 of the end user (not logged)
+    exposure_id: str = ""  # the id of its exposure row (shadow runs refer to it; not logged)
     prompt_tokens: int = 0
     completion_tokens: int = 0
     ttft_s: float | None = None
@@ -173,6 +174,17 @@ class Metrics:
         self.exposures_queued = Gauge(
             "loraswap_exposures_queued", "Exposures waiting to be written.", registry=r
         )
+        self.shadow_requests = Counter(
+            "loraswap_shadow_requests",
+            "Requests sampled for an alias's shadow adapter, by outcome (run: both outputs "
+            "recorded; dropped: the server was busy, the shadow was not started or was "
+            "aborted; failed: the shadow's own error, the client's request unaffected).",
+            ["alias", "outcome"],
+            registry=r,
+        )
+        self.shadows_running = Gauge(
+            "loraswap_shadows_running", "Shadow runs in the engine now.", registry=r
+        )
         self.guardrail_rollbacks = Counter(
             "loraswap_guardrail_rollbacks",
             "Alias arms set to weight 0 by a guardrail, by alias, arm and rule.",
@@ -282,6 +294,6 @@ def log_request(info: RequestInfo) -> None:
     record["latency_ms"] = round(1000 * info.latency_s, 1)
     if info.ttft_s is not None:
         record["ttft_ms"] = round(1000 * info.ttft_s, 1)
-    for key in ("started", "ended", "ttft_s", "digest", "user_hash"):
+    for key in ("started", "ended", "ttft_s", "digest", "user_hash", "exposure_id"):
         record.pop(key, None)
     log.info(json.dumps(record, separators=(",", ":")))

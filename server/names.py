@@ -128,6 +128,13 @@ class NameResolver:
             variant=picked.variant,
         )
 
+    async def version_of(self, name: str, number: int | None, tenant: str | None) -> Target:
+        """Adapter `name` (version `number`, None: the current one) as `tenant` may use
+        it, as a target of its own (an alias's shadow); raises ModelNotFound."""
+        model = f"{self.base_name}:{name}"
+        version = await self._version(name, number, model, tenant)
+        return Target(model=model, version=version)
+
     async def _version(
         self, name: str, number: int | None, model: str, tenant: str | None
     ) -> VersionRecord:

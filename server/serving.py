@@ -15,13 +15,15 @@ request that will be refused:
 5. vLLM's serving object, which renders, tokenizes, runs and formats the response.
 
 Everything taken is given back when the response has fully gone (finalizers run by
-server/lifecycle.py), whatever happened to it.
+server/lifecycle.py), whatever happened to it. A request through an alias with a shadow
+may be sampled to run again on the shadow adapter after that (server/experiments/shadow.py).
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -38,9 +40,11 @@ from server.engine.openai_layer import (
     OpenAILayer,
     RequestScope,
     ResponsesRequest,
+    ShadowCapture,
     Usage,
 )
 from server.errors import InvalidDefaults, InvalidRequest
+from server.experiments.shadow import Shadows
 from server.metrics import RequestInfo
 from server.quotas import Admission
 
@@ -83,6 +87,7 @@ class Gateway:
         self._layer = layer
         self._quotas = quotas
         self._max_tokens_cap = max_tokens_cap
+        self.shadows: Shadows | None = None  # set once the exposure log is up (app.py)
 
     @property
     def layer(self) -> OpenAILayer:
@@ -105,6 +110,13 @@ class Gateway:
         if info is not None:
             _describe(info, target, caller, _response_id(body, request))
         ticket = await self._quotas.enter(caller.tenant, self._known_tokens(body))
+        shadows = self.shadows
+        shadow = None
+        if shadows is not None:
+            shadows.pressure()  # past its bound of load, this request aborts shadows
+            if target.alias is not None and info is not None and not _get(body, "use_beam_search"):
+                shadow = shadows.sample(target.alias)
+        capture = ShadowCapture() if shadow is not None else None
         usage = Usage()
         leases: list[Lease] = []
 
@@ -120,6 +132,12 @@ class Gateway:
                     info.ttft_s = usage.first_token_at - info.started
             for lease in leases:
                 lease.release()
+            if shadows is not None and shadow is not None and capture is not None:
+                assert info is not None
+                # Once the response's exposure is queued (after the finalizers).
+                asyncio.get_running_loop().call_soon(
+                    shadows.submit, shadow, info, caller.tenant_name, capture
+                )
 
         # Run by the middleware once the response is over; finish before the ticket's
         # release, so that the refund is known.
@@ -133,6 +151,7 @@ class Gateway:
             requested_max_tokens=_requested_max_tokens(body),
             reserve=ticket.reserve,
             usage=usage,
+            shadow=capture,
         )
         self._layer.enter(scope)
         answer = await _until_disconnect(run(body, _for_vllm(request)), request)
@@ -282,6 +301,7 @@ def _describe(info: RequestInfo, target: Target, caller: Caller, response_id: st
         if target.alias is not None:
             info.alias = target.alias
             info.response_id = response_id
+            info.exposure_id = uuid.uuid4().hex
             info.digest = target.version.content_digest
             # Never the user itself: the exposure log is joined on it, not read for it.
             info.user_hash = hashlib.sha256(caller.user.encode()).hexdigest() if caller.user else ""

@@ -138,6 +138,16 @@ class ExperimentsSettings(BaseModel):
         10_000_000, ge=1, description="Exposures kept at most (the oldest go first); none = no cap."
     )
     prune_interval_s: float = Field(300.0, gt=0, description="How often retention runs.")
+    shadow_max_busy: int = Field(
+        1,
+        ge=0,
+        description="Shadow runs start only while at most this many client requests are "
+        "in flight, and running ones are aborted past it (dropped, counted); 0 = only on "
+        "an idle server.",
+    )
+    shadow_max_running: int = Field(
+        1, ge=1, description="Shadow runs at once at most; past it new ones are dropped."
+    )
 
 
 class SourcesSettings(BaseModel):

@@ -11,7 +11,9 @@ Responses, tokenize). We own three seams, all set per request through `RequestSc
 - what reaches the engine: `engine_client.generate` is wrapped to put the tenant's
   priority (never the client's), reserve the prompt's tokens against the tenant's quota
   once vLLM has tokenized it and before the engine sees it, clamp a defaulted
-  `max_tokens` to our cap, give each engine request a unique id, and count tokens.
+  `max_tokens` to our cap, give each engine request a unique id, and count tokens; for a
+  request sampled for shadow traffic, also to keep its engine input and output, so that
+  the same input can run again on the shadow adapter (`OpenAILayer.run_shadow`).
 
 Together with server/engine/vllm.py this is the only code that imports vLLM.
 """
@@ -61,7 +63,7 @@ from vllm.exceptions import VLLMError, VLLMValidationError
 from vllm.renderers.chat_utils import load_chat_template
 from vllm.renderers.inputs.preprocess import extract_prompt_len
 from vllm.renderers.online_renderer import OnlineRenderer
-from vllm.sampling_params import RequestOutputKind, SamplingParams
+from vllm.sampling_params import RequestOutputKind, SamplingParams, SamplingType
 from vllm.utils.argparse_utils import FlexibleArgumentParser
 from vllm.v1.engine.exceptions import EngineDeadError
 
@@ -88,6 +90,8 @@ __all__ = [
     "OpenAILayer",
     "RequestScope",
     "ResponsesRequest",
+    "ShadowCapture",
+    "ShadowOutput",
     "TokenizeRequest",
     "VLLMError",
     "as_server_error",
@@ -161,6 +165,38 @@ class Usage:
 
 
 @dataclass
+class ShadowCapture:
+    """The first engine request of a request sampled for shadow traffic: its engine input
+    and sampling parameters, kept to run them again on the shadow, and its own output."""
+
+    prompt: Any = None
+    params: Any = None  # a copy of the SamplingParams, taken before the engine saw them
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    greedy: bool = False
+    tokens: dict[int, list[int]] = field(default_factory=dict)  # per choice
+    started: float = 0.0
+    latency_s: float | None = None  # set once the engine finished it
+
+    @property
+    def complete(self) -> bool:
+        return self.params is not None and self.latency_s is not None
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens.values())
+
+
+@dataclass(frozen=True)
+class ShadowOutput:
+    tokens: dict[int, list[int]]
+    latency_s: float
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(t) for t in self.tokens.values())
+
+
+@dataclass
 class RequestScope:
     """Our decisions for one request, visible to vLLM's serving objects at the seams."""
 
@@ -175,6 +211,8 @@ class RequestScope:
     # prompt is tokenized); raises RateLimited/InvalidRequest to refuse it.
     reserve: Callable[[int], None] = lambda _total: None
     usage: Usage = field(default_factory=Usage)
+    # Set for a request sampled for shadow traffic: filled by its first engine request.
+    shadow: ShadowCapture | None = None
     _lora_request: Any = None
     _reserved: int = 0
 
@@ -283,6 +321,20 @@ class _RoutedClient:
         scope.reserve(total)
         scope._reserved = total
         scope.usage.prompt_tokens += prompt_len
+        capture = scope.shadow
+        if capture is not None and (
+            capture.params is not None or not isinstance(sampling_params, SamplingParams)
+        ):
+            capture = None  # only the first engine request is shadowed (not beam search)
+        if capture is not None:
+            capture.prompt = prompt
+            # Tracing and session ids belong to the client's request, not to its shadow.
+            capture.kwargs = {
+                k: v for k, v in kwargs.items() if k not in ("trace_headers", "session_id")
+            }
+            capture.params = sampling_params.clone()
+            capture.greedy = sampling_params.sampling_type == SamplingType.GREEDY
+            capture.started = time.perf_counter()
         out = self._client.generate(
             prompt,
             sampling_params,
@@ -294,14 +346,19 @@ class _RoutedClient:
             **kwargs,
         )
         delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
-        return _observe(out, scope.usage, delta=delta)
+        return _observe(out, scope.usage, delta=delta, capture=capture)
 
 
 async def _observe(
-    outputs: AsyncIterator[Any], usage: Usage, *, delta: bool
+    outputs: AsyncIterator[Any],
+    usage: Usage,
+    *,
+    delta: bool,
+    capture: ShadowCapture | None = None,
 ) -> AsyncGenerator[Any, None]:
     """Pass the engine's outputs through, counting completion tokens and noting the first
-    (with DELTA outputs, i.e. streaming: a final-only output arrives with the last token)."""
+    (with DELTA outputs, i.e. streaming: a final-only output arrives with the last token);
+    for a shadowed request, keeping its tokens and when it finished."""
     counted: dict[int, int] = {}
     async for out in outputs:
         for c in out.outputs:
@@ -309,8 +366,15 @@ async def _observe(
                 counted[c.index] = counted.get(c.index, 0) + len(c.token_ids)
             else:
                 counted[c.index] = len(c.token_ids)
+            if capture is not None:
+                if delta:
+                    capture.tokens.setdefault(c.index, []).extend(c.token_ids)
+                else:
+                    capture.tokens[c.index] = list(c.token_ids)
         if delta and usage.first_token_at is None and any(c.token_ids for c in out.outputs):
             usage.first_token_at = time.perf_counter()
+        if capture is not None and out.finished:
+            capture.latency_s = time.perf_counter() - capture.started
         yield out
         usage.completion_tokens = sum(counted.values())
     usage.completion_tokens = sum(counted.values())
@@ -488,6 +552,27 @@ class OpenAILayer:
 
     async def detokenize(self, req: DetokenizeRequest, raw: Request) -> Answer:
         return await self._run(self.tokenization.create_detokenize, req, raw)
+
+    async def run_shadow(
+        self, capture: ShadowCapture, lora: LoraHandle | None, request_id: str, priority: int
+    ) -> ShadowOutput:
+        """Run a captured request's engine input again with `lora`, at `priority`, straight
+        on the engine (no quota, no scope): only its tokens and latency come back."""
+        params = capture.params.clone()
+        params.output_kind = RequestOutputKind.FINAL_ONLY  # one output at the end suffices
+        started = time.perf_counter()
+        tokens: dict[int, list[int]] = {}
+        async for out in self._engine_client.generate(
+            capture.prompt,
+            params,
+            request_id,
+            lora_request=None if lora is None else lora_request(lora),
+            priority=priority,
+            **capture.kwargs,
+        ):
+            for c in out.outputs:
+                tokens[c.index] = list(c.token_ids)
+        return ShadowOutput(tokens=tokens, latency_s=time.perf_counter() - started)
 
     @staticmethod
     def enter(scope: RequestScope) -> None:

@@ -13,6 +13,11 @@ database outage cannot grow memory without bound.
 Retention runs in the same task: exposures older than `retention_days`, then all but the
 newest `max_rows`, every `prune_interval_s`.
 
+Shadow runs (server/experiments/shadow.py) go through the same writer, in a queue of
+their own with the same bound, written after the exposures queued before them: a shadow
+run refers to its exposure, and the exposure is queued first (when its response ends;
+the shadow runs after that).
+
 Durability: an exposure is in the database within about `flush_interval_s` of its
 response; feedback lookups flush first (see `flush`), so that a caller's feedback on a
 response it has just received always finds it.
@@ -26,9 +31,10 @@ import logging
 import time
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
-from adapters_registry.experiments import ExperimentStore, Exposure
+from adapters_registry.experiments import ExperimentStore, Exposure, ShadowRun
 from server.metrics import Metrics, RequestInfo
 from server.settings import ExperimentsSettings
 
@@ -40,7 +46,7 @@ def exposure_of(info: RequestInfo, now: float | None = None) -> Exposure | None:
     if not info.alias or not info.response_id:
         return None
     return Exposure(
-        exposure_id=uuid.uuid4().hex,
+        exposure_id=info.exposure_id or uuid.uuid4().hex,
         response_id=info.response_id,
         request_id=info.request_id,
         alias=info.alias,
@@ -74,6 +80,7 @@ class ExposureLog:
         self._metrics = metrics
         self._clock = clock
         self._queue: deque[Exposure] = deque()
+        self._shadow_queue: deque[ShadowRun] = deque()
         self._full_batch = asyncio.Event()
         # One writer at a time, so batches land in the order they were queued.
         self._writing = asyncio.Lock()
@@ -82,7 +89,7 @@ class ExposureLog:
 
     @property
     def pending(self) -> int:
-        return len(self._queue)
+        return len(self._queue) + len(self._shadow_queue)
 
     def record(self, info: RequestInfo) -> None:
         """Queue the exposure of a finished request (if an alias served it). Never blocks,
@@ -109,30 +116,48 @@ class ExposureLog:
         if len(self._queue) >= self._settings.batch_size:
             self._full_batch.set()
 
+    def record_shadow(self, run: ShadowRun) -> None:
+        """Queue a shadow run's row (after its exposure's). Never blocks, never raises."""
+        if not self._settings.exposure_log:
+            return
+        if len(self._shadow_queue) >= self._settings.queue_max:
+            self._metrics.exposures_dropped.labels("queue_full").inc()
+            return
+        self._shadow_queue.append(run)
+
     async def flush(self) -> int:
         """Write everything queued now; the number of exposures written."""
         written = 0
         async with self._writing:
-            while self._queue:
-                n = min(len(self._queue), self._settings.batch_size)
-                batch = [self._queue.popleft() for _ in range(n)]
-                self._metrics.exposures_queued.set(len(self._queue))
-                written += await self._write(batch)
+            while self._queue or self._shadow_queue:
+                # Exposures first: a shadow run queued meanwhile finds its exposure there.
+                while self._queue:
+                    n = min(len(self._queue), self._settings.batch_size)
+                    batch = [self._queue.popleft() for _ in range(n)]
+                    self._metrics.exposures_queued.set(len(self._queue))
+                    written += await self._write(batch, self.store.add_exposures, exposures=True)
+                if self._shadow_queue:
+                    n = min(len(self._shadow_queue), self._settings.batch_size)
+                    runs = [self._shadow_queue.popleft() for _ in range(n)]
+                    await self._write(runs, self.store.add_shadow_runs, exposures=False)
         return written
 
-    async def _write(self, batch: list[Exposure]) -> int:
+    async def _write(
+        self, batch: Sequence[Any], add: Callable[[Any], object], *, exposures: bool
+    ) -> int:
         for attempt in range(2):
             try:
-                await asyncio.to_thread(self.store.add_exposures, batch)
+                await asyncio.to_thread(add, batch)
             except Exception:
                 if attempt == 0:
-                    log.warning("writing %d exposures failed; retrying once", len(batch))
+                    log.warning("writing %d rows failed; retrying once", len(batch))
                     await asyncio.sleep(0.1)
                     continue
-                log.exception("dropping %d exposures: the database refused them", len(batch))
+                log.exception("dropping %d rows: the database refused them", len(batch))
                 self._metrics.exposures_dropped.labels("write_failed").inc(len(batch))
                 return 0
-            self._metrics.exposures_written.inc(len(batch))
+            if exposures:
+                self._metrics.exposures_written.inc(len(batch))
             return len(batch)
         return 0
 

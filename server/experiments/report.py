@@ -20,6 +20,11 @@ Every distribution, test and interval is scipy's (scipy.stats), none is hand-rol
 
 Error rate counts 5xx answers (what the arm may own); latency and TTFT percentiles are
 over successful (200) exposures.
+
+Shadow traffic (server/experiments/shadow.py), per shadow adapter: requests sampled, how
+many ran, were dropped or failed; of the greedy ones that ran, how often the shadow's
+tokens were the control's (with its Wilson interval); mean completion tokens and engine
+latency of both sides over the runs.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ from typing import Any
 import numpy as np
 from scipy import stats
 
-from adapters_registry.experiments import Exposure, Feedback
+from adapters_registry.experiments import Exposure, Feedback, ShadowRun
 from adapters_registry.records import Variant
 
 CONFIDENCE = 0.95
@@ -176,6 +181,49 @@ def srm_check(observed: dict[str, int], weights: dict[str, int]) -> dict[str, An
     }
 
 
+# -- shadow traffic ------------------------------------------------------------------------
+
+
+def _mean(values: Sequence[float | None]) -> float | None:
+    known = [v for v in values if v is not None]
+    return _num(float(np.mean(known))) if known else None
+
+
+def shadow_summary(runs: Sequence[ShadowRun]) -> list[dict[str, Any]]:
+    """Per shadow adapter (as configured, in order of appearance): what its runs showed."""
+    by_shadow: dict[str, list[ShadowRun]] = defaultdict(list)
+    for r in runs:
+        by_shadow[r.shadow].append(r)
+    out = []
+    for key, rows in by_shadow.items():
+        ran = [r for r in rows if r.outcome == "run"]
+        compared = [int(r.greedy_match) for r in ran if r.greedy_match is not None]
+        matches = binary_summary(compared)
+        out.append(
+            {
+                "shadow": key,
+                "versions": sorted({f"{r.adapter}@{r.version}" for r in ran}),
+                "sampled": len(rows),
+                "runs": len(ran),
+                "dropped": sum(1 for r in rows if r.outcome == "dropped"),
+                "failed": sum(1 for r in rows if r.outcome == "failed"),
+                "greedy_compared": matches["count"],
+                "greedy_matches": matches["positives"],
+                "match_rate": matches["mean"],
+                "match_rate_ci95": matches["ci95"],
+                "control": {
+                    "completion_tokens_mean": _mean([r.control_tokens for r in ran]),
+                    "latency_s_mean": _mean([r.control_latency_s for r in ran]),
+                },
+                "candidate": {
+                    "completion_tokens_mean": _mean([r.shadow_tokens for r in ran]),
+                    "latency_s_mean": _mean([r.shadow_latency_s for r in ran]),
+                },
+            }
+        )
+    return out
+
+
 # -- the report ----------------------------------------------------------------------------
 
 
@@ -194,8 +242,10 @@ def build_report(
     control: str | None = None,
     since: float | None = None,
     until: float | None = None,
+    shadow_runs: Sequence[ShadowRun] = (),
 ) -> dict[str, Any]:
-    """The report of `alias` over these exposures and their feedback (already windowed).
+    """The report of `alias` over these exposures, their feedback and shadow runs (already
+    windowed).
 
     Arms are the alias's configured variants, in order, then any arm seen in the window
     but no longer configured; the control is `control` or the first configured arm.
@@ -205,9 +255,11 @@ def build_report(
     # which the report turns into None: nothing to warn about.
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
-        return _report(
+        report = _report(
             alias, variants, exposures, feedback, control=control, since=since, until=until
         )
+        report["shadow"] = shadow_summary(shadow_runs)
+        return report
 
 
 def _report(

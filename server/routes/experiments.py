@@ -19,9 +19,17 @@ from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from adapters_registry.errors import AdapterNotFound
-from adapters_registry.experiments import Exposure, Feedback, GuardrailEvent, RampRecord
+from adapters_registry.experiments import (
+    Exposure,
+    Feedback,
+    GuardrailEvent,
+    RampRecord,
+    ShadowConfig,
+    ShadowRun,
+)
 from adapters_registry.names import NAME_PATTERN
 from adapters_registry.records import Variant
+from adapters_registry.tenants import usable_by
 from server.adapters import AdapterRouter
 from server.auth import require_admin
 from server.deps import (
@@ -31,8 +39,9 @@ from server.deps import (
     PrincipalDep,
     RampsDep,
     RouterDep,
+    ShadowsDep,
 )
-from server.errors import InvalidRequest, ResponseNotFound
+from server.errors import InvalidRequest, ModelNotFound, ResponseNotFound
 from server.experiments import plot
 from server.experiments.guardrails import Limits
 from server.experiments.log import ExposureLog
@@ -201,24 +210,25 @@ Until = Annotated[str | None, Query(description="Window end (excluded).")]
 
 async def _experiment(
     name: str, router_: AdapterRouter, log: ExposureLog, start: float | None, end: float | None
-) -> tuple[tuple[Variant, ...], list[Exposure], list[tuple[str, Feedback]]]:
-    """An alias's arms and its window's exposures and feedback (404: no such alias, and
-    none in the log either)."""
+) -> tuple[tuple[Variant, ...], list[Exposure], list[tuple[str, Feedback]], list[ShadowRun]]:
+    """An alias's arms and its window's exposures, feedback and shadow runs (404: no such
+    alias, and none in the log either)."""
     alias = router_.registry.alias(name)
     if alias is None and not NAME_PATTERN.fullmatch(name):
         raise AdapterNotFound(f"alias {name!r} not found", adapter=name)  # none ever was
     await log.flush()  # what has been served so far is in the report
 
-    def read() -> tuple[list[Exposure], list[tuple[str, Feedback]]]:
+    def read() -> tuple[list[Exposure], list[tuple[str, Feedback]], list[ShadowRun]]:
         return (
             log.store.exposures(name, since=start, until=end),
             log.store.feedback(name, since=start, until=end),
+            log.store.shadow_runs(name, since=start, until=end),
         )
 
-    exposures, feedback = await asyncio.to_thread(read)
+    exposures, feedback, shadow_runs = await asyncio.to_thread(read)
     if alias is None and not exposures:
         raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
-    return (alias.variants if alias is not None else ()), exposures, feedback
+    return (alias.variants if alias is not None else ()), exposures, feedback, shadow_runs
 
 
 @admin_router.get(
@@ -233,7 +243,7 @@ async def experiment_report(
     control: Annotated[str | None, Query(description="The control arm [the first].")] = None,
 ) -> dict[str, Any]:
     start, end = parse_time(since, "since"), parse_time(until, "until")
-    variants, exposures, feedback = await _experiment(name, router_, log, start, end)
+    variants, exposures, feedback, shadow_runs = await _experiment(name, router_, log, start, end)
     try:
         return await asyncio.to_thread(
             build_report,
@@ -244,6 +254,7 @@ async def experiment_report(
             control=control,
             since=start,
             until=end,
+            shadow_runs=shadow_runs,
         )
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="control") from None
@@ -271,7 +282,7 @@ async def experiment_plot(
     in the window yet the image says so (200); a named metric that has no outcomes in
     the window is a 400 naming the metrics that have."""
     start, end = parse_time(since, "since"), parse_time(until, "until")
-    variants, exposures, feedback = await _experiment(name, router_, log, start, end)
+    variants, exposures, feedback, _ = await _experiment(name, router_, log, start, end)
     metrics = sorted({f.metric for _, f in feedback})
     if metric is not None:
         if metric not in metrics:
@@ -475,3 +486,75 @@ async def delete_ramp(name: str, ramps: RampsDep) -> dict[str, Any]:
         raise AdapterNotFound(f"alias {name!r} has no ramp", adapter=name)
     await ramps.stop(name)
     return {**_ramp(record), "state": "stopped"}
+
+
+# `name` or `name@N`, as an alias's variants are written.
+_ADAPTER_KEY = re.compile(r"^([a-z0-9][a-z0-9._-]{0,63})(?:@([1-9][0-9]{0,17}))?$")
+
+
+class ShadowBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    adapter: str = Field(
+        pattern=_ADAPTER_KEY.pattern,
+        description="The shadow: `name` (its current version at each run) or `name@N`.",
+    )
+    fraction: float = Field(
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="Share of the alias's requests that also run on the shadow, drawn "
+        "per request (1 = all; 0 = none, kept configured).",
+    )
+
+
+def _shadow(config: ShadowConfig) -> dict[str, Any]:
+    return {"alias": config.alias, "adapter": config.key, "fraction": config.fraction}
+
+
+@admin_router.put(
+    "/aliases/{name}/shadow", summary="Run a share of an alias's requests on a shadow too"
+)
+async def put_shadow(
+    name: str, body: ShadowBody, router_: RouterDep, shadows: ShadowsDep
+) -> dict[str, Any]:
+    """Sampled requests also run on the shadow adapter, after their response, at the
+    lowest priority, dropped first under load; its replies are recorded, never returned."""
+    alias = router_.registry.alias(name)
+    if alias is None:
+        raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
+    match = _ADAPTER_KEY.fullmatch(body.adapter)
+    assert match is not None  # the body's pattern
+    adapter, number = match.group(1), None if match.group(2) is None else int(match.group(2))
+    try:
+        await router_.version_of(adapter, number, None)  # registers a folder's adapter too
+    except ModelNotFound:
+        raise InvalidRequest(f"adapter {body.adapter!r} not found", param="adapter") from None
+    record = router_.registry.adapter(adapter)
+    # The rule of an alias's variants (adapters_registry/registry.py put_alias): a shadow
+    # must be usable by every caller of the alias (each run checks the caller again).
+    if record is None or not (record.shared if alias.shared else usable_by(record, alias.owner)):
+        audience = "every tenant" if alias.shared else f"tenant {alias.owner!r}"
+        raise InvalidRequest(
+            f"alias {name!r}: adapter {adapter!r} is not usable by {audience}", param="adapter"
+        )
+    config = ShadowConfig(alias=name, adapter=adapter, version=number, fraction=body.fraction)
+    await shadows.set(name, config)
+    return _shadow(config)
+
+
+@admin_router.get("/aliases/{name}/shadow", summary="An alias's shadow adapter and fraction")
+async def get_shadow(name: str, shadows: ShadowsDep) -> dict[str, Any]:
+    config = shadows.get(name)
+    if config is None:
+        raise AdapterNotFound(f"alias {name!r} has no shadow", adapter=name)
+    return _shadow(config)
+
+
+@admin_router.delete("/aliases/{name}/shadow", summary="Stop an alias's shadow traffic")
+async def delete_shadow(name: str, shadows: ShadowsDep) -> dict[str, Any]:
+    config = shadows.get(name)
+    if config is None:
+        raise AdapterNotFound(f"alias {name!r} has no shadow", adapter=name)
+    await shadows.set(name, None)
+    return _shadow(config)

@@ -199,6 +199,9 @@ def scrape(tmp_path_factory: pytest.TempPathFactory) -> Scrape:
         assert client.put("/admin/aliases/ab", headers=admin, json=ab).status_code == 200
         guard = {"min_exposures": 1, "max_error_rate": 0.5}
         assert client.put("/admin/aliases/ab/guardrails", headers=admin, json=guard).is_success
+        # Its requests also run on a shadow: the shadow series (server/experiments/shadow.py).
+        shadow = {"adapter": "pirate", "fraction": 1}
+        assert client.put("/admin/aliases/ab/shadow", headers=admin, json=shadow).is_success
         served = []
         for i in range(20):
             r = client.post("/v1/completions", json={**body, "model": "ab", "user": f"u{i}"})
@@ -227,6 +230,7 @@ def test_scrape_has_the_labelled_series(scrape: Scrape) -> None:
     assert "le" in series["loraswap_time_per_output_token_seconds_bucket"]
     assert "running_lora_adapters" in series["vllm:lora_requests_info"]
     assert {"alias", "variant", "rule"} <= series["loraswap_guardrail_rollbacks_total"]
+    assert {"alias", "outcome"} <= series["loraswap_shadow_requests_total"]
     assert {"alias", "variant", "status"} <= series["loraswap_exposures_total"]
     assert {"alias", "variant", "le"} <= series["loraswap_exposure_latency_seconds_bucket"]
     for outcome in ("label", "score"):

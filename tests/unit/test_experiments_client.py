@@ -232,3 +232,31 @@ def test_client_and_cli_ramps(cli: Callable[..., Any], transport: httpx.BaseTran
     assert cli("experiments", "ramp", "bot", "--stop").stdout.strip().endswith("; stopped")
     cli("experiments", "ramp", "bot", code=1)  # none left: 404
     cli("experiments", "ramp", "bot", "--candidate", "formal@1", "--steps", "x", code=2)
+
+
+def test_client_and_cli_shadow(cli: Callable[..., Any], transport: httpx.BaseTransport) -> None:
+    with Client(URL, admin_key=ADMIN_KEY, transport=transport) as admin:
+        got = admin.set_shadow("bot", "formal@1", 1.0)
+        assert got == {"alias": "bot", "adapter": "formal@1", "fraction": 1.0}
+        assert admin.get_shadow("bot")["adapter"] == "formal@1"
+        with Client(URL, api_key=admin.create_key("acme")["key"], transport=transport) as acme:
+            reply = acme.chat("bot", HI, max_tokens=4, user="ann", temperature=0)
+            assert reply.body["choices"][0]["message"]["content"]
+        assert admin.delete_shadow("bot")["adapter"] == "formal@1"
+        with pytest.raises(NotFoundError):
+            admin.get_shadow("bot")
+        with pytest.raises(BadRequestError):
+            admin.set_shadow("bot", "formal@1", 2.0)
+        app: Any = transport._asgi.app  # type: ignore[attr-defined]
+        transport._portal.call(app.state.shadows.settle)  # type: ignore[attr-defined]
+        report = admin.experiment_report("bot")
+        (summary,) = report["shadow"]
+        assert (summary["shadow"], summary["sampled"]) == ("formal@1", 1)
+    out = cli("experiments", "shadow", "bot", "--adapter", "pirate", "--fraction", "0.25")
+    assert out.stdout.strip() == "bot: shadow pirate on 25% of requests"
+    assert json.loads(cli("experiments", "shadow", "bot", "--json").stdout)["fraction"] == 0.25
+    shown = cli("experiments", "report", "bot").stdout
+    assert "shadow traffic" in shown and "formal@1" in shown
+    assert cli("experiments", "shadow", "bot", "--clear").stdout.strip().endswith("; stopped")
+    cli("experiments", "shadow", "bot", code=1)  # none left: 404
+    cli("experiments", "shadow", "bot", "--adapter", "pirate", code=2)  # no fraction
