@@ -1,6 +1,10 @@
 """The registry service: validated registration from any source, kept in SQLite or
 PostgreSQL (store.py), read from an in-memory snapshot (requests never touch the database).
 
+`Registry` owns the adapters, their versions and their files; aliases (aliases.py) and
+tenants with their keys (tenants.py) are parts of the same snapshot with owners of their
+own, reached through `Registry` (one object for callers, one lock, one refresh).
+
 Writes go to the database first and then refresh the snapshot, so what a request sees
 is always something that has been durably acknowledged.
 """
@@ -18,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
 
-from adapters_registry import keys
+from adapters_registry.aliases import Aliases
 from adapters_registry.base_model import BaseModelShapes
 from adapters_registry.database import Database
 from adapters_registry.errors import (
@@ -27,7 +31,6 @@ from adapters_registry.errors import (
     AlreadyExists,
     CacheFull,
     InsufficientStorage,
-    InvalidAlias,
     InvalidChecksum,
     InvalidSource,
     MalformedAdapter,
@@ -37,11 +40,7 @@ from adapters_registry.errors import (
 from adapters_registry.names import check_name
 from adapters_registry.records import (
     AdapterRecord,
-    AliasRecord,
-    KeyRecord,
     ServingDefaults,
-    TenantRecord,
-    Variant,
     VersionRecord,
 )
 from adapters_registry.sources import (
@@ -58,7 +57,11 @@ from adapters_registry.sources.base import storage_errors
 from adapters_registry.sources.cache import sweep_staging
 from adapters_registry.spec import AdapterSpec
 from adapters_registry.store import Store
+from adapters_registry.tenants import Tenants, usable_by
 from adapters_registry.validate import WEIGHTS_FILE, Limits, inspect_adapter
+
+# usable_by: where callers found it before tenants.py owned it.
+__all__ = ["Registry", "RegistryConfig", "usable_by"]
 
 log = logging.getLogger("loraswap.registry")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -108,16 +111,25 @@ class Registry:
         self._verified: set[str] = set()
         self._lock = threading.Lock()
         self._adapters: dict[str, AdapterRecord] = {}
-        self._aliases: dict[str, AliasRecord] = {}
-        self._tenants: dict[str, TenantRecord] = {}
-        self._keys: dict[str, KeyRecord] = {}
+        self._tenants = Tenants(self._store, self._lock)
+        self._aliases = Aliases(self._store, self._lock, self.adapter, self._tenants)
+        # Aliases', tenants' and keys' own reads and writes, under the names callers use.
+        self.alias = self._aliases.alias
+        self.aliases = self._aliases.aliases
+        self.put_alias = self._aliases.put_alias
+        self.delete_alias = self._aliases.delete_alias
+        self.tenant = self._tenants.tenant
+        self.tenants = self._tenants.tenants
+        self.put_tenant = self._tenants.put_tenant
+        self.delete_tenant = self._tenants.delete_tenant
+        self.create_key = self._tenants.create_key
+        self.delete_key = self._tenants.delete_key
+        self.has_tenants = self._tenants.has_tenants
+        self.authenticate = self._tenants.authenticate
         # The database's change counter when this snapshot was read (see `refresh`).
         self._store_generation = self._store.generation()
-        # (adapter, version) pinned by some alias: kept up to date on alias writes, so that
-        # "can a new request still reach this version?" costs O(1), not O(registry).
-        self._alias_pins: frozenset[tuple[str, int]] = frozenset()
-        # Bumped on every change of adapters or aliases: lets readers cache what they
-        # derive from the snapshot (e.g. the names /v1/models lists).
+        # Bumped on every change of adapters (aliases count their own): lets readers cache
+        # what they derive from the snapshot (e.g. the names /v1/models lists).
         self._generation = 0
         # Content digests of deleted versions whose files a running request may still
         # read: removed by `release_files` once nothing holds them (review L5).
@@ -158,19 +170,13 @@ class Registry:
     def adapter(self, name: str) -> AdapterRecord | None:
         return self._adapters.get(name)
 
-    def alias(self, name: str) -> AliasRecord | None:
-        return self._aliases.get(name)
-
     def adapters(self) -> list[AdapterRecord]:
         return sorted(self._adapters.values(), key=lambda a: a.name)
-
-    def aliases(self) -> list[AliasRecord]:
-        return sorted(self._aliases.values(), key=lambda a: a.name)
 
     @property
     def generation(self) -> int:
         """Changes whenever an adapter or alias is added, changed or removed."""
-        return self._generation
+        return self._generation + self._aliases.generation
 
     def is_referenced(self, name: str, version: int) -> bool:
         """Whether new requests can reach version `version` of `name` (it is current, or an
@@ -178,7 +184,7 @@ class Registry:
         record = self._adapters.get(name)
         if record is not None and record.current_version == version:
             return True
-        return (name, version) in self._alias_pins
+        return self._aliases.pins(name, version)
 
     def referenced_versions(self) -> set[tuple[str, int]]:
         """Every (adapter, version) that new requests can reach: current ones and pins."""
@@ -187,9 +193,7 @@ class Registry:
             for a in self._adapters.values()
             if a.current_version is not None
         }
-        for alias in self._aliases.values():
-            out |= {(v.adapter, v.version) for v in alias.variants if v.version is not None}
-        return out
+        return out | self._aliases.pinned_versions()
 
     # -- registration ------------------------------------------------------------------
 
@@ -313,7 +317,7 @@ class Registry:
             raise AlreadyExists(f"{name!r} already exists", adapter=name)
         if not how.create and name not in self._adapters:
             raise AdapterNotFound(f"adapter {name!r} not found", adapter=name)
-        if how.owner is not None and how.owner not in self._tenants:
+        if how.owner is not None and self._tenants.tenant(how.owner) is None:
             raise TenantNotFound(f"tenant {how.owner!r} not found", adapter=name)
 
     def _inspect(self, path: Path, name: str, sha256: str | None) -> AdapterSpec:
@@ -433,41 +437,6 @@ class Registry:
             self._forget_files(version)
         return record
 
-    def put_alias(
-        self,
-        name: str,
-        variants: tuple[Variant, ...],
-        *,
-        owner: str | None = None,
-        shared: bool = False,
-    ) -> AliasRecord:
-        check_name(name)
-        if owner is not None and owner not in self._tenants:
-            raise TenantNotFound(f"tenant {owner!r} not found", adapter=name)
-        for v in variants:
-            target = self._adapters.get(v.adapter)
-            # An alias must not become a way into an adapter its users could not name:
-            # a shared alias needs shared variants, a tenant's alias ones it may use.
-            reachable = target is None or (target.shared if shared else usable_by(target, owner))
-            if not reachable:
-                audience = "every tenant" if shared else f"tenant {owner!r}"
-                raise InvalidAlias(
-                    f"alias {name!r}: adapter {v.adapter!r} is not usable by {audience}",
-                    adapter=name,
-                )
-        with self._lock:
-            record = self._store.put_alias(name, variants, owner=owner, shared=shared)
-            self._aliases[name] = record
-            self._aliases_changed()
-        return record
-
-    def delete_alias(self, name: str) -> AliasRecord:
-        with self._lock:
-            record = self._store.delete_alias(name)
-            self._aliases.pop(name, None)
-            self._aliases_changed()
-        return record
-
     def _write(self, name: str, op: Callable[[], AdapterRecord]) -> AdapterRecord:
         with self._lock:
             record = op()
@@ -521,15 +490,6 @@ class Registry:
         self._adapters[name] = self._store.get(name)
         self._generation += 1
 
-    def _aliases_changed(self) -> None:
-        self._alias_pins = frozenset(
-            (v.adapter, v.version)
-            for alias in self._aliases.values()
-            for v in alias.variants
-            if v.version is not None
-        )
-        self._generation += 1
-
     def refresh(self) -> bool:
         """Reload the snapshot if the database changed since (another replica wrote to
         it); True if it did. Cheap when nothing changed: one single-row read."""
@@ -543,66 +503,8 @@ class Registry:
 
     def _reload(self) -> None:
         self._adapters = {a.name: a for a in self._store.list_adapters()}
-        self._aliases = {a.name: a for a in self._store.list_aliases()}
-        self._aliases_changed()
-        self._tenants = {t.name: t for t in self._store.tenants()}
-        self._keys = {k.key_id: k for k in self._store.list_keys()}
-
-    # -- tenants, keys and access ------------------------------------------------------
-
-    def tenant(self, name: str) -> TenantRecord | None:
-        return self._tenants.get(name)
-
-    def tenants(self) -> list[TenantRecord]:
-        return sorted(self._tenants.values(), key=lambda t: t.name)
-
-    def put_tenant(
-        self, name: str, *, max_concurrent: int | None, tokens_per_minute: int | None
-    ) -> TenantRecord:
-        check_name(name)
-        with self._lock:
-            record = self._store.put_tenant(
-                name, max_concurrent=max_concurrent, tokens_per_minute=tokens_per_minute
-            )
-            self._tenants[name] = record
-        return record
-
-    def delete_tenant(self, name: str) -> TenantRecord:
-        with self._lock:
-            record = self._store.delete_tenant(name)
-            self._tenants.pop(name, None)
-            self._keys = {k: v for k, v in self._keys.items() if v.tenant != name}
-        return record
-
-    def create_key(self, tenant: str) -> tuple[KeyRecord, str]:
-        """A new key for `tenant`: (its record, the full key, to be shown once)."""
-        key_id, full, digest = keys.new_key()
-        with self._lock:
-            record = self._store.add_key(tenant, key_id, digest)
-            self._keys[key_id] = record
-            self._tenants[tenant] = self._store.tenant(tenant)
-        return record, full
-
-    def delete_key(self, tenant: str, key_id: str) -> None:
-        with self._lock:
-            self._store.delete_key(tenant, key_id)
-            self._keys.pop(key_id, None)
-            self._tenants[tenant] = self._store.tenant(tenant)
-
-    def has_tenants(self) -> bool:
-        """Open mode ends with the first tenant, not its first key: revoking every key
-        must not reopen the server to anyone."""
-        return bool(self._tenants)
-
-    def authenticate(self, key: str) -> TenantRecord | None:
-        """The tenant a key belongs to, or None (malformed, unknown or wrong secret)."""
-        parsed = keys.parse(key)
-        if parsed is None:
-            return None
-        record = self._keys.get(parsed[0])
-        if record is None or not keys.matches(parsed[1], record.secret_sha256):
-            return None
-        return self._tenants.get(record.tenant)
+        self._aliases.reload()
+        self._tenants.reload()
 
     def set_access(self, name: str, *, owner: str | None, shared: bool) -> AdapterRecord:
         return self._write(name, lambda: self._store.set_access(name, owner=owner, shared=shared))
@@ -630,8 +532,3 @@ def _changed(version: VersionRecord) -> str:
         f"{_label(version)}: its files changed or vanished at the source since "
         "registration; register a new version"
     )
-
-
-def usable_by(record: AdapterRecord | AliasRecord, tenant: str | None) -> bool:
-    """Whether `tenant` may use an adapter or alias; None is the operator (or open mode)."""
-    return tenant is None or record.shared or record.owner == tenant

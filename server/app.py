@@ -8,7 +8,7 @@ import ipaddress
 import logging
 import math
 from argparse import Namespace
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -30,7 +30,7 @@ from server.experiments.guardrails import Guardrails
 from server.experiments.log import ExposureLog
 from server.experiments.ramps import Ramps
 from server.experiments.shadow import Shadows
-from server.lifecycle import AdmissionMiddleware, Lifecycle
+from server.lifecycle import AdmissionMiddleware, Lifecycle, upload_limit
 from server.metrics import Metrics, RequestInfo, log_request
 from server.quotas import Admission, Quotas
 from server.routes import admin, experiments, health, metrics_route, openai
@@ -116,13 +116,18 @@ def _refuse_open_network(settings: Settings, registry: Registry) -> None:
     )
 
 
-async def _follow_registry(router: AdapterRouter, interval_s: float) -> None:
-    """Pick up registry changes made by other replicas sharing the database."""
+async def follow_registry(
+    registry: Registry,
+    interval_s: float,
+    changed: Callable[[], Awaitable[object]] | None = None,
+) -> None:
+    """Pick up registry changes made by other replicas sharing the database, every
+    `interval_s`; `changed` runs after each refresh that found some."""
     while True:
         await asyncio.sleep(interval_s)
         try:
-            if await asyncio.to_thread(router.registry.refresh):
-                await router.release_unreachable()
+            if await asyncio.to_thread(registry.refresh) and changed is not None:
+                await changed()
         except Exception:  # the database away for a moment must not end the polling
             log.exception("registry refresh failed; retrying in %.1fs", interval_s)
 
@@ -184,7 +189,11 @@ def create_app(
         poll = None
         if settings.registry.refresh_interval_s > 0:
             poll = asyncio.create_task(
-                _follow_registry(router, settings.registry.refresh_interval_s)
+                follow_registry(
+                    router.registry,
+                    settings.registry.refresh_interval_s,
+                    router.release_unreachable,
+                )
             )
         try:
             yield
@@ -225,8 +234,7 @@ def create_app(
         AdmissionMiddleware,
         lifecycle=app.state.lifecycle,
         max_body_bytes=settings.max_body_bytes,
-        # multipart overhead on top of the weights and the config
-        max_upload_bytes=settings.max_adapter_bytes + 2 * 1024 * 1024,
+        max_upload_bytes=upload_limit(settings.max_adapter_bytes),
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
         observe=observe,
     )

@@ -29,11 +29,13 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from adapters_registry.registry import Registry, usable_by
+from adapters_registry.registry import Registry
+from adapters_registry.tenants import usable_by
 from server.app import open_mode
 from server.auth import bearer, local_caller, principal_for
-from server.errors import EngineUnavailable, ServerError, describe
-from server.lifecycle import UPLOAD_OVERHEAD_BYTES, body_limit, too_large
+from server.errors import EngineUnavailable, ModelNotFound, ServerError, describe
+from server.lifecycle import body_limit, too_large, upload_limit
+from server.names import parse_model
 from server.placement import INFERENCE_PATHS, HttpRequest, ResponseStart, routing_key
 from server.settings import Settings
 
@@ -58,7 +60,7 @@ class Gate:
         )
         self.open_mode = open_mode(settings)
         self.max_body_bytes = settings.max_body_bytes
-        self.max_upload_bytes = settings.max_adapter_bytes + UPLOAD_OVERHEAD_BYTES
+        self.max_upload_bytes = upload_limit(settings.max_adapter_bytes)
 
     def routing(self, request: HttpRequest) -> str | None:
         """The routing key of an admitted request (None: any replica); raises the
@@ -88,10 +90,11 @@ class Gate:
         model = payload.get("model") if isinstance(payload, dict) else None
         if not isinstance(model, str):
             return True
-        prefix, sep, name = model.partition(":")
-        if not sep:
-            name = model
-        elif prefix != self.base:
+        try:
+            name = parse_model(model, self.base)
+        except ModelNotFound:
+            return True
+        if name is None:
             return True
         record = self.registry.alias(name) or self.registry.adapter(name)
         return record is None or usable_by(record, tenant)

@@ -46,7 +46,13 @@ _UPLOAD = re.compile(r"/admin/adapters/(?:[^/]+/versions/)?upload")
 # Route templates under these are not inference: no metrics sample, no request log line.
 _NOT_OBSERVED = ("/admin", "/health", "/metrics", "/docs", "/redoc", "/openapi.json")
 # Multipart framing and the config file on top of the weights (max_adapter_bytes).
-UPLOAD_OVERHEAD_BYTES = 2 * 1024 * 1024
+_UPLOAD_OVERHEAD_BYTES = 2 * 1024 * 1024
+
+
+def upload_limit(max_adapter_bytes: int) -> int:
+    """The body limit of an adapter upload, whichever server admits it (the app's
+    middleware, the Ray ingress)."""
+    return max_adapter_bytes + _UPLOAD_OVERHEAD_BYTES
 
 
 def is_upload(method: str, path: str) -> bool:

@@ -25,8 +25,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from adapters_registry.ab import choose
 from adapters_registry.registry import Registry
+from server.errors import ModelNotFound
+from server.names import parse_model, pick
 
 INFERENCE_PATHS = frozenset({"/v1/chat/completions", "/v1/completions"})
 
@@ -44,27 +45,20 @@ def routing_key(
     model: str = payload["model"]
     user = payload.get("user")
     user = user if isinstance(user, str) and user else (user_header or None)
-    if model == base:
-        return None
-    prefix, sep, name = model.partition(":")
-    if sep and prefix != base:
-        return None
-    name = name if sep else model
-    number = None
-    alias = registry.alias(name)
-    if alias is not None:
-        try:
-            variant = choose(alias.name, alias.variants, user)
-        except ValueError:
+    try:
+        name = parse_model(model, base)
+        if name is None:
             return None
-        name, number = variant.adapter, variant.version
-    record = registry.adapter(name)
+        picked = pick(registry, name, user)
+    except (ModelNotFound, ValueError):
+        return None
+    record = registry.adapter(picked.adapter)
     if record is None:
         return None
-    version = record.current if number is None else record.version(number)
+    version = record.current if picked.number is None else record.version(picked.number)
     if version is None:
         return None
-    return f"{name}@{version.version}+{version.content_digest[:_DIGEST_CHARS]}"
+    return f"{picked.adapter}@{version.version}+{version.content_digest[:_DIGEST_CHARS]}"
 
 
 # 64 bits of the digest: enough to tell contents apart, short in Ray's logs and metrics.

@@ -57,7 +57,7 @@ from ray import serve
 
 from adapters_registry.records import TenantRecord
 from server import ingress
-from server.app import create_app, open_registry
+from server.app import create_app, follow_registry, open_registry
 from server.errors import EngineUnavailable, QuotasUnavailable
 from server.placement import HttpRequest, Residency, ResponseStart, call_asgi, parse_key
 from server.scaleout.config import settings_from_args
@@ -351,15 +351,9 @@ def build_app(settings: Settings) -> Any:
             self._ready = False
             self._poll: asyncio.Task[None] | None = None
             if settings.registry.refresh_interval_s > 0:
-                self._poll = asyncio.create_task(self._follow(settings.registry.refresh_interval_s))
-
-        async def _follow(self, interval_s: float) -> None:
-            while True:
-                await asyncio.sleep(interval_s)
-                try:
-                    await asyncio.to_thread(self._registry.refresh)
-                except Exception:
-                    log.exception("registry refresh failed; retrying in %.1fs", interval_s)
+                self._poll = asyncio.create_task(
+                    follow_registry(self._registry, settings.registry.refresh_interval_s)
+                )
 
         def set_ready(self) -> None:
             self._ready = True

@@ -344,8 +344,7 @@ def _prompt_logprobs(params: Any, prompt_ids: list[int], tokenizer: Any) -> Any:
 async def lease_endings(router: Any) -> None:
     """Wait for the engine removals that ended leases started (the router runs them as
     tasks of their own, so a test asserting a removal waits for them first)."""
-    while router._tasks:
-        await asyncio.gather(*list(router._tasks))
+    await router.pool.settle()
 
 
 class FakeEngine:

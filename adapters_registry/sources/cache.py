@@ -44,7 +44,8 @@ class DiskCache:
     """Downloaded adapters by sha256, total size capped, least recently used evicted.
 
     `in_use` names entries that must survive eviction (adapters the engine may reload
-    from disk); an entry that alone exceeds the cap is refused before it is stored.
+    from disk), as each reader of the files tells it (`add_reader`); an entry that alone
+    exceeds the cap is refused before it is stored.
     Every byte under `root` is a cached adapter file (downloads are staged in
     `staging_root`, last use is the entry folder's mtime), so `usage()` is what the
     folder holds, and it never exceeds `max_bytes`.
@@ -59,13 +60,21 @@ class DiskCache:
     ) -> None:
         self.root = root
         self.max_bytes = max_bytes
-        # Replaceable: the server's adapter router connects itself here.
-        self.in_use = in_use
+        self._readers = [in_use]
         # A sibling by default: same filesystem, so `put` moves a download in atomically.
         self.staging_root = staging_root or root.with_name("staging")
         self._lock = threading.Lock()  # evict + move in, one download at a time
         root.mkdir(parents=True, exist_ok=True)
         self.staging_root.mkdir(parents=True, exist_ok=True)
+
+    def add_reader(self, in_use: Callable[[], set[str]]) -> None:
+        """Protect from eviction, from now on, the entries `in_use()` names (e.g. the
+        server's LoRA pool: the versions its engine may read again)."""
+        self._readers.append(in_use)
+
+    def in_use(self) -> set[str]:
+        """The entries some reader may still read: never evicted."""
+        return set().union(*(reader() for reader in self._readers))
 
     def staging(self) -> contextlib.AbstractContextManager[Path]:
         """A private folder to download into, outside the capped folder."""

@@ -86,7 +86,7 @@ class Shadows:
         self.rng = rng or random.Random()
         self._configs: dict[str, ShadowConfig] = {}
         self._running: set[asyncio.Task[None]] = set()
-        router.also_reachable = self._pinned
+        router.pool.add_reachable(self._pinned)
 
     # -- configuration --------------------------------------------------------------------
 

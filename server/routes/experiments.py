@@ -29,7 +29,7 @@ from adapters_registry.experiments import (
 )
 from adapters_registry.names import NAME_PATTERN
 from adapters_registry.records import Variant
-from adapters_registry.registry import usable_by
+from adapters_registry.tenants import usable_by
 from server.adapters import AdapterRouter
 from server.auth import require_admin
 from server.deps import (

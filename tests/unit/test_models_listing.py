@@ -16,7 +16,7 @@ from tests.unit.test_api import tiny_settings
 def test_models_reads_the_folder_once_on_a_worker_thread(tmp_path: Path) -> None:
     make_adapter(tmp_path / "adapters" / "pirate")
     with TestClient(create_app(tiny_settings(tmp_path), engine=FakeEngine())) as c:
-        catalog = c.app.state.router._catalog  # type: ignore[attr-defined]
+        catalog = c.app.state.router.catalog  # type: ignore[attr-defined]
         reads: list[threading.Thread] = []
         real_names = catalog.names
 

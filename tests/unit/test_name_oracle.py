@@ -32,7 +32,7 @@ def test_private_and_absent_names_cost_the_same(tmp_path: Path) -> None:
         )  # fmt: skip
         assert r.status_code == 201, r.text
         router = c.app.state.router  # type: ignore[attr-defined]
-        catalog = router._catalog
+        catalog = router.catalog
         looked: list[str] = []
         real_get = catalog.get
 

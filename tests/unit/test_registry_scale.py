@@ -246,6 +246,6 @@ async def test_models_body_cache_is_bounded(registry: Registry) -> None:
 
     for i in range(500):
         await router.models_body(f"t{i}", render)
-    assert len(router._bodies) <= 64
+    assert len(router.models._bodies) <= 64
     assert await router.models_body(None, render) == await router.models_body(None, render)
     assert len(renders) == 501
