@@ -72,6 +72,10 @@ async def _measure(
 ) -> dict[str, Any]:
     admin = {"authorization": f"Bearer {ADMIN_KEY}"}
     async with httpx.AsyncClient(base_url=url, headers=admin, timeout=60) as http:
+        for arm in ARMS:  # adapters-directory folders register on their first request
+            hello = {"model": f"smollm2:{arm}", "max_tokens": 1}
+            hello["messages"] = [{"role": "user", "content": "Hi"}]
+            (await http.post("/v1/chat/completions", json=hello)).raise_for_status()
         r = await http.put(f"/admin/aliases/{ALIAS}", json={"variants": ARMS})
         r.raise_for_status()
         target = Target(url=url, admin_key=ADMIN_KEY, model_format="{base}:{adapter}")
