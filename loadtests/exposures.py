@@ -226,6 +226,47 @@ def write_rate(target: str | Path, seconds: float) -> dict[str, Any]:
     }
 
 
+def record_cost(calls: int = 20_000) -> dict[str, Any]:
+    """What the exposure log adds to a request on the event loop: `ExposureLog.record`
+    (the row built, the per-arm metrics listener, the queue) per call, in microseconds.
+    The database write is a worker thread's, in batches (part 2)."""
+    from server.experiments.log import ExposureLog
+    from server.metrics import Metrics, RequestInfo
+
+    with tempfile.TemporaryDirectory() as tmp:
+        store = ExperimentStore(Store(Path(tmp) / "r.db").database)
+        metrics = Metrics()
+        settings = ExperimentsSettings(queue_max=calls + 1, batch_size=calls + 1)
+        log = ExposureLog(store, settings, metrics)
+        log.listeners.append(metrics.observe_exposure)
+        infos = [
+            RequestInfo(
+                request_id=uuid.uuid4().hex,
+                method="POST",
+                path="/v1/chat/completions",
+                started=0.0,
+                status=200,
+                alias=ALIAS,
+                variant=("pirate", "formal")[i % 2],
+                adapter="pirate",
+                version="1",
+                response_id=f"chatcmpl-{i}",
+                digest="0" * 64,
+                user_hash="1" * 64,
+                prompt_tokens=40,
+                completion_tokens=32,
+                ttft_s=0.2,
+                ended=1.5,
+            )
+            for i in range(calls)
+        ]
+        start = time.perf_counter()
+        for info in infos:
+            log.record(info)
+        took = time.perf_counter() - start
+    return {"calls": calls, "us_per_request": round(1e6 * took / calls, 2)}
+
+
 @contextmanager
 def _postgres(url: str | None) -> Iterator[str]:
     if url:
@@ -273,6 +314,11 @@ def run(args: argparse.Namespace, command: str) -> None:
     if not args.skip_hot_path:
         record["hot_path"] = hot_path(args, out)
         parts.append("## Hot path: exposure log on vs off\n\n" + hot_path_table(record["hot_path"]))
+    record["record_cost"] = cost = record_cost()
+    parts.append(
+        f"## On the event loop\n\n`ExposureLog.record` (row, per-arm metrics, queue): "
+        f"{cost['us_per_request']} µs per request ({cost['calls']:,} calls)."
+    )
     record["write_rate"] = write_rates(args)
     parts.append(
         "## Write rate (rows/s sustained, one transaction per batch)\n\n"
