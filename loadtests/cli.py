@@ -26,7 +26,17 @@ PROG = "python -m loadtests"
 
 # The load tests and benchmarks, in the order `--help` lists them: loadtests/<name>.py,
 # each with a module-level SCENARIO.
-SCENARIOS = ("run", "compare", "coldload", "scale", "memory", "compat", "overhead", "exposures")
+SCENARIOS = (
+    "run",
+    "compare",
+    "profile",
+    "coldload",
+    "scale",
+    "memory",
+    "compat",
+    "overhead",
+    "exposures",
+)
 # The engine micro-benchmarks: loadtests/micro/<module>.py, each with its own parser
 # (`main(argv)`), reached as `python -m loadtests micro <name> [flags]`.
 MICRO = {"engine": "bench_engine", "lora-ops": "bench_lora_ops"}
