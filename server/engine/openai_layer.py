@@ -295,46 +295,15 @@ class _RoutedClient:
         **kwargs: Any,
     ) -> AsyncGenerator[Any, None]:
         scope = _scope()
-        if isinstance(sampling_params, SamplingParams):
-            # vLLM defaults max_tokens to the rest of the context; ours is capped.
-            # (A max_tokens the client gave was checked against the cap already.)
-            if sampling_params.max_tokens is None or (
-                sampling_params.max_tokens > scope.max_tokens_cap
-            ):
-                sampling_params.max_tokens = scope.max_tokens_cap
-            n, max_tokens = sampling_params.n, sampling_params.max_tokens
-        else:  # beam search: its own loop calls generate again with SamplingParams
-            n, max_tokens = 1, 0
+        n, max_tokens = _cap_max_tokens(sampling_params, scope.max_tokens_cap)
         prompt_len = extract_prompt_len(self._client.model_config, prompt)
-        context = int(self._client.model_config.max_model_len)
-        asked = scope.requested_max_tokens
-        if asked is not None and prompt_len + asked > context:
-            raise ContextLengthExceeded(
-                f"This model's maximum context length is {context} tokens. However, you "
-                f"requested {prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} "
-                "for the completion). Please reduce the length of the prompt or the "
-                "completion.",
-                param="messages",
-            )
+        self._check_context(prompt_len, scope.requested_max_tokens)
         # Quota before the engine sees anything: raises without side effects.
         total = scope._reserved + prompt_len + n * max_tokens
         scope.reserve(total)
         scope._reserved = total
         scope.usage.prompt_tokens += prompt_len
-        capture = scope.shadow
-        if capture is not None and (
-            capture.params is not None or not isinstance(sampling_params, SamplingParams)
-        ):
-            capture = None  # only the first engine request is shadowed (not beam search)
-        if capture is not None:
-            capture.prompt = prompt
-            # Tracing and session ids belong to the client's request, not to its shadow.
-            capture.kwargs = {
-                k: v for k, v in kwargs.items() if k not in ("trace_headers", "session_id")
-            }
-            capture.params = sampling_params.clone()
-            capture.greedy = sampling_params.sampling_type == SamplingType.GREEDY
-            capture.started = time.perf_counter()
+        capture = _capture_shadow(scope.shadow, prompt, sampling_params, kwargs)
         out = self._client.generate(
             prompt,
             sampling_params,
@@ -347,6 +316,45 @@ class _RoutedClient:
         )
         delta = getattr(sampling_params, "output_kind", None) == RequestOutputKind.DELTA
         return _observe(out, scope.usage, delta=delta, capture=capture)
+
+    def _check_context(self, prompt_len: int, asked: int | None) -> None:
+        context = int(self._client.model_config.max_model_len)
+        if asked is not None and prompt_len + asked > context:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {context} tokens. However, you "
+                f"requested {prompt_len + asked} tokens ({prompt_len} in the prompt, {asked} "
+                "for the completion). Please reduce the length of the prompt or the "
+                "completion.",
+                param="messages",
+            )
+
+
+def _cap_max_tokens(sampling_params: Any, cap: int) -> tuple[int, int]:
+    """Cap an engine request's max_tokens; returns (n, max_tokens) for the quota."""
+    if not isinstance(sampling_params, SamplingParams):
+        return 1, 0  # beam search: its own loop calls generate again with SamplingParams
+    # vLLM defaults max_tokens to the rest of the context; ours is capped.
+    # (A max_tokens the client gave was checked against the cap already.)
+    if sampling_params.max_tokens is None or sampling_params.max_tokens > cap:
+        sampling_params.max_tokens = cap
+    return sampling_params.n, sampling_params.max_tokens
+
+
+def _capture_shadow(
+    capture: ShadowCapture | None, prompt: Any, sampling_params: Any, kwargs: dict[str, Any]
+) -> ShadowCapture | None:
+    """Note what a shadow run needs of the first engine request (not of beam search)."""
+    if capture is None or capture.params is not None:
+        return None
+    if not isinstance(sampling_params, SamplingParams):
+        return None
+    capture.prompt = prompt
+    # Tracing and session ids belong to the client's request, not to its shadow.
+    capture.kwargs = {k: v for k, v in kwargs.items() if k not in ("trace_headers", "session_id")}
+    capture.params = sampling_params.clone()
+    capture.greedy = sampling_params.sampling_type == SamplingType.GREEDY
+    capture.started = time.perf_counter()
+    return capture
 
 
 async def _observe(
@@ -424,24 +432,13 @@ class OpenAILayer:
         client: Any = _RoutedClient(engine_client)
         self._engine_client = engine_client
         self.max_model_len = int(engine_client.model_config.max_model_len)
-        template = load_chat_template(args.chat_template)
-        template_kwargs = resolve_default_chat_template_kwargs(args)
+        self._template = load_chat_template(args.chat_template)
+        self._template_kwargs = resolve_default_chat_template_kwargs(args)
         self.models = _Models(
             engine_client=client,
             base_model_paths=[BaseModelPath(name=base_name, model_path=base_name)],
         )
-        reasoning_parser = args.structured_outputs_config.reasoning_parser
-        common: dict[str, Any] = dict(
-            chat_template=template,
-            chat_template_content_format=args.chat_template_content_format,
-            trust_request_chat_template=args.trust_request_chat_template,
-            enable_auto_tools=args.enable_auto_tool_choice,
-            exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
-            tool_parser=args.tool_call_parser,
-            tool_strict_level=args.tool_strict_level,
-            reasoning_parser=reasoning_parser,
-            default_chat_template_kwargs=template_kwargs,
-        )
+        common = self._common_options(args)
         renderer = OnlineRenderer(
             model_config=engine_client.model_config,
             renderer=engine_client.renderer,
@@ -453,6 +450,25 @@ class OpenAILayer:
         renderer.warmup()
         self._renderer = renderer
         self._trust_request_chat_template = bool(args.trust_request_chat_template)
+        self._make_serving(client, args, common)
+
+    def _common_options(self, args: Namespace) -> dict[str, Any]:
+        """The options vLLM's renderer and chat/responses serving objects share."""
+        return dict(
+            chat_template=self._template,
+            chat_template_content_format=args.chat_template_content_format,
+            trust_request_chat_template=args.trust_request_chat_template,
+            enable_auto_tools=args.enable_auto_tool_choice,
+            exclude_tools_when_tool_choice_none=args.exclude_tools_when_tool_choice_none,
+            tool_parser=args.tool_call_parser,
+            tool_strict_level=args.tool_strict_level,
+            reasoning_parser=args.structured_outputs_config.reasoning_parser,
+            default_chat_template_kwargs=self._template_kwargs,
+        )
+
+    def _make_serving(self, client: Any, args: Namespace, common: dict[str, Any]) -> None:
+        """vLLM's serving objects, one per API family, over our routed client."""
+        renderer = self._renderer
         outputs: dict[str, Any] = dict(
             return_tokens_as_token_ids=args.return_tokens_as_token_ids,
             enable_prompt_tokens_details=args.enable_prompt_tokens_details,
@@ -473,6 +489,7 @@ class OpenAILayer:
         self.completion = _Completion(
             client, self.models, online_renderer=renderer, request_logger=None, **outputs
         )
+        # vLLM's responses serving takes neither of these two options.
         responses_kwargs = {
             k: v
             for k, v in common.items()
@@ -492,9 +509,9 @@ class OpenAILayer:
             self.models,
             renderer,
             request_logger=None,
-            chat_template=template,
+            chat_template=self._template,
             chat_template_content_format=args.chat_template_content_format,
-            default_chat_template_kwargs=template_kwargs,
+            default_chat_template_kwargs=self._template_kwargs,
             trust_request_chat_template=args.trust_request_chat_template,
         )
 
