@@ -234,8 +234,8 @@ def installed() -> Installed:
     return _install()
 
 
-def _install() -> Installed:
-    cls: type[_FakeWrapper] = type("Wrapper", (_FakeWrapper,), {})
+def _install(base: type[_FakeWrapper] = _FakeWrapper) -> Installed:
+    cls: type[_FakeWrapper] = type("Wrapper", (base,), {})
     cls.add_lora_linear = _FakeWrapper.add_lora_linear  # type: ignore[method-assign]
     cls.add_lora_logits = _FakeWrapper.add_lora_logits  # type: ignore[method-assign]
     module = types.ModuleType("fake_punica_cpu")
@@ -346,3 +346,120 @@ def test_logits_lora_runs_only_when_a_slot_has_lm_head_weights(installed: Instal
     patch.use(LoraImpl.OPS)
     assert cls.add_lora_logits is _FakeWrapper.add_lora_logits
     patch.use(LoraImpl.FAST)
+
+
+# --------------------------------------------------------------------------- by adapter
+
+
+class _VllmShaped(_FakeWrapper):
+    """A fake wrapper whose update_metadata has vLLM 0.32.0's signature."""
+
+    def update_metadata(  # type: ignore[override]
+        self, mapping: list[int], lora_index_to_id: list[int | None], *rest: object
+    ) -> None:
+        self.indices = torch.tensor(mapping)
+        self.no_lora = all(i < 0 for i in mapping)
+
+
+def _vllm_wrapper() -> Any:
+    cls, _, _ = _install(_VllmShaped)
+    return cls()
+
+
+def _load(
+    a: Sequence[torch.Tensor], b: Sequence[torch.Tensor], slot: int, src: Sequence[torch.Tensor]
+) -> None:
+    """vLLM's activate_adapter: reset the slot, copy the adapter's weights in place."""
+    for t in (*a, *b):
+        t[slot].zero_()
+    for i, (sa, sb) in enumerate(zip(src[0::2], src[1::2], strict=True)):
+        a[i][slot, 0, : sa.shape[0]].copy_(sa)
+        b[i][slot, 0, :, : sb.shape[1]].copy_(sb)
+
+
+def test_adapters_are_copied_out_once_and_follow_their_slot() -> None:
+    """Keyed by adapter id: a slot change copies only the newcomer, an adapter moved to
+    another slot reuses what was copied, and results stay those of the reference."""
+    w = _vllm_wrapper()
+    outs, hidden, slots = [24, 8, 8], 16, 3
+    gen = torch.Generator().manual_seed(7)
+    adapters = {
+        aid: [
+            t
+            for i, width in enumerate(outs)
+            for t in (
+                torch.randn(4 + 4 * (aid % 2), hidden, generator=gen),
+                torch.randn(width, 4 + 4 * (aid % 2), generator=gen),
+            )
+        ]
+        for aid in (11, 12, 13, 14)
+    }
+    a = tuple(torch.zeros(slots, 1, 8, hidden) for _ in outs)
+    b = tuple(torch.zeros(slots, 1, width, 8) for width in outs)
+    x = torch.randn(6, hidden)
+
+    def step(layout: list[int | None], mapping: list[int]) -> None:
+        w.update_metadata(mapping, layout, slots + 1, 100)
+        y = torch.randn(6, sum(outs))
+        got = y.clone()
+        w.add_lora_linear(got, x, a, b, 1.0, tuple(outs))
+        want = _reference(y, x, a, b, mapping, outs, 1.0)
+        assert torch.allclose(got.double(), want, atol=1e-4)
+        for t, s in enumerate(mapping):
+            if s < 0:
+                assert torch.equal(got[t], y[t])
+
+    for slot, aid in enumerate((11, 12, 13)):
+        _load(a, b, slot, adapters[aid])
+    step([11, 12, 13], [0, 1, 2, -1, 1, 0])
+    cache = wrapper.cache_of(w)
+    (per_layer,) = cache.adapters.values()
+    copied = dict(per_layer)
+    assert set(copied) == {11, 12, 13}
+    # 14 replaces 12 in slot 1; 11 and 13 swap slots
+    _load(a, b, 1, adapters[14])
+    _load(a, b, 0, adapters[13])
+    _load(a, b, 2, adapters[11])
+    step([13, 14, 11], [2, 1, 0, 0, -1, 1])
+    assert per_layer[11] is copied[11] and per_layer[13] is copied[13]
+    assert set(per_layer) == {11, 12, 13, 14}
+
+
+def test_the_adapters_kept_are_bounded() -> None:
+    w = _vllm_wrapper()
+    a = (torch.zeros(2, 1, 4, 6),)
+    b = (torch.zeros(2, 1, 5, 4),)
+    x = torch.randn(2, 6)
+    for aid in range(1, 20):
+        _load(a, b, aid % 2, [torch.randn(4, 6), torch.randn(5, 4)])
+        layout = [aid, aid - 1] if aid % 2 == 0 else [aid - 1, aid]
+        w.update_metadata([0, 1], layout, 3, 100)
+        w.add_lora_linear(torch.zeros(2, 5), x, a, b, 1.0, (5,))
+    (per_layer,) = wrapper.cache_of(w).adapters.values()
+    assert len(per_layer) <= 4 and {18, 19} <= set(per_layer)
+
+
+def test_a_batch_of_forty_distinct_adapters_matches_the_reference() -> None:
+    """Per-customer traffic: every decode row its own adapter, of mixed ranks and targets."""
+    rng = random.Random(40)
+    outs = [48, 16, 16]
+    a, b = _weights(rng, 40, 16, 32, outs, torch.bfloat16, skip=0.2)
+    slots = [*range(40), -1, -1]
+    rng.shuffle(slots)
+    x = torch.randn(len(slots), 32).to(torch.bfloat16)
+    y = torch.randn(len(slots), sum(outs)).to(torch.bfloat16)
+    layout = [1000 + s for s in range(40)]
+    pack = build_pack(a, b, outs, layout, {})
+    plan = plan_step(slots)
+    got = y.clone()
+    apply_lora(got, x, pack, plan, 0.5)
+    want = _reference(y, x, a, b, slots, outs, 0.5)
+    err = (got.double() - want).abs().max().item() / (want.abs().max().item() + 1.0)
+    assert err < 5e-2
+    for t, s in enumerate(slots):
+        if s < 0:
+            assert torch.equal(got[t], y[t])
+    # only the adapters present are stacked: a step with 3 of them reads 3
+    few = plan_step([5, -1, 9, 30])
+    classes = pack.classes_for(few.scattered_slots)
+    assert sorted(s for c in classes for s in c.slots) == [5, 9, 30]

@@ -2,9 +2,10 @@
 
 One adapter over contiguous rows (single-stream decode, prefill chunks): one shrink
 ``mm`` and one expand ``addmm_``-like GEMM straight on views of x and y. Several
-adapters interleaved (batched decode): rows are gathered slot class by slot class into
-a padded ``[slots, rows, in]`` block, then one ``bmm`` shrink, one ``bmm`` expand and
-one scatter back. Base rows cost nothing, and a step without adapters returns at once.
+adapters interleaved (batched decode): the step's adapters are stacked class by class
+(server/engine/lora/pack.py), rows gathered into a padded ``[adapters, rows, in]``
+block, then one ``bmm`` shrink, one ``bmm`` expand and one scatter back. Base rows cost
+nothing, and a step without adapters returns at once.
 
 Numerics follow upstream: the shrink is computed in fp32 (upstream's buffer dtype), the
 expand in the output dtype, added in place into the layer output. Pure functions over
@@ -25,15 +26,20 @@ def apply_lora(
     y: torch.Tensor, x: torch.Tensor, pack: LayerPack, plan: StepPlan, scale: float
 ) -> None:
     """``y[t] += scale * x[t] @ A[slot(t)] @ B[slot(t)]`` for every adapter row t."""
-    if plan.no_lora or not any(pack.rank):
+    if plan.no_lora or not pack.any_weights:
         return
     if plan.runs:
         _apply_runs(y, x, pack, plan, scale)
     if not plan.scattered:
         return
-    dtype = pack.classes[0].a.dtype
+    # Only the adapters of this step's gathered rows are stacked: with many slots (one
+    # adapter per customer) most are idle in any one step, and reading them would cost.
+    classes = pack.classes_for(plan.scattered_slots)
+    if not classes:
+        return
+    dtype = classes[0].a.dtype
     xc = x if x.dtype == dtype else x.to(dtype)
-    for cls in pack.classes:
+    for cls in classes:
         g = plan.grouped(cls.slots)
         if g is not None:
             _apply_class(y, xc, cls, g, scale)

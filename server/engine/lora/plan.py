@@ -63,6 +63,7 @@ class StepPlan:
     runs: tuple[Run, ...]
     scattered: tuple[Run, ...]
     _grouped: dict[tuple[int, ...], Grouped | None] = field(default_factory=dict)
+    _slots: tuple[int, ...] | None = None
 
     @property
     def no_lora(self) -> bool:
@@ -71,6 +72,14 @@ class StepPlan:
     @property
     def by_runs(self) -> bool:
         return not self.scattered
+
+    @property
+    def scattered_slots(self) -> tuple[int, ...]:
+        """The distinct slots of the gathered rows, ascending."""
+        if self._slots is None:
+            object.__setattr__(self, "_slots", tuple(sorted({r[0] for r in self.scattered})))
+        assert self._slots is not None
+        return self._slots
 
     def grouped(self, members: tuple[int, ...]) -> Grouped | None:
         """The gathered layout of the scattered rows of these slots (None: none here)."""

@@ -8,8 +8,8 @@ per-call overhead: ~14 op calls per decoder layer, each tens of microseconds of 
 and oneDNN set-up, against a base layer that costs about as much (the measured effect is
 in README, "Fast multi-LoRA on CPU").
 
-Instead, `add_lora_linear` plans the step once (server/engine/lora/plan.py), packs each
-layer's weights once per adapter load (pack.py) and applies them with a few GEMMs
+Instead, `add_lora_linear` plans the step once (server/engine/lora/plan.py), copies each
+adapter's weights out of vLLM's slots once per adapter (pack.py) and applies them with a few GEMMs
 (apply.py); `add_lora_logits` skips the logits LoRA while no slot holds lm_head
 weights. What they keep between calls lives on each wrapper instance (`StepCache`); the
 patch (patch.py) binds them on the class and holds the originals they fall back to.
@@ -17,14 +17,14 @@ patch (patch.py) binds them on the class and holds the originals they fall back 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import torch
 
 from server.engine.lora.apply import apply_lora
-from server.engine.lora.pack import LayerPack, build_pack, versions
+from server.engine.lora.pack import AdapterLayer, LayerPack, build_pack, versions
 from server.engine.lora.plan import StepPlan, plan_step
 
 if TYPE_CHECKING:
@@ -52,16 +52,23 @@ class StepCache:
     """What the fast path keeps on one PunicaWrapperCPU between layer calls.
 
     plan: the current step's plan (None until the first layer call after
-        ``update_metadata``); packs: per layer (keyed by its first A tensor), the pack of
-        its current slot weights; logits: per lm_head LoRA tensor, whether any slot
+        ``update_metadata``); layout: per slot, the id of the adapter vLLM put there, as
+        ``update_metadata`` last said (None: not said; packs then key slots by the
+        tensors' version counters); packs: per layer (keyed by its first A tensor), the
+        pack of the current layout; adapters: per layer, the adapters' weights copied
+        out of the slots, by adapter id, kept for the adapters seen most recently (those
+        in slots and as many again); logits: per lm_head LoRA tensor, whether any slot
         holds weights, against the tensors' version counters.
     """
 
-    __slots__ = ("logits", "packs", "plan")
+    __slots__ = ("adapters", "layout", "logits", "packs", "plan", "recent")
 
     def __init__(self) -> None:
         self.plan: StepPlan | None = None
+        self.layout: tuple[int | None, ...] | None = None
         self.packs: dict[int, LayerPack] = {}
+        self.adapters: dict[int, dict[Hashable, AdapterLayer | None]] = {}
+        self.recent: dict[int, None] = {}  # adapter ids, least recently in a slot first
         self.logits: dict[int, tuple[_LogitsKey, bool]] = {}
 
     def step_plan(self, token_lora_indices: torch.Tensor) -> StepPlan:
@@ -69,16 +76,52 @@ class StepCache:
             self.plan = plan_step(token_lora_indices.tolist())
         return self.plan
 
+    def new_step(self, lora_index_to_id: Sequence[int | None] | None) -> None:
+        """vLLM set a new token mapping (and maybe moved adapters): re-plan, and note
+        which adapter id each slot holds now. vLLM requires adapter ids to be unique
+        (``LoRARequest.lora_int_id``), and ours never reuse one for other weights
+        (server/lora_pool.py), so an id names the same weights wherever it sits."""
+        self.plan = None
+        if lora_index_to_id is None:
+            return
+        layout = tuple(lora_index_to_id)
+        if layout == self.layout:
+            return
+        self.layout = layout
+        for adapter_id in layout:
+            if adapter_id is not None:
+                self.recent.pop(adapter_id, None)
+                self.recent[adapter_id] = None
+        keep = 2 * len(layout)
+        if len(self.recent) > keep:
+            gone = list(self.recent)[: len(self.recent) - keep]
+            for adapter_id in gone:
+                del self.recent[adapter_id]
+            for per_layer in self.adapters.values():
+                for adapter_id in gone:
+                    per_layer.pop(adapter_id, None)
+
     def pack(
         self,
         lora_a: Sequence[torch.Tensor],
         lora_b: Sequence[torch.Tensor],
         output_slices: Sequence[int],
     ) -> LayerPack:
-        """The layer's pack, rebuilt when vLLM wrote its slot weights since the last one."""
+        """The layer's pack for the current slot layout (copying out new adapters only).
+
+        Without a layout from vLLM, the pack is rebuilt whenever vLLM wrote any slot
+        weights since the last one (the tensors' version counters)."""
         key = id(lora_a[0])
         pack = self.packs.get(key)
-        if pack is None or pack.versions != versions([*lora_a, *lora_b]):
+        if self.layout is not None and len(self.layout) <= lora_a[0].shape[0]:
+            if pack is None or pack.layout != self.layout:
+                known = self.adapters.setdefault(key, {})
+                pack = self.packs[key] = build_pack(
+                    lora_a, lora_b, output_slices, self.layout, known
+                )
+            return pack
+        stamp = versions([*lora_a, *lora_b])
+        if pack is None or not pack.layout or pack.layout[0] != (stamp, 0):
             pack = self.packs[key] = build_pack(lora_a, lora_b, output_slices)
         return pack
 
@@ -172,10 +215,13 @@ def add_lora_logits(
 
 
 def make_update_metadata(original: Callable[..., Any]) -> Callable[..., Any]:
-    """``update_metadata`` that also starts a new step: the next layer call re-plans."""
+    """``update_metadata`` that also starts a new step: the next layer call re-plans, and
+    packs follow the adapters vLLM put in the slots."""
 
     def update_metadata(self: Any, *args: Any, **kwargs: Any) -> Any:
-        cache_of(self).plan = None
+        # vLLM 0.32.0: update_metadata(mapping, lora_index_to_id, max_loras, vocab_size)
+        ids = args[1] if len(args) > 1 else kwargs.get("lora_index_to_id")
+        cache_of(self).new_step(ids if isinstance(ids, list | tuple) else None)
         return original(self, *args, **kwargs)
 
     update_metadata.__wrapped__ = original  # type: ignore[attr-defined]
