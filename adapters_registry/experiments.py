@@ -8,7 +8,7 @@ latency). *Feedback* is an outcome a caller reports later about one exposure, pe
 joins (server/experiments/report.py). A *shadow run* is what became of one sampled
 request's second run on an alias's shadow adapter (server/experiments/shadow.py).
 
-The tables come with schema versions 4 and 6 of the registry database (store.py's migrations),
+The tables come with schema versions 4 and 6 of the registry database (schema.py's migrations),
 so they live in the same SQLite file or PostgreSQL database as the registry. Writes here
 do not bump the registry's change counter: replicas reload their registry snapshot on
 registry changes, not on every batch of exposures.
@@ -34,7 +34,7 @@ _N_COLUMNS = len(_EXPOSURE_COLUMNS.split(","))
 # Rows per INSERT statement: 16 parameters each, far below SQLite's 32,766.
 _ROWS_PER_INSERT = 200
 
-# Schema version 4 (applied by store.py like every migration).
+# Schema version 4 (applied by schema.py like every migration).
 MIGRATION = (
     "CREATE TABLE IF NOT EXISTS exposures ("
     "exposure_id TEXT PRIMARY KEY, response_id TEXT NOT NULL, request_id TEXT NOT NULL, "
