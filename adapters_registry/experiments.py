@@ -8,7 +8,7 @@ latency). *Feedback* is an outcome a caller reports later about one exposure, pe
 joins (server/experiments/report.py). A *shadow run* is what became of one sampled
 request's second run on an alias's shadow adapter (server/experiments/shadow.py).
 
-The tables come with schema versions 4 and 6 of the registry database (store.py's migrations),
+The tables come with schema versions 4 and 6 of the registry database (schema.py's migrations),
 so they live in the same SQLite file or PostgreSQL database as the registry. Writes here
 do not bump the registry's change counter: replicas reload their registry snapshot on
 registry changes, not on every batch of exposures.
@@ -19,22 +19,16 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from operator import attrgetter
 from typing import Any
 
 from adapters_registry.database import Connection, Database
 
-# Columns of an exposure row, in the order of `Exposure`'s fields.
-_EXPOSURE_COLUMNS = (
-    "exposure_id, response_id, request_id, alias, variant, adapter, version, "
-    "content_digest, tenant, user_hash, created_at, status, prompt_tokens, "
-    "completion_tokens, ttft_s, latency_s"
-)
-_N_COLUMNS = len(_EXPOSURE_COLUMNS.split(","))
 # Rows per INSERT statement: 16 parameters each, far below SQLite's 32,766.
 _ROWS_PER_INSERT = 200
 
-# Schema version 4 (applied by store.py like every migration).
+# Schema version 4 (applied by schema.py like every migration).
 MIGRATION = (
     "CREATE TABLE IF NOT EXISTS exposures ("
     "exposure_id TEXT PRIMARY KEY, response_id TEXT NOT NULL, request_id TEXT NOT NULL, "
@@ -112,6 +106,12 @@ class Exposure:
         return self.status >= 500
 
 
+# The columns of an exposure row are `Exposure`'s fields, in their order.
+_EXPOSURE_FIELDS = tuple(f.name for f in fields(Exposure))
+_EXPOSURE_COLUMNS = ", ".join(_EXPOSURE_FIELDS)
+_exposure_values = attrgetter(*_EXPOSURE_FIELDS)
+
+
 @dataclass(frozen=True)
 class ShadowConfig:
     alias: str
@@ -143,10 +143,8 @@ class ShadowRun:
     created_at: float
 
 
-_SHADOW_RUN_COLUMNS = (
-    "exposure_id, shadow, adapter, version, outcome, greedy, control_tokens, "
-    "control_latency_s, shadow_tokens, shadow_latency_s, greedy_match, created_at"
-)
+# The columns of a shadow run row are `ShadowRun`'s fields, in their order.
+_SHADOW_RUN_COLUMNS = ", ".join(f.name for f in fields(ShadowRun))
 
 
 def _shadow_run(row: Sequence[object]) -> ShadowRun:
@@ -238,8 +236,8 @@ def _window(since: float | None, until: float | None) -> tuple[str, list[object]
 
 
 class ExperimentStore:
-    """Exposures, feedback and guardrail records in the registry's database (schema 4:
-    open a `Store` on it first, which migrates it)."""
+    """Exposures, feedback, shadows and guardrail records in the registry's database
+    (schema 4 and 6: open a `Store` on it first, which migrates it)."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -253,27 +251,11 @@ class ExperimentStore:
         with self._db.write() as db:
             for start in range(0, len(rows), _ROWS_PER_INSERT):
                 chunk = rows[start : start + _ROWS_PER_INSERT]
-                values = ",".join(["(" + ",".join("?" * _N_COLUMNS) + ")"] * len(chunk))
+                row = "(" + ",".join("?" * len(_EXPOSURE_FIELDS)) + ")"
+                values = ",".join([row] * len(chunk))
                 params: list[object] = []
                 for e in chunk:
-                    params += [
-                        e.exposure_id,
-                        e.response_id,
-                        e.request_id,
-                        e.alias,
-                        e.variant,
-                        e.adapter,
-                        e.version,
-                        e.content_digest,
-                        e.tenant,
-                        e.user_hash,
-                        e.created_at,
-                        e.status,
-                        e.prompt_tokens,
-                        e.completion_tokens,
-                        e.ttft_s,
-                        e.latency_s,
-                    ]
+                    params += _exposure_values(e)
                 db.execute(f"INSERT INTO exposures ({_EXPOSURE_COLUMNS}) VALUES {values}", params)
 
     def find_exposure(

@@ -8,9 +8,11 @@ and padded files before anything reaches the engine.
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from adapters_registry.errors import MalformedAdapter
 
@@ -33,6 +35,22 @@ class TensorInfo:
 def read_header(path: Path) -> dict[str, TensorInfo]:
     """Return name -> TensorInfo for every tensor in `path`, or raise MalformedAdapter."""
     name = path.name
+    raw, data_start, size = _read_raw(path)
+    header = _parse(raw, name)
+    tensors: dict[str, TensorInfo] = {}
+    spans: list[tuple[int, int, str]] = []
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        tensors[key], begin, end = _tensor(info, data_start, f"{name}: tensor {key!r}")
+        spans.append((begin, end, key))
+    _check_tiling(spans, size - data_start, name)
+    return tensors
+
+
+def _read_raw(path: Path) -> tuple[bytes, int, int]:
+    """The header's bytes, where the data region begins, and the file's size."""
+    name = path.name
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -46,52 +64,50 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
                 )
             if n > size - 8:
                 raise MalformedAdapter(f"{name}: header length {n} exceeds the file")
-            raw = f.read(n)
+            return f.read(n), 8 + n, size
     except OSError as exc:
         raise MalformedAdapter(f"{name}: cannot read: {exc.strerror}") from exc
+
+
+def _parse(raw: bytes, name: str) -> dict[str, Any]:
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise MalformedAdapter(f"{name}: header is not valid JSON") from exc
     if not isinstance(header, dict):
         raise MalformedAdapter(f"{name}: header is not a JSON object")
+    return header
 
-    tensors: dict[str, TensorInfo] = {}
-    spans: list[tuple[int, int, str]] = []
-    for key, info in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise MalformedAdapter(f"{name}: tensor {key!r} has a malformed entry") from exc
-        if (
-            not isinstance(dtype, str)
-            or dtype not in _DTYPE_BYTES
-            or not isinstance(shape, list)
-            or not all(isinstance(d, int) and d >= 0 for d in shape)
-            or not all(isinstance(o, int) and o >= 0 for o in (begin, end))
-        ):
-            raise MalformedAdapter(f"{name}: tensor {key!r} has bad dtype, shape or offsets")
-        count = 1
-        for d in shape:
-            count *= d
-        if end - begin != count * _DTYPE_BYTES[dtype]:
-            raise MalformedAdapter(f"{name}: tensor {key!r} size disagrees with its shape")
-        spans.append((begin, end, key))
-        tensors[key] = TensorInfo(dtype=dtype, shape=tuple(shape), offset=8 + n + begin)
 
-    # The spans must tile [0, data_len) with no gap, overlap or overrun.
-    data_len = size - 8 - n
+def _tensor(info: Any, data_start: int, what: str) -> tuple[TensorInfo, int, int]:
+    """One header entry, checked, and where its bytes begin and end in the data region."""
+    try:
+        dtype, shape, (begin, end) = info["dtype"], info["shape"], info["data_offsets"]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise MalformedAdapter(f"{what} has a malformed entry") from exc
+    if (
+        not isinstance(dtype, str)
+        or dtype not in _DTYPE_BYTES
+        or not isinstance(shape, list)
+        or not all(isinstance(d, int) and d >= 0 for d in shape)
+        or not all(isinstance(o, int) and o >= 0 for o in (begin, end))
+    ):
+        raise MalformedAdapter(f"{what} has bad dtype, shape or offsets")
+    if end - begin != math.prod(shape) * _DTYPE_BYTES[dtype]:
+        raise MalformedAdapter(f"{what} size disagrees with its shape")
+    return TensorInfo(dtype=dtype, shape=tuple(shape), offset=data_start + begin), begin, end
+
+
+def _check_tiling(spans: list[tuple[int, int, str]], data_len: int, name: str) -> None:
+    """The spans must tile [0, data_len) with no gap, overlap or overrun."""
     cursor = 0
     for begin, end, key in sorted(spans):
         if begin != cursor:
             raise MalformedAdapter(f"{name}: tensor {key!r} overlaps or leaves a gap")
         cursor = end
-    if cursor != data_len:
-        if cursor > data_len:
-            raise MalformedAdapter(
-                f"{name}: truncated: header describes {cursor} data bytes, file has {data_len}"
-            )
+    if cursor > data_len:
+        raise MalformedAdapter(
+            f"{name}: truncated: header describes {cursor} data bytes, file has {data_len}"
+        )
+    if cursor < data_len:
         raise MalformedAdapter(f"{name}: {data_len - cursor} trailing bytes after the tensors")
-    return tensors

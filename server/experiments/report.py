@@ -232,6 +232,20 @@ class _Outcomes:
     labels: list[int]
     scores: list[float]
 
+    @staticmethod
+    def by_metric_and_arm(
+        feedback: Sequence[tuple[str, Feedback]],
+    ) -> dict[tuple[str, str], _Outcomes]:
+        """(metric, variant) -> the outcomes reported for it."""
+        outcomes: dict[tuple[str, str], _Outcomes] = defaultdict(lambda: _Outcomes([], []))
+        for variant, f in feedback:
+            o = outcomes[(f.metric, variant)]
+            if f.label is not None:
+                o.labels.append(f.label)
+            if f.score is not None:
+                o.scores.append(f.score)
+        return outcomes
+
 
 def build_report(
     alias: str,
@@ -255,83 +269,82 @@ def build_report(
     # which the report turns into None: nothing to warn about.
     with warnings.catch_warnings(), np.errstate(all="ignore"):
         warnings.simplefilter("ignore", RuntimeWarning)
-        report = _report(
-            alias, variants, exposures, feedback, control=control, since=since, until=until
-        )
-        report["shadow"] = shadow_summary(shadow_runs)
-        return report
+        order, control = _arms(alias, variants, exposures, control)
+        by_arm: dict[str, list[Exposure]] = defaultdict(list)
+        for e in exposures:
+            by_arm[e.variant].append(e)
+        outcomes = _Outcomes.by_metric_and_arm(feedback)
+        metrics = sorted({metric for metric, _ in outcomes})
+        weights = {v.key: v.weight for v in variants}
+        arms = []
+        for key in order:
+            arm = _arm_summary(key, by_arm.get(key, []), weights.get(key, 0), key == control)
+            arm["metrics"] = {m: _metric_block(m, key, control, outcomes) for m in metrics}
+            arms.append(arm)
+        return {
+            "alias": alias,
+            "since": since,
+            "until": until,
+            "control": control,
+            "exposures": len(exposures),
+            "variants": arms,
+            "metrics": metrics,
+            "srm": srm_check({key: len(by_arm.get(key, [])) for key in order}, weights),
+            "shadow": shadow_summary(shadow_runs),
+        }
 
 
-def _report(
-    alias: str,
-    variants: Sequence[Variant],
-    exposures: Sequence[Exposure],
-    feedback: Sequence[tuple[str, Feedback]],
-    *,
-    control: str | None = None,
-    since: float | None = None,
-    until: float | None = None,
-) -> dict[str, Any]:
+def _arms(
+    alias: str, variants: Sequence[Variant], exposures: Sequence[Exposure], control: str | None
+) -> tuple[list[str], str | None]:
+    """The arms in report order, and the control (checked to be one of them)."""
     order = [v.key for v in variants]
     for e in exposures:
         if e.variant not in order:
             order.append(e.variant)
     if control is None:
-        control = order[0] if order else None
-    elif control not in order:
+        return order, order[0] if order else None
+    if control not in order:
         raise ValueError(f"control {control!r} is not an arm of alias {alias!r}: {order}")
-    by_arm: dict[str, list[Exposure]] = defaultdict(list)
-    for e in exposures:
-        by_arm[e.variant].append(e)
-    outcomes: dict[tuple[str, str], _Outcomes] = defaultdict(lambda: _Outcomes([], []))
-    for variant, f in feedback:
-        o = outcomes[(f.metric, variant)]
-        if f.label is not None:
-            o.labels.append(f.label)
-        if f.score is not None:
-            o.scores.append(f.score)
-    metrics = sorted({metric for metric, _ in outcomes})
-    weights = {v.key: v.weight for v in variants}
-    arms = []
-    for key in order:
-        rows = by_arm.get(key, [])
-        ok = [e for e in rows if e.status == 200]
-        errors = sum(1 for e in rows if e.is_error)
-        arm: dict[str, Any] = {
-            "variant": key,
-            "weight": weights.get(key, 0),
-            "control": key == control,
-            "exposures": len(rows),
-            "users": len({e.user_hash for e in rows if e.user_hash is not None}),
-            "errors": errors,
-            "error_rate": errors / len(rows) if rows else None,
-            "latency_s": _percentiles([e.latency_s for e in ok]),
-            "ttft_s": _percentiles([e.ttft_s for e in ok if e.ttft_s is not None]),
-            "prompt_tokens": sum(e.prompt_tokens for e in rows),
-            "completion_tokens": sum(e.completion_tokens for e in rows),
-            "metrics": {},
-        }
-        for metric in metrics:
-            mine = outcomes.get((metric, key), _Outcomes([], []))
-            base = outcomes.get((metric, control or ""), _Outcomes([], []))
-            block: dict[str, Any] = {}
-            if any(o.labels for (m, _), o in outcomes.items() if m == metric):
-                block["label"] = binary_summary(mine.labels)
-                if key != control:
-                    block["label"]["vs_control"] = compare_binary(mine.labels, base.labels)
-            if any(o.scores for (m, _), o in outcomes.items() if m == metric):
-                block["score"] = score_summary(mine.scores)
-                if key != control:
-                    block["score"]["vs_control"] = compare_scores(mine.scores, base.scores)
-            arm["metrics"][metric] = block
-        arms.append(arm)
+    return order, control
+
+
+def _arm_summary(
+    key: str, rows: Sequence[Exposure], weight: float, is_control: bool
+) -> dict[str, Any]:
+    """One arm's traffic: exposures, users, errors, latency, tokens."""
+    ok = [e for e in rows if e.status == 200]
+    errors = sum(1 for e in rows if e.is_error)
     return {
-        "alias": alias,
-        "since": since,
-        "until": until,
-        "control": control,
-        "exposures": len(exposures),
-        "variants": arms,
-        "metrics": metrics,
-        "srm": srm_check({key: len(by_arm.get(key, [])) for key in order}, weights),
+        "variant": key,
+        "weight": weight,
+        "control": is_control,
+        "exposures": len(rows),
+        "users": len({e.user_hash for e in rows if e.user_hash is not None}),
+        "errors": errors,
+        "error_rate": errors / len(rows) if rows else None,
+        "latency_s": _percentiles([e.latency_s for e in ok]),
+        "ttft_s": _percentiles([e.ttft_s for e in ok if e.ttft_s is not None]),
+        "prompt_tokens": sum(e.prompt_tokens for e in rows),
+        "completion_tokens": sum(e.completion_tokens for e in rows),
+        "metrics": {},
     }
+
+
+def _metric_block(
+    metric: str, key: str, control: str | None, outcomes: dict[tuple[str, str], _Outcomes]
+) -> dict[str, Any]:
+    """One arm's outcomes of one metric (labels and/or scores, as any arm reported them),
+    and, but for the control, their comparison with the control's."""
+    mine = outcomes.get((metric, key), _Outcomes([], []))
+    base = outcomes.get((metric, control or ""), _Outcomes([], []))
+    block: dict[str, Any] = {}
+    if any(o.labels for (m, _), o in outcomes.items() if m == metric):
+        block["label"] = binary_summary(mine.labels)
+        if key != control:
+            block["label"]["vs_control"] = compare_binary(mine.labels, base.labels)
+    if any(o.scores for (m, _), o in outcomes.items() if m == metric):
+        block["score"] = score_summary(mine.scores)
+        if key != control:
+            block["score"]["vs_control"] = compare_scores(mine.scores, base.scores)
+    return block

@@ -14,8 +14,11 @@ from adapters_registry import AdapterNotFound, AlreadyExists, InUse
 from adapters_registry.database import open_database, redact
 from adapters_registry.errors import AdapterError
 from adapters_registry.records import ServingDefaults, Variant
+from adapters_registry.schema import MIGRATIONS as _MIGRATIONS
+from adapters_registry.schema import SCHEMA as _SCHEMA
+from adapters_registry.schema import SCHEMA_VERSION
 from adapters_registry.spec import AdapterSpec
-from adapters_registry.store import _MIGRATIONS, _SCHEMA, SCHEMA_VERSION, Store
+from adapters_registry.store import Store
 from tests.databases import PostgresServer
 
 

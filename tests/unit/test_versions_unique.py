@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from adapters_registry.database import open_database
+from adapters_registry.schema import MIGRATIONS as _MIGRATIONS
+from adapters_registry.schema import SCHEMA as _SCHEMA
 from adapters_registry.spec import AdapterSpec
-from adapters_registry.store import _MIGRATIONS, _SCHEMA, Store
+from adapters_registry.store import Store
 
 
 def spec(name: str, n: int) -> AdapterSpec:
