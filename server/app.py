@@ -22,6 +22,7 @@ from adapters_registry.experiments import ExperimentStore, RampStore
 from adapters_registry.registry import Registry, RegistryConfig
 from adapters_registry.sources import SourcesConfig
 from server.adapters import AdapterRouter
+from server.api import admin, experiments, health, metrics_route, openai
 from server.auth import OpenMode
 from server.engine.base import Engine
 from server.engine.openai_layer import OpenAILayer, VLLMError, as_server_error, vllm_args
@@ -33,7 +34,6 @@ from server.experiments.shadow import Shadows
 from server.lifecycle import AdmissionMiddleware, Lifecycle, upload_limit
 from server.metrics import Metrics, RequestInfo, log_request
 from server.quotas import Admission, Quotas
-from server.routes import admin, experiments, health, metrics_route, openai
 from server.serving import Gateway
 from server.settings import Settings
 

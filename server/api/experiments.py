@@ -31,8 +31,7 @@ from adapters_registry.names import NAME_PATTERN
 from adapters_registry.records import Variant
 from adapters_registry.tenants import usable_by
 from server.adapters import AdapterRouter
-from server.auth import require_admin
-from server.deps import (
+from server.api.deps import (
     ExposuresDep,
     GuardrailsDep,
     MetricsDep,
@@ -41,6 +40,7 @@ from server.deps import (
     RouterDep,
     ShadowsDep,
 )
+from server.auth import require_admin
 from server.errors import InvalidRequest, ModelNotFound, ResponseNotFound
 from server.experiments import plot
 from server.experiments.guardrails import Limits
