@@ -1,8 +1,12 @@
-"""Request-scoped getters: route signatures read like documentation."""
+"""Request-scoped getters: route signatures read like documentation.
+
+Each `...Dep` is the type a route receives and where it comes from: one object the app
+builds at startup (server/app.py) and keeps in `app.state`.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
 
@@ -18,24 +22,15 @@ from server.quotas import Admission
 from server.serving import Gateway
 
 
-def get_gateway(request: Request) -> Gateway:
-    gateway: Gateway = request.app.state.gateway
-    return gateway
+def _app_state(name: str) -> Any:
+    """A dependency on `app.state.<name>`; its type is the one `Annotated` names with it
+    (FastAPI's `Depends` is untyped either way)."""
 
+    def get(request: Request) -> object:
+        return getattr(request.app.state, name)
 
-def get_router(request: Request) -> AdapterRouter:
-    router: AdapterRouter = request.app.state.router
-    return router
-
-
-def get_quotas(request: Request) -> Admission:
-    quotas: Admission = request.app.state.quotas
-    return quotas
-
-
-def get_engine(request: Request) -> Engine:
-    engine: Engine = request.app.state.engine
-    return engine
+    get.__name__ = f"get_{name}"  # as FastAPI's errors and the debugger name it
+    return Depends(get)
 
 
 def get_request_id(request: Request) -> str:
@@ -44,43 +39,14 @@ def get_request_id(request: Request) -> str:
     return request_id
 
 
-GatewayDep = Annotated[Gateway, Depends(get_gateway)]
-RouterDep = Annotated[AdapterRouter, Depends(get_router)]
-EngineDep = Annotated[Engine, Depends(get_engine)]
+GatewayDep = Annotated[Gateway, _app_state("gateway")]
+RouterDep = Annotated[AdapterRouter, _app_state("router")]
+EngineDep = Annotated[Engine, _app_state("engine")]
+QuotasDep = Annotated[Admission, _app_state("quotas")]
+MetricsDep = Annotated[Metrics, _app_state("metrics")]
+ExposuresDep = Annotated[ExposureLog, _app_state("exposures")]
+RampsDep = Annotated[Ramps, _app_state("ramps")]
+GuardrailsDep = Annotated[Guardrails, _app_state("guardrails")]
+ShadowsDep = Annotated[Shadows, _app_state("shadows")]
 RequestIdDep = Annotated[str, Depends(get_request_id)]
 PrincipalDep = Annotated[Principal, Depends(authenticate)]
-QuotasDep = Annotated[Admission, Depends(get_quotas)]
-
-
-def get_exposures(request: Request) -> ExposureLog:
-    log: ExposureLog = request.app.state.exposures
-    return log
-
-
-def get_guardrails(request: Request) -> Guardrails:
-    guardrails: Guardrails = request.app.state.guardrails
-    return guardrails
-
-
-def get_ramps(request: Request) -> Ramps:
-    ramps: Ramps = request.app.state.ramps
-    return ramps
-
-
-def get_metrics(request: Request) -> Metrics:
-    metrics: Metrics = request.app.state.metrics
-    return metrics
-
-
-MetricsDep = Annotated[Metrics, Depends(get_metrics)]
-
-
-def get_shadows(request: Request) -> Shadows:
-    shadows: Shadows = request.app.state.shadows
-    return shadows
-
-
-ExposuresDep = Annotated[ExposureLog, Depends(get_exposures)]
-RampsDep = Annotated[Ramps, Depends(get_ramps)]
-GuardrailsDep = Annotated[Guardrails, Depends(get_guardrails)]
-ShadowsDep = Annotated[Shadows, Depends(get_shadows)]
