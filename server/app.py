@@ -155,7 +155,7 @@ def create_app(
         admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
         observe=_observer(app),
     )
-    for router in (
+    for routes in (
         openai.router,
         admin.router,
         experiments.router,
@@ -163,7 +163,7 @@ def create_app(
         health.router,
         metrics_route.router,
     ):
-        app.include_router(router)
+        app.include_router(routes)
     _install_error_handlers(app)
     return app
 
@@ -202,7 +202,7 @@ def _lifespan(
             follow = follow_registry(
                 router.registry, settings.registry.refresh_interval_s, router.release_unreachable
             )
-            tasks.insert(0, asyncio.create_task(follow))
+            tasks.insert(0, asyncio.create_task(follow))  # stopped first
         try:
             yield
         finally:
