@@ -9,7 +9,8 @@ import logging
 import math
 from argparse import Namespace
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -22,6 +23,7 @@ from adapters_registry.experiments import ExperimentStore, RampStore
 from adapters_registry.registry import Registry, RegistryConfig
 from adapters_registry.sources import SourcesConfig
 from server.adapters import AdapterRouter
+from server.api import admin, experiments, health, metrics_route, openai
 from server.auth import OpenMode
 from server.engine.base import Engine
 from server.engine.openai_layer import OpenAILayer, VLLMError, as_server_error, vllm_args
@@ -33,7 +35,6 @@ from server.experiments.shadow import Shadows
 from server.lifecycle import AdmissionMiddleware, Lifecycle, upload_limit
 from server.metrics import Metrics, RequestInfo, log_request
 from server.quotas import Admission, Quotas
-from server.routes import admin, experiments, health, metrics_route, openai
 from server.serving import Gateway
 from server.settings import Settings
 
@@ -137,40 +138,133 @@ def create_app(
 ) -> FastAPI:
     """The ASGI app. Pass `engine` to reuse one (tests); otherwise vLLM starts in lifespan.
     `quotas`: admission shared with other replicas (Ray); else this process's own."""
+    app = FastAPI(
+        title="loraswap",
+        summary="OpenAI-compatible multi-LoRA inference server on vLLM",
+        version="0.1.0",
+        lifespan=_lifespan(settings, engine, quotas),
+    )
+    app.state.lifecycle = Lifecycle()
+    app.state.metrics = Metrics(settings.metrics_max_label_values)
+    app.state.max_loras = settings.engine.max_loras
+    app.add_middleware(
+        AdmissionMiddleware,
+        lifecycle=app.state.lifecycle,
+        max_body_bytes=settings.max_body_bytes,
+        max_upload_bytes=upload_limit(settings.max_adapter_bytes),
+        admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
+        observe=_observer(app),
+    )
+    for routes in (
+        openai.router,
+        admin.router,
+        experiments.router,
+        experiments.admin_router,
+        health.router,
+        metrics_route.router,
+    ):
+        app.include_router(routes)
+    _install_error_handlers(app)
+    return app
+
+
+def _observer(app: FastAPI) -> Callable[[RequestInfo], None]:
+    """What happens to each finished request (the admission middleware calls it)."""
+    metrics: Metrics = app.state.metrics
+
+    def observe(info: RequestInfo) -> None:
+        metrics.observe(info)
+        log_request(info)
+        exposures: ExposureLog | None = getattr(app.state, "exposures", None)
+        if exposures is not None:
+            exposures.record(info)  # served through an alias: its exposure row, queued
+
+    return observe
+
+
+def _lifespan(
+    settings: Settings, engine: Engine | None, quotas: Admission | None
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Startup and shutdown: the engine (unless given), serving, experiments, the tasks
+    that live as long as the app; stopped in the reverse order."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        own = engine is None
         args = vllm_args(settings)
-        eng = start_engine(settings, args) if own else engine
-        assert eng is not None
-        router = build_router(settings, eng, metrics)
-        app.state.engine = eng
-        app.state.router = router
-        _refuse_open_network(settings, router.registry)
-        app.state.open_mode = open_mode(settings)
-        app.state.quotas = quotas if quotas is not None else Quotas(settings.max_in_flight)
-        layer = OpenAILayer(eng.engine_client, args, settings.served_model_name)
-        app.state.gateway = Gateway(router, layer, app.state.quotas, settings.max_tokens_cap)
-        app.state.admin_key = (
-            settings.admin_key.get_secret_value() if settings.admin_key is not None else None
-        )
-        app.state.metrics_key = (
-            settings.metrics_key.get_secret_value() if settings.metrics_key is not None else None
-        )
-        # The exposure log of A/B experiments, in the registry's database, written by a
-        # background task (server/experiments/log.py).
+        eng = start_engine(settings, args) if engine is None else engine
+        router, layer = _start_serving(app, settings, eng, args, quotas)
+        exps = await _Experiments.start(app, settings, router, layer)
+        tasks = exps.start_tasks()
+        for record in router.registry.adapters():
+            if record.pinned:
+                await router.warm(record.name)
+        if settings.registry.refresh_interval_s > 0:
+            follow = follow_registry(
+                router.registry, settings.registry.refresh_interval_s, router.release_unreachable
+            )
+            tasks.insert(0, asyncio.create_task(follow))  # stopped first
+        try:
+            yield
+        finally:
+            for task in tasks:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            await exps.close()
+            router.registry.close()
+            if engine is None:  # ours
+                eng.shutdown()
+
+    return lifespan
+
+
+def _start_serving(
+    app: FastAPI, settings: Settings, eng: Engine, args: Namespace, quotas: Admission | None
+) -> tuple[AdapterRouter, OpenAILayer]:
+    """The router over the registry, who may call, admission and the Gateway, in app.state
+    (server/api/deps.py reads them there)."""
+    router = build_router(settings, eng, app.state.metrics)
+    app.state.engine = eng
+    app.state.router = router
+    _refuse_open_network(settings, router.registry)
+    app.state.open_mode = open_mode(settings)
+    app.state.quotas = quotas if quotas is not None else Quotas(settings.max_in_flight)
+    layer = OpenAILayer(eng.engine_client, args, settings.served_model_name)
+    app.state.gateway = Gateway(router, layer, app.state.quotas, settings.max_tokens_cap)
+    app.state.admin_key = (
+        settings.admin_key.get_secret_value() if settings.admin_key is not None else None
+    )
+    app.state.metrics_key = (
+        settings.metrics_key.get_secret_value() if settings.metrics_key is not None else None
+    )
+    return router, layer
+
+
+@dataclass
+class _Experiments:
+    """A/B experiments (server/experiments): the exposure log and what listens to it."""
+
+    exposures: ExposureLog
+    guardrails: Guardrails
+    ramps: Ramps
+    shadows: Shadows
+
+    @classmethod
+    async def start(
+        cls, app: FastAPI, settings: Settings, router: AdapterRouter, layer: OpenAILayer
+    ) -> _Experiments:
+        metrics: Metrics = app.state.metrics
+        registry = router.registry
+        # The exposure log, in the registry's database, written by a background task.
         app.state.exposures = exposures = ExposureLog(
-            ExperimentStore(router.registry.database), settings.experiments, metrics
+            ExperimentStore(registry.database), settings.experiments, metrics
         )
         # Guardrails judge each arm from the exposures as they are recorded.
-        app.state.guardrails = guardrails = Guardrails(router.registry, exposures.store, metrics)
+        app.state.guardrails = guardrails = Guardrails(registry, exposures.store, metrics)
         await asyncio.to_thread(guardrails.load)
         exposures.listeners.append(guardrails.observe)
         # Ramps step an alias's candidate up while the guardrails hold.
-        app.state.ramps = ramps = Ramps(
-            router.registry, RampStore(router.registry.database), exposures.store
-        )
+        app.state.ramps = ramps = Ramps(registry, RampStore(registry.database), exposures.store)
         await asyncio.to_thread(ramps.load)
         exposures.listeners.append(ramps.observe)
         # Exposures and errors per alias arm, for the dashboard's Experiments row.
@@ -181,71 +275,17 @@ def create_app(
         )
         await asyncio.to_thread(shadows.load)
         app.state.gateway.shadows = shadows
-        writer = asyncio.create_task(exposures.run())
-        stepper = asyncio.create_task(ramps.run())
-        for record in router.registry.adapters():
-            if record.pinned:
-                await router.warm(record.name)
-        poll = None
-        if settings.registry.refresh_interval_s > 0:
-            poll = asyncio.create_task(
-                follow_registry(
-                    router.registry,
-                    settings.registry.refresh_interval_s,
-                    router.release_unreachable,
-                )
-            )
-        try:
-            yield
-        finally:
-            if poll is not None:
-                poll.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await poll
-            for task in (stepper, writer):
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
-            await ramps.settle()
-            await shadows.close()
-            await exposures.close()  # what the last requests left in the queue
-            router.registry.close()
-            if own:
-                eng.shutdown()
+        return cls(exposures, guardrails, ramps, shadows)
 
-    app = FastAPI(
-        title="loraswap",
-        summary="OpenAI-compatible multi-LoRA inference server on vLLM",
-        version="0.1.0",
-        lifespan=lifespan,
-    )
-    app.state.lifecycle = Lifecycle()
-    app.state.metrics = metrics = Metrics(settings.metrics_max_label_values)
-    app.state.max_loras = settings.engine.max_loras
+    def start_tasks(self) -> list[asyncio.Task[None]]:
+        """The ramps' stepper and the exposure writer, in the order they are stopped."""
+        writer = asyncio.create_task(self.exposures.run())
+        return [asyncio.create_task(self.ramps.run()), writer]
 
-    def observe(info: RequestInfo) -> None:
-        metrics.observe(info)
-        log_request(info)
-        exposures: ExposureLog | None = getattr(app.state, "exposures", None)
-        if exposures is not None:
-            exposures.record(info)  # served through an alias: its exposure row, queued
-
-    app.add_middleware(
-        AdmissionMiddleware,
-        lifecycle=app.state.lifecycle,
-        max_body_bytes=settings.max_body_bytes,
-        max_upload_bytes=upload_limit(settings.max_adapter_bytes),
-        admin_key=settings.admin_key.get_secret_value() if settings.admin_key else None,
-        observe=observe,
-    )
-    app.include_router(openai.router)
-    app.include_router(admin.router)
-    app.include_router(experiments.router)
-    app.include_router(experiments.admin_router)
-    app.include_router(health.router)
-    app.include_router(metrics_route.router)
-    _install_error_handlers(app)
-    return app
+    async def close(self) -> None:
+        await self.ramps.settle()
+        await self.shadows.close()
+        await self.exposures.close()  # what the last requests left in the queue
 
 
 def _install_error_handlers(app: FastAPI) -> None:

@@ -149,13 +149,13 @@ class AdmissionMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        path: str = scope.get("path", "")
-        method: str = scope.get("method", "")
-        request_id = _request_id(scope)
         info = RequestInfo(
-            request_id=request_id, method=method, path=path, started=time.perf_counter()
+            request_id=_request_id(scope),
+            method=scope.get("method", ""),
+            path=scope.get("path", ""),
+            started=time.perf_counter(),
         )
-        if self.lifecycle.draining and path not in _ALWAYS_OPEN:
+        if self.lifecycle.draining and info.path not in _ALWAYS_OPEN:
             await _refuse(
                 send,
                 info,
@@ -164,8 +164,8 @@ class AdmissionMiddleware:
             )
             return
         limit, refused = body_limit(
-            method,
-            path,
+            info.method,
+            info.path,
             scope.get("headers", []),
             admin_key=self.admin_key,
             max_body_bytes=self.max_body_bytes,
@@ -175,60 +175,74 @@ class AdmissionMiddleware:
             await _refuse(send, info, refused)
             return
         state = scope.setdefault("state", {})
-        state["request_id"] = request_id
+        state["request_id"] = info.request_id
         state["info"] = info
-        started = False  # the response has started
-        cut = False  # we answered 413 ourselves: whatever the app sends after is dropped
-        received = 0
-
-        async def send_with_id(message: Message) -> None:
-            nonlocal started
-            if cut:
-                return
-            # Every response, errors included, carries the id the logs know it by.
-            if message["type"] == "http.response.start":
-                started = True
-                info.status = message["status"]
-                message["headers"] = [
-                    *message.get("headers", []),
-                    (b"x-request-id", request_id.encode()),
-                ]
-            await send(message)
-
-        async def counted_receive() -> Message:
-            nonlocal received, cut
-            if cut:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > limit:
-                    # Read no further; to the app the client is gone (its body parsing
-                    # fails, its answer is dropped), to the client it is a 413 now.
-                    if not started:
-                        cut = True
-                        await _refuse(send, info, too_large(limit, None), log=False)
-                    return {"type": "http.disconnect"}
-            return message
-
+        exchange = _Exchange(receive, send, info, limit)
         self.lifecycle.enter()
         try:
-            await self.app(scope, counted_receive, send_with_id)
+            await self.app(scope, exchange.receive, exchange.send)
         finally:
             self.lifecycle.leave()
-            # Handlers register here what must run once the response is over, whatever
-            # happened to it (quota tickets): a streamed body may outlive its handler.
-            for finalize in state.get("finalizers", ()):
-                finalize()
-            info.ended = time.perf_counter()
-            label = route_label(scope)
-            if label is not None:
-                info.route = label
-                if info.status == 0:
-                    info.status = 499  # the client left before any response started
-                self.observe(info)
-            elif cut:
-                log_request(info)
+            self._finish(scope, state, info, cut=exchange.cut)
+
+    def _finish(self, scope: Scope, state: dict[str, Any], info: RequestInfo, *, cut: bool) -> None:
+        """The response is over, however it ended: run the request's finalizers, then
+        observe it (a route that is observed) or log it (one we cut short with a 413)."""
+        # Handlers register here what must run once the response is over, whatever
+        # happened to it (quota tickets): a streamed body may outlive its handler.
+        for finalize in state.get("finalizers", ()):
+            finalize()
+        info.ended = time.perf_counter()
+        label = route_label(scope)
+        if label is not None:
+            info.route = label
+            if info.status == 0:
+                info.status = 499  # the client left before any response started
+            self.observe(info)
+        elif cut:
+            log_request(info)
+
+
+class _Exchange:
+    """One request's messages as the app sees them: the body counted against its limit
+    as it is read, every response given the request's id."""
+
+    def __init__(self, receive: Receive, send: Send, info: RequestInfo, limit: int) -> None:
+        self._receive = receive
+        self._send = send
+        self._info = info
+        self._limit = limit
+        self._received = 0
+        self._started = False  # the response has started
+        self.cut = False  # we answered 413 ourselves: whatever the app sends after is dropped
+
+    async def send(self, message: Message) -> None:
+        if self.cut:
+            return
+        # Every response, errors included, carries the id the logs know it by.
+        if message["type"] == "http.response.start":
+            self._started = True
+            self._info.status = message["status"]
+            message["headers"] = [
+                *message.get("headers", []),
+                (b"x-request-id", self._info.request_id.encode()),
+            ]
+        await self._send(message)
+
+    async def receive(self) -> Message:
+        if self.cut:
+            return {"type": "http.disconnect"}
+        message = await self._receive()
+        if message["type"] == "http.request":
+            self._received += len(message.get("body", b""))
+            if self._received > self._limit:
+                # Read no further; to the app the client is gone (its body parsing
+                # fails, its answer is dropped), to the client it is a 413 now.
+                if not self._started:
+                    self.cut = True
+                    await _refuse(self._send, self._info, too_large(self._limit, None), log=False)
+                return {"type": "http.disconnect"}
+        return message
 
 
 def too_large(limit: int, size: int | None) -> RequestTooLarge:

@@ -82,7 +82,13 @@ class Metrics:
         self._alias = _Bounded(max_label_values)
         # Feedback metric names are chosen by callers: bounded like adapters.
         self._outcome = _Bounded(max_label_values)
-        r = self.registry
+        self._add_request_metrics(self.registry)
+        self._add_engine_metrics(self.registry)
+        self._add_experiment_metrics(self.registry)
+        self._add_arm_metrics(self.registry)
+
+    def _add_request_metrics(self, r: CollectorRegistry) -> None:
+        """Inference requests: outcome, tokens and timings per adapter, arm and tenant."""
         labels = ["adapter", "version", "variant", "tenant"]
         self.requests = Counter(
             "loraswap_requests",
@@ -115,6 +121,9 @@ class Metrics:
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )
+
+    def _add_engine_metrics(self, r: CollectorRegistry) -> None:
+        """Adapters in and out of the engine, and the load it holds."""
         self.adapter_loads = Counter(
             "loraswap_adapter_loads", "Adapter versions loaded.", ["adapter"], registry=r
         )
@@ -158,7 +167,8 @@ class Metrics:
             registry=r,
         )
 
-        # A/B experiments (server/experiments): the exposure log and the guardrails.
+    def _add_experiment_metrics(self, r: CollectorRegistry) -> None:
+        """A/B experiments (server/experiments): the exposure log, shadows, guardrails."""
         self.exposures_written = Counter(
             "loraswap_exposures_written", "Exposure rows written to the database.", registry=r
         )
@@ -192,8 +202,9 @@ class Metrics:
             registry=r,
         )
 
-        # Per alias and arm (the requests' own series above have the arm but not the alias,
-        # and one arm key may serve several aliases): what the Experiments row plots.
+    def _add_arm_metrics(self, r: CollectorRegistry) -> None:
+        """Per alias and arm (the requests' own series have the arm but not the alias, and
+        one arm key may serve several aliases): what the Experiments row plots."""
         experiment = ["alias", "variant"]
         self.exposures = Counter(
             "loraswap_exposures",

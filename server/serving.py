@@ -31,6 +31,7 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
+from adapters_registry.experiments import ShadowConfig
 from adapters_registry.records import ServingDefaults, TenantRecord
 from server.adapters import AdapterRouter, Lease, Target
 from server.engine.openai_layer import (
@@ -46,7 +47,7 @@ from server.engine.openai_layer import (
 from server.errors import InvalidDefaults, InvalidRequest
 from server.experiments.shadow import Shadows
 from server.metrics import RequestInfo
-from server.quotas import Admission
+from server.quotas import Admission, Admitted
 
 _MAX_N = 16  # choices per request (and prompts per completion request)
 _MAX_STOP = 4  # stop strings, as OpenAI
@@ -110,48 +111,20 @@ class Gateway:
         if info is not None:
             _describe(info, target, caller, _response_id(body, request))
         ticket = await self._quotas.enter(caller.tenant, self._known_tokens(body))
-        shadows = self.shadows
-        shadow = None
-        if shadows is not None:
-            shadows.pressure()  # past its bound of load, this request aborts shadows
-            if target.alias is not None and info is not None and not _get(body, "use_beam_search"):
-                shadow = shadows.sample(target.alias)
-        capture = ShadowCapture() if shadow is not None else None
-        usage = Usage()
-        leases: list[Lease] = []
-
-        def finish() -> None:
-            # Whatever ended the request (a failed load, a client gone before the first
-            # token, the last token), the quota learns what was really used: a request
-            # that never reached the engine gives its whole reservation back (review L1).
-            ticket.used_tokens = usage.prompt_tokens + usage.completion_tokens
-            if info is not None:
-                info.prompt_tokens = usage.prompt_tokens
-                info.completion_tokens = usage.completion_tokens
-                if usage.first_token_at is not None:
-                    info.ttft_s = usage.first_token_at - info.started
-            for lease in leases:
-                lease.release()
-            if shadows is not None and shadow is not None and capture is not None:
-                assert info is not None
-                # Once the response's exposure is queued (after the finalizers).
-                asyncio.get_running_loop().call_soon(
-                    shadows.submit, shadow, info, caller.tenant_name, capture
-                )
-
+        finish = _Finish(ticket, info, caller.tenant_name, self._shadow_of(body, target, info))
         # Run by the middleware once the response is over; finish before the ticket's
         # release, so that the refund is known.
         request.state.finalizers = [finish, ticket.release]
-        leases.append(await self._router.acquire(target))
+        finish.lease = lease = await self._router.acquire(target)
         scope = RequestScope(
             model=target.model,
-            lora=leases[0].handle,
+            lora=lease.handle,
             priority=ticket.priority,
             max_tokens_cap=self._max_tokens_cap,
             requested_max_tokens=_requested_max_tokens(body),
             reserve=ticket.reserve,
-            usage=usage,
-            shadow=capture,
+            usage=finish.usage,
+            shadow=finish.capture,
         )
         self._layer.enter(scope)
         answer = await _until_disconnect(run(body, _for_vllm(request)), request)
@@ -161,6 +134,19 @@ class Gateway:
             # reaches vLLM's generate(), which aborts the request in the engine.
             return StreamingResponse(answer.stream, media_type="text/event-stream", headers=headers)
         return JSONResponse(answer.body, headers=headers)
+
+    def _shadow_of(
+        self, body: Any, target: Target, info: RequestInfo | None
+    ) -> tuple[Shadows, ShadowConfig] | None:
+        """The shadow this admitted request is sampled to run on too, if any."""
+        shadows = self.shadows
+        if shadows is None:
+            return None
+        shadows.pressure()  # past its bound of load, this request aborts shadows
+        if target.alias is None or info is None or _get(body, "use_beam_search"):
+            return None
+        config = shadows.sample(target.alias)
+        return None if config is None else (shadows, config)
 
     # -- checks ----------------------------------------------------------------------
 
@@ -273,6 +259,48 @@ class Gateway:
     def _known_tokens(self, body: Any) -> int:
         """Tokens known to be needed before tokenizing: n * max_tokens, when given."""
         return int((_get(body, "n") or 1) * (_requested_max_tokens(body) or 0))
+
+
+class _Finish:
+    """What is given back once a request is over, whatever ended it (a failed load, a
+    client gone before the first token, the last token): run by the middleware."""
+
+    def __init__(
+        self,
+        ticket: Admitted,
+        info: RequestInfo | None,
+        tenant: str | None,
+        shadow: tuple[Shadows, ShadowConfig] | None,
+    ) -> None:
+        self._ticket = ticket
+        self._info = info
+        self._tenant = tenant
+        self._shadow = shadow
+        self.usage = Usage()  # filled in by vLLM's layer as the request runs
+        self.capture = ShadowCapture() if shadow is not None else None
+        self.lease: Lease | None = None  # once acquired
+
+    def __call__(self) -> None:
+        # The quota learns what was really used: a request that never reached the engine
+        # gives its whole reservation back (review L1).
+        usage = self.usage
+        self._ticket.used_tokens = usage.prompt_tokens + usage.completion_tokens
+        info = self._info
+        if info is not None:
+            info.prompt_tokens = usage.prompt_tokens
+            info.completion_tokens = usage.completion_tokens
+            if usage.first_token_at is not None:
+                info.ttft_s = usage.first_token_at - info.started
+        if self.lease is not None:
+            self.lease.release()
+        if self._shadow is not None:
+            assert info is not None
+            assert self.capture is not None
+            shadows, config = self._shadow
+            # Once the response's exposure is queued (after the finalizers).
+            asyncio.get_running_loop().call_soon(
+                shadows.submit, config, info, self._tenant, self.capture
+            )
 
 
 def _requested_max_tokens(body: Any) -> int | None:

@@ -16,9 +16,9 @@ from PIL import Image
 from adapters_registry.experiments import Exposure, Feedback
 from adapters_registry.records import Variant
 from clients import BadRequestError, Client
+from server.api.experiments import _window_text
 from server.experiments import plot
 from server.experiments.report import build_report
-from server.routes.experiments import _window_text
 from tests.experiments import ADMIN, World, open_world
 from tests.testclient import ClientResponse
 from tests.unit.test_experiments_client import ADMIN_KEY, URL, cli, transport

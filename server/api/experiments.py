@@ -13,7 +13,7 @@ import math
 import re
 from dataclasses import asdict
 from datetime import datetime, timezone
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from fastapi import APIRouter, Depends, Query, Response
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -28,11 +28,10 @@ from adapters_registry.experiments import (
     ShadowRun,
 )
 from adapters_registry.names import NAME_PATTERN
-from adapters_registry.records import Variant
+from adapters_registry.records import AliasRecord, Variant
 from adapters_registry.tenants import usable_by
 from server.adapters import AdapterRouter
-from server.auth import require_admin
-from server.deps import (
+from server.api.deps import (
     ExposuresDep,
     GuardrailsDep,
     MetricsDep,
@@ -41,6 +40,7 @@ from server.deps import (
     RouterDep,
     ShadowsDep,
 )
+from server.auth import require_admin
 from server.errors import InvalidRequest, ModelNotFound, ResponseNotFound
 from server.experiments import plot
 from server.experiments.guardrails import Limits
@@ -50,6 +50,27 @@ from server.experiments.report import build_report
 
 router = APIRouter(tags=["experiments"])
 admin_router = APIRouter(prefix="/admin", tags=["admin"], dependencies=[Depends(require_admin)])
+
+T = TypeVar("T")
+
+
+def _alias(router_: AdapterRouter, name: str) -> AliasRecord:
+    """The alias an experiment setting is put on (404 if there is none)."""
+    alias = router_.registry.alias(name)
+    if alias is None:
+        raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
+    return alias
+
+
+def _configured(value: T | None, name: str, what: str) -> T:
+    """An alias's `what` (its guardrails, ramp, shadow), or the 404 of an alias without."""
+    if value is None:
+        raise _has_no(name, what)
+    return value
+
+
+def _has_no(name: str, what: str) -> AdapterNotFound:
+    return AdapterNotFound(f"alias {name!r} has no {what}", adapter=name)
 
 
 # What an id we hand out can look like (x-request-id's own pattern, server/lifecycle.py,
@@ -375,9 +396,7 @@ def _guardrails(name: str, limits: Limits | None, events: list[GuardrailEvent]) 
 async def put_guardrails(
     name: str, body: GuardrailsBody, router_: RouterDep, guardrails: GuardrailsDep
 ) -> dict[str, Any]:
-    alias = router_.registry.alias(name)
-    if alias is None:
-        raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
+    alias = _alias(router_, name)
     if body.control is not None and body.control not in {v.key for v in alias.variants}:
         raise InvalidRequest(f"control {body.control!r} is not an arm of {name!r}", param="control")
     limits = Limits(**body.model_dump())
@@ -389,18 +408,17 @@ async def put_guardrails(
 @admin_router.get("/aliases/{name}/guardrails", summary="An alias's limits and rollbacks")
 async def get_guardrails_of(name: str, guardrails: GuardrailsDep) -> dict[str, Any]:
     if not NAME_PATTERN.fullmatch(name):
-        raise AdapterNotFound(f"alias {name!r} has no guardrails", adapter=name)
+        raise _has_no(name, "guardrails")
     limits = guardrails.limits(name)
     events = await asyncio.to_thread(guardrails.store.events, name)
     if limits is None and not events:
-        raise AdapterNotFound(f"alias {name!r} has no guardrails", adapter=name)
+        raise _has_no(name, "guardrails")
     return _guardrails(name, limits, events)
 
 
 @admin_router.delete("/aliases/{name}/guardrails", summary="Remove an alias's limits")
 async def delete_guardrails(name: str, guardrails: GuardrailsDep) -> dict[str, Any]:
-    if guardrails.limits(name) is None:
-        raise AdapterNotFound(f"alias {name!r} has no guardrails", adapter=name)
+    _configured(guardrails.limits(name), name, "guardrails")
     await guardrails.set_limits(name, None)
     events = await asyncio.to_thread(guardrails.store.events, name)
     return _guardrails(name, None, events)
@@ -457,9 +475,7 @@ def _ramp(record: RampRecord) -> dict[str, Any]:
 async def put_ramp(
     name: str, body: RampBody, router_: RouterDep, ramps: RampsDep
 ) -> dict[str, Any]:
-    alias = router_.registry.alias(name)
-    if alias is None:
-        raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
+    alias = _alias(router_, name)
     keys = [v.key for v in alias.variants]
     if body.candidate not in keys:
         raise InvalidRequest(
@@ -473,17 +489,12 @@ async def put_ramp(
 
 @admin_router.get("/aliases/{name}/ramp", summary="An alias's ramp and where it stands")
 async def get_ramp(name: str, ramps: RampsDep) -> dict[str, Any]:
-    record = ramps.get(name)
-    if record is None:
-        raise AdapterNotFound(f"alias {name!r} has no ramp", adapter=name)
-    return _ramp(record)
+    return _ramp(_configured(ramps.get(name), name, "ramp"))
 
 
 @admin_router.delete("/aliases/{name}/ramp", summary="Stop a ramp (the weights stay)")
 async def delete_ramp(name: str, ramps: RampsDep) -> dict[str, Any]:
-    record = ramps.get(name)
-    if record is None:
-        raise AdapterNotFound(f"alias {name!r} has no ramp", adapter=name)
+    record = _configured(ramps.get(name), name, "ramp")
     await ramps.stop(name)
     return {**_ramp(record), "state": "stopped"}
 
@@ -520,9 +531,7 @@ async def put_shadow(
 ) -> dict[str, Any]:
     """Sampled requests also run on the shadow adapter, after their response, at the
     lowest priority, dropped first under load; its replies are recorded, never returned."""
-    alias = router_.registry.alias(name)
-    if alias is None:
-        raise AdapterNotFound(f"alias {name!r} not found", adapter=name)
+    alias = _alias(router_, name)
     match = _ADAPTER_KEY.fullmatch(body.adapter)
     assert match is not None  # the body's pattern
     adapter, number = match.group(1), None if match.group(2) is None else int(match.group(2))
@@ -545,16 +554,11 @@ async def put_shadow(
 
 @admin_router.get("/aliases/{name}/shadow", summary="An alias's shadow adapter and fraction")
 async def get_shadow(name: str, shadows: ShadowsDep) -> dict[str, Any]:
-    config = shadows.get(name)
-    if config is None:
-        raise AdapterNotFound(f"alias {name!r} has no shadow", adapter=name)
-    return _shadow(config)
+    return _shadow(_configured(shadows.get(name), name, "shadow"))
 
 
 @admin_router.delete("/aliases/{name}/shadow", summary="Stop an alias's shadow traffic")
 async def delete_shadow(name: str, shadows: ShadowsDep) -> dict[str, Any]:
-    config = shadows.get(name)
-    if config is None:
-        raise AdapterNotFound(f"alias {name!r} has no shadow", adapter=name)
+    config = _configured(shadows.get(name), name, "shadow")
     await shadows.set(name, None)
     return _shadow(config)

@@ -8,7 +8,7 @@ import json
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
-from server.deps import GatewayDep, PrincipalDep, RouterDep
+from server.api.deps import GatewayDep, PrincipalDep, RouterDep
 from server.engine.openai_layer import (
     ChatCompletionRequest,
     CompletionRequest,

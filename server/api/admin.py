@@ -24,8 +24,8 @@ from adapters_registry.records import (
     VersionRecord,
 )
 from server.adapters import AdapterRouter
+from server.api.deps import EngineDep, GatewayDep, QuotasDep, RouterDep
 from server.auth import require_admin
-from server.deps import EngineDep, GatewayDep, QuotasDep, RouterDep
 from server.errors import InvalidDefaults
 from server.quotas import Admission
 

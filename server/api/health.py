@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from server.deps import EngineDep
+from server.api.deps import EngineDep
 
 router = APIRouter(tags=["health"])
 

@@ -10,8 +10,8 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from server.api.deps import EngineDep, QuotasDep, RouterDep
 from server.auth import require_metrics
-from server.deps import EngineDep, QuotasDep, RouterDep
 from server.metrics import Metrics
 
 router = APIRouter(tags=["metrics"], dependencies=[Depends(require_metrics)])
