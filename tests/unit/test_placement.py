@@ -1,5 +1,5 @@
 """Routing key, per-replica residency and the in-process ASGI call used by the Ray Serve
-deployment (server/ray_serve.py), against the fake engine. Fast, no Ray."""
+deployment (server/scaleout/ray_serve.py), against the fake engine. Fast, no Ray."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 
 from adapters_registry.ab import choose
 from server.app import create_app
-from server.placement import (
+from server.scaleout.placement import (
     HttpRequest,
     Residency,
     ResponseStart,

@@ -21,8 +21,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters_registry.records import TenantRecord
 from server.app import create_app
 from server.errors import RateLimited
-from server.ingress import Gate, forward
-from server.placement import HttpRequest, ResponseStart
 from server.scaleout.config import settings_from_args
 from server.scaleout.coordinator import (
     Coordinator,
@@ -32,7 +30,9 @@ from server.scaleout.coordinator import (
     Snapshot,
     unreachable,
 )
+from server.scaleout.ingress import Gate, forward
 from server.scaleout.metrics_merge import merge
+from server.scaleout.placement import HttpRequest, ResponseStart
 from server.settings import Settings
 from tests.adapters import make_base
 from tests.fakes import FakeEngine
@@ -258,13 +258,16 @@ def test_builder_args_become_the_one_settings(monkeypatch: pytest.MonkeyPatch) -
 def test_serve_config_file_parses_and_builds_its_settings() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from server import ray_serve
+    from server.scaleout import ray_serve
 
     config = yaml.safe_load((ROOT / "deploy/ray/serve-config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config)
     (app,) = schema.applications
     module, _, name = app.import_path.partition(":")
-    assert (module, getattr(ray_serve, name)) == ("server.ray_serve", ray_serve.app_builder)
+    assert (module, getattr(ray_serve, name)) == (
+        "server.scaleout.ray_serve",
+        ray_serve.app_builder,
+    )
     settings = settings_from_args(app.args)
     options = ray_serve.replica_options(settings)
     assert options["max_replicas_per_node"] == 1
@@ -274,7 +277,7 @@ def test_serve_config_file_parses_and_builds_its_settings() -> None:
 
 
 def test_replica_options_count_gpus_and_core_split() -> None:
-    from server import ray_serve
+    from server.scaleout import ray_serve
 
     fixed = Settings(ray={"replicas": 3})
     options = ray_serve.replica_options(fixed)
@@ -346,7 +349,7 @@ async def test_a_replica_dying_mid_stream_ends_the_stream_with_an_error_frame(
 def test_the_cluster_address_is_the_setting_else_rays_own_variable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from server.ray_serve import ray_address
+    from server.scaleout.ray_serve import ray_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert ray_address(Settings()) is None  # a local Ray of our own

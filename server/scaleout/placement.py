@@ -1,5 +1,5 @@
 """Which replica serves a request, without Ray: the routing key, the per-replica residency
-and the in-process ASGI call. server/ray_serve.py wires these into Ray Serve; kept apart so
+and the in-process ASGI call. ray_serve.py wires these into Ray Serve; kept apart so
 that they are unit-tested with the fake engine.
 
 - `routing_key`: `model` (+ the A/B user) -> `"<adapter>@<version>+<digest>"`, the

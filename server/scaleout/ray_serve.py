@@ -2,17 +2,17 @@
 
 The only module importing ray. `loraswap serve --ray` runs, on a Ray it starts or on a
 cluster it joins (`--ray-address`, `RAY_ADDRESS`), and Ray's own tooling runs the same
-application (`serve run server.ray_serve:app_builder ...`, a `serve` config file with
-`import_path: server.ray_serve:app_builder`, a KubeRay RayService):
+application (`serve run server.scaleout.ray_serve:app_builder ...`, a `serve` config file with
+`import_path: server.scaleout.ray_serve:app_builder`, a KubeRay RayService):
 
     HTTP -> Ray Serve proxy -> Ingress (1) -> Replica (N, or autoscaled), each create_app
                                                   \\-> Coordinator (1 named actor)
 
-- **Ingress** first admits the request (server/ingress.py: body limits, the upload limit
+- **Ingress** first admits the request (ingress.py: body limits, the upload limit
   only for the admin on the upload routes, authentication and tenant access of inference
   calls: nothing is routed or loaded for a caller that may not use the model), then
   resolves `model` (+ the A/B user) to the concrete `<adapter>@<version>` with
-  the shared registry (server/placement.py: routing_key) and calls a replica with that as
+  the shared registry (placement.py: routing_key) and calls a replica with that as
   Ray Serve's multiplexed model id: Ray routes it to a replica that already holds it
   (`@serve.multiplexed`), else to the least loaded one, which loads it. Everything else
   (admin API, /v1/models, base-model requests) goes to any replica. The request itself
@@ -21,13 +21,13 @@ application (`serve run server.ray_serve:app_builder ...`, a `serve` config file
   requests go to the live ones (multiplexed ids of a dead replica are forgotten).
 - **Replica** runs the whole single-process app (auth, metrics, errors) in-process
   on the request, with its own vLLM engine; it keeps at most `adapters_per_replica`
-  versions in its engine (server/placement.py: Residency, LRU), the same number Ray's
+  versions in its engine (placement.py: Residency, LRU), the same number Ray's
   multiplexer assumes, and says in `x-loraswap-replica` / `x-loraswap-cold-load` which
   replica served the request and whether it had to load the adapter.
-- **Coordinator** (server/scaleout/coordinator.py): the application's one quota state
+- **Coordinator** (coordinator.py): the application's one quota state
   (tenant concurrency and tokens, `max_in_flight`), which every replica's Gateway admits
   against, and the board where replicas publish their metrics: `/metrics`, whichever
-  replica answers it, merges them (server/scaleout/metrics_merge.py).
+  replica answers it, merges them (metrics_merge.py).
 - **Admin changes** go through one replica to the shared registry database; the others,
   and the ingress, poll it every `registry.refresh_interval_s`: every replica serves the
   new state at most `refresh_interval_s` (plus one poll's duration) after the write is
@@ -56,10 +56,9 @@ from fastapi.responses import Response
 from ray import serve
 
 from adapters_registry.records import TenantRecord
-from server import ingress
 from server.app import create_app, follow_registry, open_registry
 from server.errors import EngineUnavailable, QuotasUnavailable
-from server.placement import HttpRequest, Residency, ResponseStart, call_asgi, parse_key
+from server.scaleout import ingress
 from server.scaleout.config import settings_from_args
 from server.scaleout.coordinator import (
     Coordinator,
@@ -70,6 +69,7 @@ from server.scaleout.coordinator import (
     unreachable,
 )
 from server.scaleout.metrics_merge import merge
+from server.scaleout.placement import HttpRequest, Residency, ResponseStart, call_asgi, parse_key
 from server.settings import Settings
 
 log = logging.getLogger("loraswap.ray")
@@ -386,8 +386,8 @@ def build_app(settings: Settings) -> Any:
 
 
 def app_builder(args: Mapping[str, Any]) -> Any:
-    """The application for Ray's own tooling: `serve run server.ray_serve:app_builder
-    model=/models/base ray.max_replicas=4`, or `import_path: server.ray_serve:app_builder`
+    """The application for Ray's own tooling: `serve run server.scaleout.ray_serve:app_builder
+    model=/models/base ray.max_replicas=4`, or `import_path: server.scaleout.ray_serve:app_builder`
     in a `serve` config file with these args (deploy/ray/serve-config.yaml). Settings come
     from LORASWAP_* (a config file's runtime_env env_vars) and then `args`.
 
@@ -435,7 +435,7 @@ def serve_forever(settings: Settings) -> None:
     """Start a local Ray or join a cluster, deploy, serve until SIGTERM/SIGINT, then
     take the application down (and a Ray of our own with it)."""
     # Ray's workers must import this code, whether installed or run from a checkout.
-    root = str(Path(__file__).resolve().parent.parent)
+    root = str(Path(__file__).resolve().parents[2])
     pythonpath = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     address = ray_address(settings)
     if address is not None:

@@ -1,4 +1,4 @@
-"""What the Ray ingress (server/ray_serve.py) does with a request, without Ray: admission
+"""What the Ray ingress (server/scaleout/ray_serve.py) does with a request, without Ray: admission
 at the edge, then the call to a replica. Kept apart so that it is unit-tested with the
 fake engine and a replica called in-process.
 
@@ -15,7 +15,7 @@ In order, before any replica is called:
 3. **Tenant access**: an adapter or alias the caller may not use gets no routing key, so
    no replica loads it for the request; the replica answers the 404 that an absent name
    gets.
-4. **Routing** (server/placement.py: routing_key) and the replica call. Its
+4. **Routing** (placement.py: routing_key) and the replica call. Its
    `x-loraswap-*` headers (replica, cold load) are passed on only on success.
 """
 
@@ -36,7 +36,7 @@ from server.auth import bearer, local_caller, principal_for
 from server.errors import EngineUnavailable, ModelNotFound, ServerError, describe
 from server.lifecycle import body_limit, too_large, upload_limit
 from server.names import parse_model
-from server.placement import INFERENCE_PATHS, HttpRequest, ResponseStart, routing_key
+from server.scaleout.placement import INFERENCE_PATHS, HttpRequest, ResponseStart, routing_key
 from server.settings import Settings
 
 log = logging.getLogger("loraswap.ray")
