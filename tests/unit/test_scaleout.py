@@ -7,6 +7,7 @@ the replicas' Ray options, and the metrics merge."""
 from __future__ import annotations
 
 import asyncio
+import importlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -274,6 +275,29 @@ def test_serve_config_file_parses_and_builds_its_settings() -> None:
     assert options["autoscaling_config"]["max_replicas"] == 4
     assert "num_replicas" not in options
     assert set(app.runtime_env["env_vars"]) >= {"LORASWAP_REGISTRY__DATABASE_URL"}
+
+
+@pytest.mark.parametrize("module", ["ray_serve", "placement", "ingress"])
+def test_the_old_import_paths_still_work_and_say_where_the_module_went(module: str) -> None:
+    # Deployment files written before the move name `server.ray_serve:app_builder`.
+    old = importlib.import_module(f"server.{module}")
+    new = importlib.import_module(f"server.scaleout.{module}")
+    public = [n for n in vars(new) if not n.startswith("_")]
+    for name in public:
+        with pytest.deprecated_call(match=rf"server\.scaleout\.{module}; import {name}"):
+            assert getattr(old, name) is getattr(new, name)
+    with pytest.raises(AttributeError):
+        old.no_such_name  # noqa: B018
+    assert not hasattr(old, "__all__")
+
+
+def test_ray_finds_the_app_builder_at_its_old_path() -> None:
+    from ray._common.utils import import_attr
+
+    from server.scaleout.ray_serve import app_builder
+
+    with pytest.deprecated_call():
+        assert import_attr("server.ray_serve:app_builder") is app_builder
 
 
 def test_replica_options_count_gpus_and_core_split() -> None:
