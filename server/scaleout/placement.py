@@ -126,7 +126,33 @@ async def call_asgi(
     Closing the generator early (the client went away) tells the app the client
     disconnected and cancels it, as a real server would: streams abort in the engine.
     """
-    scope = {
+    exchange = _Exchange(request.body)
+    task = asyncio.create_task(exchange.run(app, asgi_scope(request)))
+    finished = False
+    try:
+        while (message := await exchange.sent.get()) is not None:
+            if message["type"] == "http.response.start":
+                headers = [*message.get("headers", []), *extra_headers]
+                yield ResponseStart(message["status"], headers)
+            elif message["type"] == "http.response.body":
+                chunk = message.get("body", b"")
+                if chunk:
+                    yield bytes(chunk)
+                if not message.get("more_body", False):
+                    finished = True
+                    break
+        await task
+    finally:
+        if not finished or not task.done():
+            exchange.disconnected.set()
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+
+def asgi_scope(request: HttpRequest) -> dict[str, Any]:
+    """The ASGI scope of `request`, as a server in front of the app would give it."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0", "spec_version": "2.3"},
         "http_version": "1.1",
@@ -141,48 +167,29 @@ async def call_asgi(
         "server": ("127.0.0.1", 80),
         "state": {},
     }
-    sent: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-    disconnected = asyncio.Event()
-    body_given = False
 
-    async def receive() -> dict[str, Any]:
-        nonlocal body_given
-        if not body_given:
-            body_given = True
-            return {"type": "http.request", "body": request.body, "more_body": False}
-        await disconnected.wait()
+
+class _Exchange:
+    """The two ASGI channels of one call: the app receives the body once, then waits
+    for the disconnect; what the app sends is queued, and None after it returns."""
+
+    def __init__(self, body: bytes) -> None:
+        self.sent: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
+        self.disconnected = asyncio.Event()
+        self._body: bytes | None = body
+
+    async def run(self, app: Any, scope: dict[str, Any]) -> None:
+        try:
+            await app(scope, self.receive, self.send)
+        finally:
+            await self.sent.put(None)
+
+    async def receive(self) -> dict[str, Any]:
+        if self._body is not None:
+            body, self._body = self._body, None
+            return {"type": "http.request", "body": body, "more_body": False}
+        await self.disconnected.wait()
         return {"type": "http.disconnect"}
 
-    async def send(message: dict[str, Any]) -> None:
-        await sent.put(message)
-
-    async def run() -> None:
-        try:
-            await app(scope, receive, send)
-        finally:
-            await sent.put(None)
-
-    task = asyncio.create_task(run())
-    finished = False
-    try:
-        while True:
-            message = await sent.get()
-            if message is None:
-                break
-            if message["type"] == "http.response.start":
-                headers = [*message.get("headers", []), *extra_headers]
-                yield ResponseStart(message["status"], headers)
-            elif message["type"] == "http.response.body":
-                chunk = message.get("body", b"")
-                if chunk:
-                    yield bytes(chunk)
-                if not message.get("more_body", False):
-                    finished = True
-                    break
-        await task
-    finally:
-        if not finished or not task.done():
-            disconnected.set()
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+    async def send(self, message: dict[str, Any]) -> None:
+        await self.sent.put(message)
