@@ -102,6 +102,28 @@ class Gate:
 
 async def forward(gate: Gate, request: Request, call: ReplicaCall) -> Response:
     """Admit `request` at the edge, then stream the replica's answer back."""
+    admitted = await admit(gate, request)
+    if isinstance(admitted, Response):
+        return admitted
+    try:
+        key = gate.routing(admitted)
+    except ServerError as exc:
+        return error_response(exc)
+    stream = call(admitted, key)
+    try:
+        start = await stream.__anext__()
+    except Exception as exc:
+        log.warning("replica call failed: %r", exc)
+        return error_response(EngineUnavailable("no replica could serve the request; retry"))
+    assert isinstance(start, ResponseStart)
+    response = StreamingResponse(_relay(stream, _is_sse(start)), status_code=start.status)
+    response.raw_headers = reply_headers(start)
+    return response
+
+
+async def admit(gate: Gate, request: Request) -> HttpRequest | Response:
+    """The request as it crosses to a replica, its body read within the limits; or the
+    refusal to answer instead (413, or 401 for an upload without the admin key)."""
     headers = list(request.headers.raw)
     path = request.url.path
     limit, refused = body_limit(
@@ -118,7 +140,7 @@ async def forward(gate: Gate, request: Request, call: ReplicaCall) -> Response:
     if body is None:
         return error_response(too_large(limit, None))
     client = request.client
-    forwarded = HttpRequest(
+    return HttpRequest(
         method=request.method,
         path=path,
         query_string=request.url.query.encode(),
@@ -126,41 +148,30 @@ async def forward(gate: Gate, request: Request, call: ReplicaCall) -> Response:
         body=body,
         client=(client.host, client.port) if client else None,
     )
-    try:
-        key = gate.routing(forwarded)
-    except ServerError as exc:
-        return error_response(exc)
-    stream = call(forwarded, key)
-    try:
-        start = await stream.__anext__()
-    except Exception as exc:
-        log.warning("replica call failed: %r", exc)
-        return error_response(EngineUnavailable("no replica could serve the request; retry"))
-    assert isinstance(start, ResponseStart)
 
-    sse = any(
+
+async def _relay(stream: AsyncIterator[ResponseStart | bytes], sse: bool) -> AsyncIterator[bytes]:
+    """The rest of the replica's response, after its start."""
+    try:
+        async for chunk in stream:
+            assert isinstance(chunk, bytes)
+            yield chunk
+    except Exception as exc:
+        # The replica died mid-response (its process killed, its node gone). A
+        # stream ends as a stream that failed does; other bodies can only be cut.
+        log.warning("replica failed mid-response: %r", exc)
+        if not sse:
+            raise
+        yield error_frame(EngineUnavailable("the replica serving this stream failed; retry"))
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+def _is_sse(start: ResponseStart) -> bool:
+    return any(
         k.lower() == b"content-type" and v.startswith(b"text/event-stream")
         for k, v in start.headers
     )
-
-    async def rest() -> AsyncIterator[bytes]:
-        try:
-            async for chunk in stream:
-                assert isinstance(chunk, bytes)
-                yield chunk
-        except Exception as exc:
-            # The replica died mid-response (its process killed, its node gone). A
-            # stream ends as a stream that failed does; other bodies can only be cut.
-            log.warning("replica failed mid-response: %r", exc)
-            if not sse:
-                raise
-            yield error_frame(EngineUnavailable("the replica serving this stream failed; retry"))
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
-
-    response = StreamingResponse(rest(), status_code=start.status)
-    response.raw_headers = reply_headers(start)
-    return response
 
 
 def reply_headers(start: ResponseStart) -> list[tuple[bytes, bytes]]:
