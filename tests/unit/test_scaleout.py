@@ -317,6 +317,40 @@ def test_replica_options_count_gpus_and_core_split() -> None:
     assert ray_serve.cpus_of_replica(3, 1, 8) == "0-7"
 
 
+def test_the_deployments_keep_their_names_and_options_and_ray_sees_the_multiplexer() -> None:
+    from ray.serve._private.utils import _callable_uses_multiplexing
+
+    from server.scaleout import ray_serve
+
+    settings = Settings(ray={"replicas": 3, "adapters_per_replica": 5})
+    replica = ray_serve.replica_deployment(settings)
+    ingress = ray_serve.ingress_deployment(settings)
+    # the names Ray's processes and logs carry (ServeReplica:loraswap:Replica)
+    assert (replica.name, ingress.name) == ("Replica", "Ingress")
+    assert (replica.num_replicas, replica.max_ongoing_requests) == (3, settings.engine.max_num_seqs)
+    assert ingress.max_ongoing_requests == settings.max_in_flight
+    assert issubclass(replica.func_or_class, ray_serve.Replica)
+    assert issubclass(ingress.func_or_class, ray_serve.Ingress)
+    # routing by multiplexed model id needs Ray to see @serve.multiplexed on the class
+    assert _callable_uses_multiplexing(replica.func_or_class)
+    assert ray_serve.adapters_per_replica(settings) == 5
+    assert ray_serve.adapters_per_replica(Settings(engine={"max_cpu_loras": 7})) == 7
+
+
+def test_each_replica_binds_its_engine_to_its_share_of_the_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from server.scaleout import ray_serve
+
+    monkeypatch.setattr(ray_serve.os, "sched_getaffinity", lambda _: set(range(8)))
+    two = Settings(ray={"replicas": 2})
+    bound = [ray_serve.replica_settings(two, rank).engine.cpu_threads_bind for rank in (0, 1)]
+    assert bound == ["0-3", "4-7"]
+    assert two.engine.cpu_threads_bind == "auto"  # the application's own stay as they were
+    fixed = Settings(engine={"cpu_threads_bind": "0-1"}, ray={"replicas": 2})
+    assert ray_serve.replica_settings(fixed, 1) is fixed
+
+
 def test_metrics_merge_labels_every_series_with_its_replica() -> None:
     from server.metrics import Metrics
 
