@@ -12,7 +12,8 @@ that they are unit-tested with the fake engine.
 - `Residency`: the versions one replica keeps in its engine, least recently used beyond
   `capacity`; the replica's own record of hits and cold loads.
 - `call_asgi`: run one HTTP request through a FastAPI app in this process and yield
-  the response start, then its body chunks as they come (streams stay streams).
+  the response start, then its body chunks as they come (streams stay streams);
+  `collect` reads such a response whole.
 """
 
 from __future__ import annotations
@@ -148,6 +149,20 @@ async def call_asgi(
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+
+
+async def collect(stream: AsyncIterator[ResponseStart | bytes]) -> tuple[ResponseStart, bytes]:
+    """A whole response of call_asgi: its start and its body, for answers read at once
+    (/metrics), not streamed."""
+    start: ResponseStart | None = None
+    chunks: list[bytes] = []
+    async for item in stream:
+        if isinstance(item, ResponseStart):
+            start = item
+        else:
+            chunks.append(item)
+    assert start is not None
+    return start, b"".join(chunks)
 
 
 def asgi_scope(request: HttpRequest) -> dict[str, Any]:

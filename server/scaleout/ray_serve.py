@@ -69,7 +69,14 @@ from server.scaleout.coordinator import (
     unreachable,
 )
 from server.scaleout.metrics_merge import merge
-from server.scaleout.placement import HttpRequest, Residency, ResponseStart, call_asgi, parse_key
+from server.scaleout.placement import (
+    HttpRequest,
+    Residency,
+    ResponseStart,
+    call_asgi,
+    collect,
+    parse_key,
+)
 from server.settings import Settings
 
 log = logging.getLogger("loraswap.ray")
@@ -356,7 +363,7 @@ class Replica:
     ) -> AsyncIterator[ResponseStart | bytes]:
         """The app's /metrics (its own auth decides), answered for the application:
         this replica's series now, the others' as last published, each labelled."""
-        start, body = await _collect(call_asgi(self._app, request, headers))
+        start, body = await collect(call_asgi(self._app, request, headers))
         if start.status == 200:
             others: dict[str, bytes] = {}
             with contextlib.suppress(QuotasUnavailable):
@@ -382,7 +389,7 @@ class Replica:
     async def _own_metrics(self) -> bytes | None:
         request = HttpRequest("GET", "/metrics", headers=self._metrics_auth)
         request.client = ("127.0.0.1", 0)  # open mode's local caller, if no key is set
-        start, body = await _collect(call_asgi(self._app, request))
+        start, body = await collect(call_asgi(self._app, request))
         return body if start.status == 200 else None
 
     async def __del__(self) -> None:
@@ -448,20 +455,6 @@ def app_builder(args: Mapping[str, Any]) -> Any:
     are up (`loraswap serve --ray` holds it at 503 until the deployment finished)."""
     app = build_app(settings_from_args(args))
     return app
-
-
-async def _collect(
-    stream: AsyncIterator[ResponseStart | bytes],
-) -> tuple[ResponseStart, bytes]:
-    start: ResponseStart | None = None
-    chunks: list[bytes] = []
-    async for item in stream:
-        if isinstance(item, ResponseStart):
-            start = item
-        else:
-            chunks.append(item)
-    assert start is not None
-    return start, b"".join(chunks)
 
 
 def _metrics_auth(settings: Settings) -> list[tuple[bytes, bytes]]:
