@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -342,7 +343,7 @@ def test_each_replica_binds_its_engine_to_its_share_of_the_cores(
 ) -> None:
     from server.scaleout import ray_serve
 
-    monkeypatch.setattr(ray_serve.os, "sched_getaffinity", lambda _: set(range(8)))
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(8)))
     two = Settings(ray={"replicas": 2})
     bound = [ray_serve.replica_settings(two, rank).engine.cpu_threads_bind for rank in (0, 1)]
     assert bound == ["0-3", "4-7"]
