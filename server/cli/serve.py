@@ -200,7 +200,7 @@ def _run(settings: Settings, *, demo: bool, quantized: bool, ray: bool) -> None:
         raise typer.BadParameter("give --model (or --demo)")
     _configure_logging()
     if ray:
-        from server.ray_serve import serve_forever
+        from server.scaleout.ray_serve import serve_forever
 
         serve_forever(settings)
         return

@@ -1,4 +1,4 @@
-"""Settings for Ray's own tooling: `serve run server.ray_serve:app_builder k=v ...`, or a
+"""Settings for Ray's own tooling: `serve run server.scaleout.ray_serve:app_builder k=v ...`, or a
 `serve` config file's `args` (what a KubeRay RayService runs).
 
 One Settings object, as everywhere: the environment first (LORASWAP_*, e.g. the

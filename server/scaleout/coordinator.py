@@ -1,6 +1,6 @@
 """Quotas and `max_in_flight` for the whole application, not per replica.
 
-One `Coordinator` per application (server/ray_serve.py runs it as a small named Ray
+One `Coordinator` per application (server/scaleout/ray_serve.py runs it as a small named Ray
 actor) holds the one `Quotas` state: a tenant with `max_concurrent=4` gets 4 across all
 replicas, and `max_in_flight` bounds the application. `Quotas` stays the one
 implementation of the rules; the coordinator only gives its tickets ids and owners.

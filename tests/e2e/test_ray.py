@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import random
-import shutil
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -23,59 +22,38 @@ import pytest
 from adapters_registry.ab import choose
 from adapters_registry.records import Variant
 from server.demo import DemoAssets
-from tests.e2e.conftest import ADMIN_KEY, BASE, record_result, registry_env
-from tests.e2e.server_proc import ServerProc, running_server
+from tests.e2e.conftest import BASE, record_result
+from tests.e2e.ray_support import (
+    ANY,
+    AUTH,
+    assert_all_gone,
+    chat,
+    copy_adapters,
+    post_chats,
+    running_ray_server,
+)
+from tests.e2e.server_proc import ServerProc
 
 REFRESH_S = 1.0
 PER_REPLICA = 3  # adapter versions one replica keeps: 6 adapters need both replicas
 ZIPF = [f"z{i}" for i in range(6)]
-AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
-ANY = {"x-loraswap-routing": "any"}
 
 
 @pytest.fixture(scope="module")
 def ray_server(demo: DemoAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
     state = tmp_path_factory.mktemp("ray")
     adapters = state / "adapters"
-    for name in demo.adapter_names:
-        shutil.copytree(demo.adapters_dir / name, adapters / name)
-    for i, name in enumerate(ZIPF):  # copies under other names: distinct adapters to vLLM
-        source = demo.adapter_names[i % len(demo.adapter_names)]
-        shutil.copytree(demo.adapters_dir / source, adapters / name)
-    env = {
-        **registry_env(demo, state),
-        "LORASWAP_REGISTRY__REFRESH_INTERVAL_S": str(REFRESH_S),
-        "LORASWAP_ALLOWED_ROOTS": json.dumps([str(demo.adapters_dir)]),
-    }
-    args = ["--ray", "--replicas", "2", "--adapters-per-replica", str(PER_REPLICA)]
-    args += ["--kv-cache-gib", "1", "--max-loras", "2"]
-    with running_server(
-        demo.base_dir,
-        adapters,
-        state / "server.log",
-        dtype="bfloat16",
-        env=env,
-        extra_args=args,
-        stop_timeout_s=90,
-        sigterm_group=False,
-    ) as proc:
+    copy_adapters(demo, adapters, demo.adapter_names)
+    copy_adapters(demo, adapters, ZIPF)  # copies under other names: distinct adapters to vLLM
+    env = {"LORASWAP_REGISTRY__REFRESH_INTERVAL_S": str(REFRESH_S)}
+    args = ["--replicas", "2", "--adapters-per-replica", str(PER_REPLICA)]
+    with running_ray_server(demo, state, args, env, adapters) as proc:
         record_result("ray_start_to_healthy_s_2_replicas", round(proc.start_seconds, 1))
         children = psutil.Process(proc.proc.pid).children(recursive=True)
         assert len(children) > 3, "Ray's processes should be the server's children"
         yield proc
     # Ray's daemons, the replicas and their vLLM engine processes: none left behind.
-    _, alive = psutil.wait_procs(children, timeout=30)
-    assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"
-
-
-def chat(model: str, content: str, **extra: Any) -> dict[str, Any]:
-    return {
-        "model": model,
-        "temperature": 0,
-        "max_tokens": extra.pop("max_tokens", 16),
-        "messages": [{"role": "user", "content": content}],
-        **extra,
-    }
+    assert_all_gone(children)
 
 
 def test_chat_through_ray(ray_server: ServerProc) -> None:
@@ -101,24 +79,6 @@ def test_chat_through_ray(ray_server: ServerProc) -> None:
         r = c.post("/v1/chat/completions", json=chat(f"{BASE}:nope", "x"))
         assert (r.status_code, r.json()["error"]["code"]) == (404, "model_not_found")
         assert c.get("/v1/models").status_code == 200
-
-
-async def _load(
-    url: str, models: list[str], headers: dict[str, str], concurrency: int = 4
-) -> list[httpx.Response]:
-    queue = list(enumerate(models))
-    out: list[httpx.Response | None] = [None] * len(models)
-    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
-
-        async def worker() -> None:
-            while queue:
-                i, model = queue.pop(0)
-                out[i] = await c.post(
-                    "/v1/chat/completions", json=chat(model, "hi", max_tokens=2), headers=headers
-                )
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return [r for r in out if r is not None]
 
 
 def _summary(responses: list[httpx.Response]) -> dict[str, Any]:
@@ -149,9 +109,9 @@ def test_affinity_beats_random_routing_under_zipf(ray_server: ServerProc) -> Non
     n = 150
     models = [f"{BASE}:{m}" for m in rng.choices(ZIPF, weights=weights, k=n)]
     start = time.perf_counter()
-    affinity = _summary(asyncio.run(_load(ray_server.url, models, {})))
+    affinity = _summary(asyncio.run(post_chats(ray_server.url, models)))
     mid = time.perf_counter()
-    blind = _summary(asyncio.run(_load(ray_server.url, models, ANY)))
+    blind = _summary(asyncio.run(post_chats(ray_server.url, models, ANY)))
     affinity["seconds"] = round(mid - start, 1)
     blind["seconds"] = round(time.perf_counter() - mid, 1)
     result = {

@@ -20,10 +20,10 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.demo import DemoAssets
-from tests.e2e.conftest import ADMIN_KEY, BASE, record_result, registry_env
-from tests.e2e.server_proc import ServerProc, running_server
+from tests.e2e.conftest import BASE, record_result
+from tests.e2e.ray_support import AUTH, chat, running_ray_server
+from tests.e2e.server_proc import ServerProc
 
-AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
 UPSCALE_DELAY_S = 2.0
 DOWNSCALE_DELAY_S = 10.0
 REPLICA_TTL_S = 5.0
@@ -35,24 +35,13 @@ SCALE_TIMEOUT_S = 300.0  # a new replica starts a vLLM engine: tens of seconds o
 def server(demo: DemoAssets, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProc]:
     state = tmp_path_factory.mktemp("rayscale")
     env = {
-        **registry_env(demo, state),
         "LORASWAP_RAY__UPSCALE_DELAY_S": str(UPSCALE_DELAY_S),
         "LORASWAP_RAY__DOWNSCALE_DELAY_S": str(DOWNSCALE_DELAY_S),
         "LORASWAP_RAY__BEAT_INTERVAL_S": "1",
         "LORASWAP_RAY__REPLICA_TTL_S": str(REPLICA_TTL_S),
     }
-    args = ["--ray", "--min-replicas", "1", "--max-replicas", "2"]
-    args += ["--target-ongoing-requests", "2", "--kv-cache-gib", "1", "--max-loras", "2"]
-    with running_server(
-        demo.base_dir,
-        demo.adapters_dir,
-        state / "server.log",
-        dtype="bfloat16",
-        env=env,
-        extra_args=args,
-        stop_timeout_s=90,
-        sigterm_group=False,
-    ) as proc:
+    args = ["--min-replicas", "1", "--max-replicas", "2", "--target-ongoing-requests", "2"]
+    with running_ray_server(demo, state, args, env) as proc:
         yield proc
 
 
@@ -79,13 +68,7 @@ def wait_for(c: httpx.Client, count: int, timeout_s: float) -> float:
 
 async def _stream(c: httpx.AsyncClient, model: str, i: int) -> str:
     """One streamed chat; "ok", or what went wrong (status, error frame, no [DONE])."""
-    body = {
-        "model": model,
-        "messages": [{"role": "user", "content": f"Tell me about the number {i}."}],
-        "max_tokens": 24,
-        "temperature": 0,
-        "stream": True,
-    }
+    body = chat(model, f"Tell me about the number {i}.", max_tokens=24, stream=True)
     async with c.stream("POST", "/v1/chat/completions", json=body) as r:
         if r.status_code != 200:
             return f"status {r.status_code}: {(await r.aread())[:200]!r}"

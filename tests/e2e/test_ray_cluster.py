@@ -13,6 +13,7 @@ and the server started is gone afterwards. Ran on one host only (two Ray nodes),
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import random
@@ -30,14 +31,21 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.demo import DemoAssets
-from tests.e2e.conftest import ADMIN_KEY, BASE, record_result, registry_env
-from tests.e2e.server_proc import ServerProc, running_server
+from tests.e2e import ray_support
+from tests.e2e.conftest import BASE, record_result
+from tests.e2e.ray_support import (
+    ANY,
+    AUTH,
+    assert_all_gone,
+    copy_adapters,
+    post_chats,
+    running_ray_server,
+)
+from tests.e2e.server_proc import ServerProc
 
-AUTH = {"authorization": f"Bearer {ADMIN_KEY}"}
 REFRESH_S = 1.0
 ADAPTERS = [f"c{i}" for i in range(4)]
 REPLICA_PROC = "ServeReplica:loraswap:Replica"
-ANY = {"x-loraswap-routing": "any"}
 
 
 @dataclass
@@ -65,9 +73,7 @@ def cluster(demo: DemoAssets, tmp_path_factory: pytest.TempPathFactory) -> Itera
 
     state = tmp_path_factory.mktemp("raycluster")
     adapters = state / "adapters"
-    for i, name in enumerate(ADAPTERS):
-        source = demo.adapter_names[i % len(demo.adapter_names)]
-        shutil.copytree(demo.adapters_dir / source, adapters / name)
+    copy_adapters(demo, adapters, ADAPTERS)
     # A temp dir of its own (short: Unix socket paths): no other Ray on this machine
     # sees this cluster as "the current one", nor this one theirs.
     temp_dir = tempfile.mkdtemp(prefix="lsrc", dir="/tmp")
@@ -89,25 +95,14 @@ def cluster(demo: DemoAssets, tmp_path_factory: pytest.TempPathFactory) -> Itera
     ours = {p.pid for pid in raylets for p in [psutil.Process(pid)]}
     ours |= {p.pid for n in nodes for ps in n.all_processes.values() for p in [ps[0].process]}
     env = {
-        **registry_env(demo, state),
         "LORASWAP_REGISTRY__REFRESH_INTERVAL_S": str(REFRESH_S),
         "LORASWAP_RAY__BEAT_INTERVAL_S": "1",
         "LORASWAP_RAY__REPLICA_TTL_S": "5",
     }
-    args = ["--ray", "--ray-address", ray_cluster.address, "--replicas", "2"]
+    args = ["--ray-address", ray_cluster.address, "--replicas", "2"]
     args += ["--max-replicas-per-node", "1", "--adapters-per-replica", "2"]
-    args += ["--kv-cache-gib", "1", "--max-loras", "2"]
     try:
-        with running_server(
-            demo.base_dir,
-            adapters,
-            state / "server.log",
-            dtype="bfloat16",
-            env=env,
-            extra_args=args,
-            stop_timeout_s=90,
-            sigterm_group=False,
-        ) as proc:
+        with running_ray_server(demo, state, args, env, adapters) as proc:
             record_result("ray_cluster_start_to_healthy_s_2_nodes", round(proc.start_seconds, 1))
             yield Cluster(proc, raylets, ray_cluster)
     finally:
@@ -115,8 +110,7 @@ def cluster(demo: DemoAssets, tmp_path_factory: pytest.TempPathFactory) -> Itera
             psutil.Process(p) for p in ours if psutil.pid_exists(p)
         ]
         ray_cluster.shutdown()  # type: ignore[no-untyped-call]
-        _, alive = psutil.wait_procs(everything, timeout=30)
-        assert not alive, f"left running: {[(p.pid, p.name()) for p in alive]}"
+        assert_all_gone(everything)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
@@ -127,14 +121,8 @@ def _tree(pid: int) -> list[psutil.Process]:
         return []
 
 
-def chat(model: str, content: str = "hi", **extra: Any) -> dict[str, Any]:
-    return {
-        "model": model,
-        "temperature": 0,
-        "max_tokens": extra.pop("max_tokens", 4),
-        "messages": [{"role": "user", "content": content}],
-        **extra,
-    }
+# Short answers: these tests count requests and replicas, not words.
+chat = functools.partial(ray_support.chat, max_tokens=4)
 
 
 def test_one_replica_per_node_and_chat_through_both(cluster: Cluster) -> None:
@@ -148,7 +136,7 @@ def test_one_replica_per_node_and_chat_through_both(cluster: Cluster) -> None:
     time.sleep(2 * REFRESH_S + 0.5)
     rng = random.Random(3)
     models = [f"{BASE}:{m}" for m in rng.choices(ADAPTERS, weights=[8, 4, 2, 1], k=60)]
-    responses = asyncio.run(_load(cluster.server.url, models))
+    responses = asyncio.run(post_chats(cluster.server.url, models))
     assert all(r.status_code == 200 for r in responses), [r.text for r in responses[:3]]
     warm = sum(r.headers["x-loraswap-cold-load"] == "0" for r in responses) / len(responses)
     per_replica: dict[str, int] = {}
@@ -161,20 +149,6 @@ def test_one_replica_per_node_and_chat_through_both(cluster: Cluster) -> None:
     record_result("ray_cluster_affinity", result)
     assert len(per_replica) == 2  # both nodes served
     assert warm > 0.5
-
-
-async def _load(url: str, models: list[str], concurrency: int = 4) -> list[httpx.Response]:
-    queue = list(models)
-    out: list[httpx.Response] = []
-    async with httpx.AsyncClient(base_url=url, timeout=120) as c:
-
-        async def worker() -> None:
-            while queue:
-                model = queue.pop(0)
-                out.append(await c.post("/v1/chat/completions", json=chat(model, max_tokens=2)))
-
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-    return out
 
 
 async def _open_stream(

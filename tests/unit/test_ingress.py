@@ -1,6 +1,6 @@
-"""The Ray ingress's admission (server/ingress.py), without Ray (review H1, H5): the same
+"""The Ray ingress's admission (server/scaleout/ingress.py), without Ray (review H1, H5): the same
 `forward` the Ray deployment runs, in a small FastAPI app, with a replica called
-in-process (the real app on the fake engine, through server/placement.py's call_asgi)
+in-process (the real app on the fake engine, through server/scaleout/placement.py's call_asgi)
 that records what it was asked to route and load."""
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
 from server.app import create_app
-from server.ingress import Gate, forward
-from server.placement import HttpRequest, ResponseStart, call_asgi
+from server.scaleout.ingress import Gate, forward
+from server.scaleout.placement import HttpRequest, ResponseStart, call_asgi
 from server.settings import Settings
 from tests.adapters import make_adapter, make_base
 from tests.fakes import FakeEngine

@@ -1,21 +1,22 @@
 """Routing key, per-replica residency and the in-process ASGI call used by the Ray Serve
-deployment (server/ray_serve.py), against the fake engine. Fast, no Ray."""
+deployment (server/scaleout/ray_serve.py), against the fake engine. Fast, no Ray."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 
 import pytest
 
 from adapters_registry.ab import choose
 from server.app import create_app
-from server.placement import (
+from server.scaleout.placement import (
     HttpRequest,
     Residency,
     ResponseStart,
     call_asgi,
+    collect,
     parse_key,
     routing_key,
 )
@@ -45,17 +46,6 @@ def body(model: str, **extra: object) -> bytes:
     return json.dumps(
         {"model": model, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, **extra}
     ).encode()
-
-
-async def collect(stream: AsyncIterator[ResponseStart | bytes]) -> tuple[ResponseStart, bytes]:
-    start, chunks = None, []
-    async for item in stream:
-        if isinstance(item, ResponseStart):
-            start = item
-        else:
-            chunks.append(item)
-    assert start is not None
-    return start, b"".join(chunks)
 
 
 def post(path: str, payload: bytes, method: str = "POST") -> HttpRequest:

@@ -7,6 +7,8 @@ the replicas' Ray options, and the metrics merge."""
 from __future__ import annotations
 
 import asyncio
+import importlib
+import os
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -21,8 +23,6 @@ from prometheus_client.parser import text_string_to_metric_families
 from adapters_registry.records import TenantRecord
 from server.app import create_app
 from server.errors import RateLimited
-from server.ingress import Gate, forward
-from server.placement import HttpRequest, ResponseStart
 from server.scaleout.config import settings_from_args
 from server.scaleout.coordinator import (
     Coordinator,
@@ -32,7 +32,9 @@ from server.scaleout.coordinator import (
     Snapshot,
     unreachable,
 )
+from server.scaleout.ingress import Gate, forward
 from server.scaleout.metrics_merge import merge
+from server.scaleout.placement import HttpRequest, ResponseStart
 from server.settings import Settings
 from tests.adapters import make_base
 from tests.fakes import FakeEngine
@@ -258,13 +260,16 @@ def test_builder_args_become_the_one_settings(monkeypatch: pytest.MonkeyPatch) -
 def test_serve_config_file_parses_and_builds_its_settings() -> None:
     from ray.serve.schema import ServeDeploySchema
 
-    from server import ray_serve
+    from server.scaleout import ray_serve
 
     config = yaml.safe_load((ROOT / "deploy/ray/serve-config.yaml").read_text())
     schema = ServeDeploySchema.model_validate(config)
     (app,) = schema.applications
     module, _, name = app.import_path.partition(":")
-    assert (module, getattr(ray_serve, name)) == ("server.ray_serve", ray_serve.app_builder)
+    assert (module, getattr(ray_serve, name)) == (
+        "server.scaleout.ray_serve",
+        ray_serve.app_builder,
+    )
     settings = settings_from_args(app.args)
     options = ray_serve.replica_options(settings)
     assert options["max_replicas_per_node"] == 1
@@ -273,8 +278,31 @@ def test_serve_config_file_parses_and_builds_its_settings() -> None:
     assert set(app.runtime_env["env_vars"]) >= {"LORASWAP_REGISTRY__DATABASE_URL"}
 
 
+@pytest.mark.parametrize("module", ["ray_serve", "placement", "ingress"])
+def test_the_old_import_paths_still_work_and_say_where_the_module_went(module: str) -> None:
+    # Deployment files written before the move name `server.ray_serve:app_builder`.
+    old = importlib.import_module(f"server.{module}")
+    new = importlib.import_module(f"server.scaleout.{module}")
+    public = [n for n in vars(new) if not n.startswith("_")]
+    for name in public:
+        with pytest.deprecated_call(match=rf"server\.scaleout\.{module}; import {name}"):
+            assert getattr(old, name) is getattr(new, name)
+    with pytest.raises(AttributeError):
+        old.no_such_name  # noqa: B018
+    assert not hasattr(old, "__all__")
+
+
+def test_ray_finds_the_app_builder_at_its_old_path() -> None:
+    from ray._common.utils import import_attr
+
+    from server.scaleout.ray_serve import app_builder
+
+    with pytest.deprecated_call():
+        assert import_attr("server.ray_serve:app_builder") is app_builder
+
+
 def test_replica_options_count_gpus_and_core_split() -> None:
-    from server import ray_serve
+    from server.scaleout import ray_serve
 
     fixed = Settings(ray={"replicas": 3})
     options = ray_serve.replica_options(fixed)
@@ -288,6 +316,40 @@ def test_replica_options_count_gpus_and_core_split() -> None:
     one = Settings(ray={"max_replicas": 4, "max_replicas_per_node": 1})
     assert ray_serve.replicas_per_node(one) == 1
     assert ray_serve.cpus_of_replica(3, 1, 8) == "0-7"
+
+
+def test_the_deployments_keep_their_names_and_options_and_ray_sees_the_multiplexer() -> None:
+    from ray.serve._private.utils import _callable_uses_multiplexing
+
+    from server.scaleout import ray_serve
+
+    settings = Settings(ray={"replicas": 3, "adapters_per_replica": 5})
+    replica = ray_serve.replica_deployment(settings)
+    ingress = ray_serve.ingress_deployment(settings)
+    # the names Ray's processes and logs carry (ServeReplica:loraswap:Replica)
+    assert (replica.name, ingress.name) == ("Replica", "Ingress")
+    assert (replica.num_replicas, replica.max_ongoing_requests) == (3, settings.engine.max_num_seqs)
+    assert ingress.max_ongoing_requests == settings.max_in_flight
+    assert issubclass(replica.func_or_class, ray_serve.Replica)
+    assert issubclass(ingress.func_or_class, ray_serve.Ingress)
+    # routing by multiplexed model id needs Ray to see @serve.multiplexed on the class
+    assert _callable_uses_multiplexing(replica.func_or_class)
+    assert ray_serve.adapters_per_replica(settings) == 5
+    assert ray_serve.adapters_per_replica(Settings(engine={"max_cpu_loras": 7})) == 7
+
+
+def test_each_replica_binds_its_engine_to_its_share_of_the_cores(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from server.scaleout import ray_serve
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _: set(range(8)))
+    two = Settings(ray={"replicas": 2})
+    bound = [ray_serve.replica_settings(two, rank).engine.cpu_threads_bind for rank in (0, 1)]
+    assert bound == ["0-3", "4-7"]
+    assert two.engine.cpu_threads_bind == "auto"  # the application's own stay as they were
+    fixed = Settings(engine={"cpu_threads_bind": "0-1"}, ray={"replicas": 2})
+    assert ray_serve.replica_settings(fixed, 1) is fixed
 
 
 def test_metrics_merge_labels_every_series_with_its_replica() -> None:
@@ -346,7 +408,7 @@ async def test_a_replica_dying_mid_stream_ends_the_stream_with_an_error_frame(
 def test_the_cluster_address_is_the_setting_else_rays_own_variable(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    from server.ray_serve import ray_address
+    from server.scaleout.ray_serve import ray_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert ray_address(Settings()) is None  # a local Ray of our own
