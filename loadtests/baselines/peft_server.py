@@ -27,6 +27,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -211,6 +212,121 @@ def _sse(data: object) -> str:
     return f"data: {json.dumps(data)}\n\n"
 
 
+@dataclass(frozen=True)
+class _ChatRequest:
+    """The fields of an OpenAI chat request this server reads."""
+
+    model: str
+    messages: list[dict[str, str]]
+    max_tokens: int
+    stream: bool
+    include_usage: bool
+
+    @classmethod
+    def parse(cls, body: Any) -> _ChatRequest:
+        """Raises ValueError, KeyError or TypeError on a malformed body."""
+        messages = [
+            {"role": str(m["role"]), "content": str(m["content"])} for m in body["messages"]
+        ]
+        max_tokens = body.get("max_completion_tokens") or body.get("max_tokens")
+        stream = bool(body.get("stream"))
+        return cls(
+            model=str(body["model"]),
+            messages=messages,
+            max_tokens=int(max_tokens or DEFAULT_MAX_TOKENS),
+            stream=stream,
+            # stream_options is read only for a stream, as OpenAI does
+            include_usage=stream and bool((body.get("stream_options") or {}).get("include_usage")),
+        )
+
+
+class _Reply:
+    """One chat completion being generated: as one JSON body, or as server-sent events."""
+
+    def __init__(self, server: PeftServer, request: _ChatRequest, adapter: str | None) -> None:
+        self.server, self.request, self.adapter = server, request, adapter
+        self.prompt_ids = server.prompt_ids(request.messages)
+        self.id, self.created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def usage(self, completion_tokens: int) -> dict[str, int]:
+        prompt_tokens = len(self.prompt_ids)
+        return {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        }
+
+    def finish_reason(self, count: int) -> str:
+        return "length" if count >= self.request.max_tokens else "stop"
+
+    def head(self, kind: str) -> dict[str, Any]:
+        """The fields every body and chunk of this reply starts with."""
+        return {"id": self.id, "object": kind, "created": self.created, "model": self.request.model}
+
+    def chunk(self, delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
+        choice = {"index": 0, "delta": delta, "finish_reason": finish}
+        return {**self.head("chat.completion.chunk"), "choices": [choice]}
+
+    async def generated(self) -> AsyncGenerator[tuple[str, int], None]:
+        """(new text, tokens so far): decoding the whole output each time keeps
+        multi-byte characters split across tokens intact."""
+        server, ids, text = self.server, [], ""
+        tokens = server.tokens(self.adapter, self.prompt_ids, self.request.max_tokens)
+        # aclosing: a consumer that stops early stops the generation now, not when
+        # the garbage collector gets to the abandoned generator.
+        async with contextlib.aclosing(tokens) as it:
+            async for token in it:
+                ids.append(token)
+                full = str(server.tokenizer.decode(ids, skip_special_tokens=True))
+                yield full[len(text) :], len(ids)
+                text = full
+
+    async def complete(self) -> JSONResponse:
+        parts, count = [], 0
+        async with contextlib.aclosing(self.generated()) as pieces:
+            async for piece, produced in pieces:
+                parts.append(piece)
+                count = produced
+        message = {"role": "assistant", "content": "".join(parts)}
+        choice = {"index": 0, "message": message, "finish_reason": self.finish_reason(count)}
+        body = {**self.head("chat.completion"), "choices": [choice], "usage": self.usage(count)}
+        return JSONResponse(body)
+
+    async def events(self) -> AsyncIterator[str]:
+        yield _sse(self.chunk({"role": "assistant", "content": ""}))
+        count = 0
+        try:
+            async with contextlib.aclosing(self.generated()) as pieces:
+                async for piece, produced in pieces:
+                    count = produced
+                    if piece:
+                        yield _sse(self.chunk({"content": piece}))
+        except Exception as exc:  # after the 200: an error frame, as OpenAI servers do
+            yield _sse({"error": {"message": str(exc), "type": "internal_server_error"}})
+            yield "data: [DONE]\n\n"
+            return
+        yield _sse(self.chunk({}, self.finish_reason(count)))
+        if self.request.include_usage:
+            yield _sse({**self.chunk({}), "choices": [], "usage": self.usage(count)})
+        yield "data: [DONE]\n\n"
+
+
+async def _chat(server: PeftServer, request: Request) -> Response:
+    try:
+        chat = _ChatRequest.parse(await request.json())
+    except (ValueError, KeyError, TypeError) as exc:
+        return _error(400, f"invalid request: {exc}", "invalid_request_error")
+    try:
+        adapter = server.adapter_of(chat.model)
+    except KeyError:
+        message = f"The model '{chat.model}' does not exist"
+        return _error(404, message, "not_found_error", "model_not_found")
+    reply = _Reply(server, chat, adapter)
+    if not chat.stream:
+        return await reply.complete()
+    return StreamingResponse(reply.events(), media_type="text/event-stream")
+
+
 def create_app(server: PeftServer) -> FastAPI:
     app = FastAPI(title="naive transformers + PEFT server")
 
@@ -228,97 +344,7 @@ def create_app(server: PeftServer) -> FastAPI:
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat(request: Request) -> Response:
-        try:
-            body = await request.json()
-            model = str(body["model"])
-            messages = [
-                {"role": str(m["role"]), "content": str(m["content"])} for m in body["messages"]
-            ]
-            max_tokens = int(
-                body.get("max_completion_tokens") or body.get("max_tokens") or DEFAULT_MAX_TOKENS
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            return _error(400, f"invalid request: {exc}", "invalid_request_error")
-        try:
-            adapter = server.adapter_of(model)
-        except KeyError:
-            return _error(
-                404, f"The model '{model}' does not exist", "not_found_error", "model_not_found"
-            )
-        prompt_ids = server.prompt_ids(messages)
-        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
-        usage = {"prompt_tokens": len(prompt_ids), "completion_tokens": 0, "total_tokens": 0}
-
-        def chunk(delta: dict[str, str], finish: str | None = None) -> dict[str, Any]:
-            choice = {"index": 0, "delta": delta, "finish_reason": finish}
-            return {
-                "id": rid,
-                "object": "chat.completion.chunk",
-                "created": created,
-                "model": model,
-                "choices": [choice],
-            }
-
-        async def generated() -> AsyncGenerator[tuple[str, int], None]:
-            """(new text, tokens so far): decoding the whole output each time keeps
-            multi-byte characters split across tokens intact."""
-            ids: list[int] = []
-            text = ""
-            # aclosing: a consumer that stops early stops the generation now, not when
-            # the garbage collector gets to the abandoned generator.
-            async with contextlib.aclosing(server.tokens(adapter, prompt_ids, max_tokens)) as it:
-                async for token in it:
-                    ids.append(token)
-                    full = str(server.tokenizer.decode(ids, skip_special_tokens=True))
-                    yield full[len(text) :], len(ids)
-                    text = full
-
-        def finish_reason(count: int) -> str:
-            return "length" if count >= max_tokens else "stop"
-
-        if not body.get("stream"):
-            parts, count = [], 0
-            async with contextlib.aclosing(generated()) as pieces:
-                async for piece, produced in pieces:
-                    parts.append(piece)
-                    count = produced
-            usage.update(completion_tokens=count, total_tokens=len(prompt_ids) + count)
-            message = {"role": "assistant", "content": "".join(parts)}
-            return JSONResponse(
-                {
-                    "id": rid,
-                    "object": "chat.completion",
-                    "created": created,
-                    "model": model,
-                    "choices": [
-                        {"index": 0, "message": message, "finish_reason": finish_reason(count)}
-                    ],
-                    "usage": usage,
-                }
-            )
-
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-
-        async def events() -> AsyncIterator[str]:
-            yield _sse(chunk({"role": "assistant", "content": ""}))
-            count = 0
-            try:
-                async with contextlib.aclosing(generated()) as pieces:
-                    async for piece, produced in pieces:
-                        count = produced
-                        if piece:
-                            yield _sse(chunk({"content": piece}))
-            except Exception as exc:  # after the 200: an error frame, as OpenAI servers do
-                yield _sse({"error": {"message": str(exc), "type": "internal_server_error"}})
-                yield "data: [DONE]\n\n"
-                return
-            yield _sse(chunk({}, finish_reason(count)))
-            if include_usage:
-                usage.update(completion_tokens=count, total_tokens=len(prompt_ids) + count)
-                yield _sse({**chunk({}), "choices": [], "usage": usage})
-            yield "data: [DONE]\n\n"
-
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return await _chat(server, request)
 
     return app
 

@@ -33,6 +33,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from loadtests.lora_adapters import TARGET_SETS, make_random_adapter
@@ -105,7 +106,7 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--home", type=Path, default=None, help="LORASWAP_HOME (demo assets)")
     parser.add_argument("--model", choices=["demo", "qwen05"], default="demo")
@@ -125,14 +126,21 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--profile", default=None, help="cProfile one round of this impl")
     parser.add_argument("--profile-scenario", default="mixed", help="the round to profile")
     parser.add_argument("--json", type=Path, default=None, help="write the results here")
-    args = parser.parse_args(argv)
+    return parser
 
-    # In-process engine core, so this process can switch the LoRA implementation.
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
-    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{len(os.sched_getaffinity(0)) - 1}")
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 
+@dataclass(frozen=True)
+class _Inputs:
+    """The model and adapters the engine serves, built (or reused) under `home`."""
+
+    home: Path
+    model_dir: Path
+    adapter_dirs: list[Path]
+    max_rank: int
+    weight_ratio: float  # the adapters' weights over the base's non-embedding weights
+
+
+def _inputs(args: argparse.Namespace) -> _Inputs:
     from server.demo import demo_assets
     from server.settings import Settings
 
@@ -155,88 +163,113 @@ def main(argv: list[str] | None = None) -> None:
         )
         for i, (rank, targets) in enumerate(specs)
     ]
-    max_rank = max(rank for rank, _ in specs)
     # At decode sizes every active adapter's weights are read once per step, like the
     # base's: their ratio bounds what LoRA can cost when GEMMs are bandwidth bound.
     weight_ratio = sum(_params(p) for p in adapter_dirs) / _params(model_dir, True)
+    max_rank = max(rank for rank, _ in specs)
+    return _Inputs(home, model_dir, adapter_dirs, max_rank, weight_ratio)
 
-    from vllm import LLM, SamplingParams
-    from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
-    from vllm.lora.request import LoRARequest
 
-    from server.engine.lora.patch import CpuLoraPatch, LoraImpl
+class _Bench:
+    """One in-process engine with the LoRA implementation switchable between runs."""
 
-    llm = LLM(
-        model=str(model_dir),
-        dtype=args.dtype,
-        max_model_len=1024,
-        max_num_seqs=max(args.requests, 16),
-        enable_lora=True,
-        max_loras=len(adapter_dirs),
-        max_cpu_loras=len(adapter_dirs),
-        max_lora_rank=max_rank,
-        disable_log_stats=True,
-    )
-    patch = CpuLoraPatch.of(PunicaWrapperCPU)
-    if patch is None:
-        raise SystemExit("our CPU LoRA fix is not installed in this process")
-    loras = [LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(adapter_dirs)]
-    batch = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
-    single = SamplingParams(temperature=0.0, max_tokens=args.single_tokens, ignore_eos=True)
+    def __init__(self, args: argparse.Namespace, inputs: _Inputs) -> None:
+        from vllm import LLM, SamplingParams
+        from vllm.lora.punica_wrapper.punica_cpu import PunicaWrapperCPU
+        from vllm.lora.request import LoRARequest
 
-    def run(scenario: str) -> float:
+        from server.engine.lora.patch import CpuLoraPatch
+
+        self.llm = LLM(
+            model=str(inputs.model_dir),
+            dtype=args.dtype,
+            max_model_len=1024,
+            max_num_seqs=max(args.requests, 16),
+            enable_lora=True,
+            max_loras=len(inputs.adapter_dirs),
+            max_cpu_loras=len(inputs.adapter_dirs),
+            max_lora_rank=inputs.max_rank,
+            disable_log_stats=True,
+        )
+        patch = CpuLoraPatch.of(PunicaWrapperCPU)
+        if patch is None:
+            raise SystemExit("our CPU LoRA fix is not installed in this process")
+        self.patch = patch
+        self.loras = [
+            LoRARequest(f"a{i}", i + 1, str(p)) for i, p in enumerate(inputs.adapter_dirs)
+        ]
+        self.requests = args.requests
+        self.batch = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)
+        self.single = SamplingParams(
+            temperature=0.0, max_tokens=args.single_tokens, ignore_eos=True
+        )
+
+    def use(self, impl: str) -> None:
+        from server.engine.lora.patch import LoraImpl
+
+        self.patch.use(LoraImpl(impl))
+
+    def run(self, scenario: str) -> float:
+        """One scenario's generation, in output tokens per second."""
         if scenario == "base":
-            prompts, params, reqs = [PROMPT] * args.requests, batch, None
+            prompts, params, reqs = [PROMPT] * self.requests, self.batch, None
         elif scenario == "mixed":
-            prompts, params = [PROMPT] * args.requests, batch
-            reqs = [loras[i % len(loras)] for i in range(args.requests)]
+            prompts, params = [PROMPT] * self.requests, self.batch
+            reqs = [self.loras[i % len(self.loras)] for i in range(self.requests)]
         elif scenario == "single-base":
-            prompts, params, reqs = [PROMPT], single, None
+            prompts, params, reqs = [PROMPT], self.single, None
         else:
-            prompts, params, reqs = [PROMPT], single, [loras[-1]]
+            prompts, params, reqs = [PROMPT], self.single, [self.loras[-1]]
         start = time.perf_counter()
-        outs = llm.generate(prompts, params, lora_request=reqs, use_tqdm=False)
+        outs = self.llm.generate(prompts, params, lora_request=reqs, use_tqdm=False)
         elapsed = time.perf_counter() - start
         tokens = sum(len(o.outputs[0].token_ids) for o in outs)
         return tokens / elapsed
 
-    impls = args.impls.split(",")
-    scenarios = args.scenarios.split(",")
-    # warm-up: loads every adapter into its slot, primes allocator and oneDNN caches
-    patch.use(LoraImpl(impls[-1]))
-    warm = time.perf_counter()
-    run("mixed")
-    run("base")
-    print(f"warm-up {time.perf_counter() - warm:.1f} s", file=sys.stderr, flush=True)
-    if args.profile:
+    def profile(self, impl: str, scenario: str) -> None:
+        """cProfile one run, printed: where the time goes, and in the LoRA code."""
         import cProfile
         import pstats
 
-        patch.use(LoraImpl(args.profile))
+        self.use(impl)
         prof = cProfile.Profile()
         prof.enable()
-        run(args.profile_scenario)
+        self.run(scenario)
         prof.disable()
         stats = pstats.Stats(prof, stream=sys.stdout)
         stats.sort_stats("tottime").print_stats(25)
         stats.sort_stats("cumulative").print_stats("lora|sampl|logits", 25)
-    results: dict[str, dict[str, list[float]]] = {i: {s: [] for s in scenarios} for i in impls}
-    for rnd in range(args.rounds):
+
+
+Results = dict[str, dict[str, list[float]]]  # impl -> scenario -> tok/s per round
+
+
+def _rounds(bench: _Bench, impls: list[str], scenarios: list[str], rounds: int) -> Results:
+    """Every round runs every scenario under every implementation, the order of the
+    implementations reversed every other round, so background load hits all alike."""
+    results: Results = {i: {s: [] for s in scenarios} for i in impls}
+    for rnd in range(rounds):
         for scenario in scenarios:
             for impl in impls if rnd % 2 == 0 else reversed(impls):
-                patch.use(LoraImpl(impl))
-                value = run(scenario)
+                bench.use(impl)
+                value = bench.run(scenario)
                 results[impl][scenario].append(value)
                 print(f"  {impl:>8} {scenario:<12} {value:8.1f} tok/s", file=sys.stderr, flush=True)
-        print(f"round {rnd + 1}/{args.rounds} done", file=sys.stderr)
-    patch.use(LoraImpl.FAST)
+        print(f"round {rnd + 1}/{rounds} done", file=sys.stderr)
+    return results
 
+
+def _report(
+    args: argparse.Namespace, inputs: _Inputs, scenarios: list[str], results: Results
+) -> dict[str, dict[str, float]]:
+    """Print the medians as a markdown table; answer them per implementation."""
     load = os.getloadavg()
     print(
-        f"\nmodel {args.model} ({model_dir.name}), {args.dtype}, {args.requests} requests x "
-        f"{args.max_tokens} tokens, adapters {args.adapters} (weights: {weight_ratio:.0%} of "
-        f"the base's non-embedding weights), median of {args.rounds} rounds, "
-        f"load avg {load[0]:.1f}/{load[1]:.1f}, torch threads {torch_threads()}"
+        f"\nmodel {args.model} ({inputs.model_dir.name}), {args.dtype}, {args.requests} "
+        f"requests x {args.max_tokens} tokens, adapters {args.adapters} (weights: "
+        f"{inputs.weight_ratio:.0%} of the base's non-embedding weights), median of "
+        f"{args.rounds} rounds, load avg {load[0]:.1f}/{load[1]:.1f}, "
+        f"torch threads {torch_threads()}"
     )
     header = (
         f"| impl | {' | '.join(f'{s} tok/s' for s in scenarios)} | mixed/base | 1-lora/1-base |"
@@ -244,30 +277,55 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("|---" * (len(scenarios) + 3) + "|")
     summary: dict[str, dict[str, float]] = {}
-    for impl in impls:
-        med = {s: statistics.median(v) for s, v in results[impl].items()}
+    for impl, runs in results.items():
+        med = {s: statistics.median(v) for s, v in runs.items()}
         summary[impl] = med
-        ratio = med.get("mixed", 0) / med["base"] if "base" in med else float("nan")
-        single_ratio = (
-            med["single-lora"] / med["single-base"]
-            if "single-lora" in med and "single-base" in med
-            else float("nan")
-        )
+        # a run without `mixed` reads 0.00x, one without `base` nan
+        mixed = med.get("mixed", 0) / med["base"] if "base" in med else float("nan")
+        single = _ratio(med, "single-lora", "single-base")
         cells = " | ".join(f"{med[s]:.1f}" for s in scenarios)
-        print(f"| {impl} | {cells} | {ratio:.2f}x | {single_ratio:.2f}x |")
+        print(f"| {impl} | {cells} | {mixed:.2f}x | {single:.2f}x |")
+    return summary
+
+
+def _ratio(medians: dict[str, float], over: str, under: str) -> float:
+    """One scenario's speed over another's; nan unless both ran."""
+    if over in medians and under in medians:
+        return medians[over] / medians[under]
+    return float("nan")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
+    # In-process engine core, so this process can switch the LoRA implementation.
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(args.kv_cache_gib))
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", f"0-{len(os.sched_getaffinity(0)) - 1}")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+
+    inputs = _inputs(args)
+    bench = _Bench(args, inputs)
+    impls = args.impls.split(",")
+    scenarios = args.scenarios.split(",")
+    # warm-up: loads every adapter into its slot, primes allocator and oneDNN caches
+    bench.use(impls[-1])
+    warm = time.perf_counter()
+    bench.run("mixed")
+    bench.run("base")
+    print(f"warm-up {time.perf_counter() - warm:.1f} s", file=sys.stderr, flush=True)
+    if args.profile:
+        bench.profile(args.profile, args.profile_scenario)
+    results = _rounds(bench, impls, scenarios, args.rounds)
+    bench.use("fast")
+    summary = _report(args, inputs, scenarios, results)
     if args.json:
-        summary["_weight_ratio"] = {"adapters/base": weight_ratio}
-        args.json.write_text(
-            json.dumps(
-                {
-                    "args": vars(args) | {"home": str(home), "json": str(args.json)},
-                    "raw": results,
-                    "median": summary,
-                },
-                indent=2,
-                default=str,
-            )
-        )
+        summary["_weight_ratio"] = {"adapters/base": inputs.weight_ratio}
+        run = {
+            "args": vars(args) | {"home": str(inputs.home), "json": str(args.json)},
+            "raw": results,
+            "median": summary,
+        }
+        args.json.write_text(json.dumps(run, indent=2, default=str))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ import functools
 import statistics
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from types import ModuleType
 
 import torch
@@ -94,7 +95,7 @@ def _time(fn: Callable[[], None], iters: int) -> float:
     return (time.perf_counter() - start) / iters * 1e6
 
 
-def main(argv: list[str] | None = None) -> None:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, nargs="+", default=[8, 512])
     parser.add_argument("--slots", type=int, default=4, help="adapter slots (max_loras)")
@@ -118,13 +119,90 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--iters", type=int, default=20, help="layer calls per trial")
     parser.add_argument("--trials", type=int, default=15)
     parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args(argv)
+    return parser
 
+
+@dataclass(frozen=True)
+class _Layer:
+    """One layer call per implementation, on the same inputs, each into its own output."""
+
+    upstream: Callable[[], None]
+    ours: Callable[[], None]
+    fast: Callable[[], None]
+    outputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # upstream's, ours, fast's
+
+    def run_all(self) -> None:
+        self.upstream()
+        self.ours()
+        self.fast()
+
+
+def _layer(
+    args: argparse.Namespace, row_slots: list[int], gen: torch.Generator, upstream: ModuleType
+) -> _Layer:
+    dtype, tokens = DTYPES[args.dtype], len(row_slots)
+    x = torch.randn(tokens, args.hidden, generator=gen).to(dtype)
+    lora_a = [
+        (torch.randn(args.slots, 1, args.rank, args.hidden, generator=gen) * 0.05).to(dtype)
+        for _ in args.out_dims
+    ]
+    lora_b = [
+        (torch.randn(args.slots, 1, d, args.rank, generator=gen) * 0.05).to(dtype)
+        for d in args.out_dims
+    ]
+    y_up = torch.zeros(tokens, sum(args.out_dims), dtype=dtype)
+    y_ours, y_fast = y_up.clone(), y_up.clone()
+    run_up = _layer_fn(upstream, args.form, x, lora_a, lora_b, y_up, args.out_dims, row_slots)
+    run_ours = _layer_fn(ours, args.form, x, lora_a, lora_b, y_ours, args.out_dims, row_slots)
+    # The fast path as the engine runs it: plan once per step, pack once per adapter
+    # load (both outside the timed layer call), then one apply per layer call.
+    plan = plan_step(row_slots)
+    pack = build_pack(lora_a, lora_b, args.out_dims)
+    run_fast = functools.partial(apply_lora, y_fast, x, pack, plan, 0.5)
+    return _Layer(run_up, run_ours, run_fast, (y_up, y_ours, y_fast))
+
+
+def _max_diff(layer: _Layer, row_slots: list[int]) -> float:
+    """Ours and the fast path against upstream where upstream is right (rows with an
+    adapter); 0 for no rows."""
+    y_up, y_ours, y_fast = layer.outputs
+    lora_rows = [t for t, s in enumerate(row_slots) if s >= 0]
+    return max(
+        (y_up[lora_rows].float() - y[lora_rows].float()).abs().max().item()
+        for y in (y_ours, y_fast)
+    )
+
+
+def _row(args: argparse.Namespace, tokens: int, gen: torch.Generator, upstream: ModuleType) -> str:
+    """One line of the table: the medians (us per layer call) and the ratios."""
+    requests = args.requests or (tokens if tokens <= 32 else args.slots)
+    row_slots = _layout(tokens, requests, args.slots, args.base_every)
+    layer = _layer(args, row_slots, gen, upstream)
+    layer.run_all()
+    diff = _max_diff(layer, row_slots)
+    for _ in range(3):  # warm-up (oneDNN primitive caches, allocator)
+        layer.run_all()
+    t_up: list[float] = []
+    t_ours: list[float] = []
+    t_fast: list[float] = []
+    for _ in range(args.trials):  # interleaved, so background load hits all alike
+        t_up.append(_time(layer.upstream, args.iters))
+        t_ours.append(_time(layer.ours, args.iters))
+        t_fast.append(_time(layer.fast, args.iters))
+    up_us, ours_us = statistics.median(t_up), statistics.median(t_ours)
+    fast_us = statistics.median(t_fast)
+    return (
+        f"{tokens:>6} {requests:>5} {up_us:>12.0f} {ours_us:>9.0f} "
+        f"{up_us / ours_us:>7.2f}x {fast_us:>8.0f} {up_us / fast_us:>7.2f}x {diff:>10.3g}"
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = _parser().parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     from vllm.lora.ops.torch_ops import lora_ops as upstream
 
-    dtype = DTYPES[args.dtype]
     gen = torch.Generator().manual_seed(0)
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.dtype}, "
@@ -138,55 +216,7 @@ def main(argv: list[str] | None = None) -> None:
     print(header)
     print("-" * len(header))
     for tokens in args.tokens:
-        requests = args.requests or (tokens if tokens <= 32 else args.slots)
-        row_slots = _layout(tokens, requests, args.slots, args.base_every)
-        x = torch.randn(tokens, args.hidden, generator=gen).to(dtype)
-        lora_a = [
-            (torch.randn(args.slots, 1, args.rank, args.hidden, generator=gen) * 0.05).to(dtype)
-            for _ in args.out_dims
-        ]
-        lora_b = [
-            (torch.randn(args.slots, 1, d, args.rank, generator=gen) * 0.05).to(dtype)
-            for d in args.out_dims
-        ]
-        y_up = torch.zeros(tokens, sum(args.out_dims), dtype=dtype)
-        y_ours = y_up.clone()
-        run_up = _layer_fn(upstream, args.form, x, lora_a, lora_b, y_up, args.out_dims, row_slots)
-        run_ours = _layer_fn(ours, args.form, x, lora_a, lora_b, y_ours, args.out_dims, row_slots)
-        # The fast path as the engine runs it: plan once per step, pack once per adapter
-        # load (both outside the timed layer call), then one apply per layer call.
-        y_fast = y_up.clone()
-        plan = plan_step(row_slots)
-        pack = build_pack(lora_a, lora_b, args.out_dims)
-
-        run_fast = functools.partial(apply_lora, y_fast, x, pack, plan, 0.5)
-
-        run_up()
-        run_ours()
-        run_fast()
-        # Same result where upstream is right (rows with an adapter); 0 for no rows.
-        lora_rows = [t for t, s in enumerate(row_slots) if s >= 0]
-        diff = max(
-            (y_up[lora_rows].float() - y[lora_rows].float()).abs().max().item()
-            for y in (y_ours, y_fast)
-        )
-        for _ in range(3):  # warm-up (oneDNN primitive caches, allocator)
-            run_up()
-            run_ours()
-            run_fast()
-        t_up: list[float] = []
-        t_ours: list[float] = []
-        t_fast: list[float] = []
-        for _ in range(args.trials):
-            t_up.append(_time(run_up, args.iters))
-            t_ours.append(_time(run_ours, args.iters))
-            t_fast.append(_time(run_fast, args.iters))
-        up_us, ours_us = statistics.median(t_up), statistics.median(t_ours)
-        fast_us = statistics.median(t_fast)
-        print(
-            f"{tokens:>6} {requests:>5} {up_us:>12.0f} {ours_us:>9.0f} "
-            f"{up_us / ours_us:>7.2f}x {fast_us:>8.0f} {up_us / fast_us:>7.2f}x {diff:>10.3g}"
-        )
+        print(_row(args, tokens, gen, upstream))
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Annotated, Any, cast
 
@@ -13,7 +13,14 @@ from adapters_registry.errors import AdapterError
 from adapters_registry.spec import AdapterSpec
 from adapters_registry.validate import CONFIG_FILE as CONFIG_NAME
 from adapters_registry.validate import WEIGHTS_FILE as WEIGHTS_NAME
-from clients import DEFAULT_URL, Client, NotFoundError, ServingDefaults, VersionInfo
+from clients import (
+    DEFAULT_URL,
+    AdapterInfo,
+    Client,
+    NotFoundError,
+    ServingDefaults,
+    VersionInfo,
+)
 from server.cli import render
 from server.cli.options import (
     AdminKey,
@@ -100,12 +107,13 @@ def register(
     admin_key: AdminKey = None,
 ) -> None:
     """Register an adapter (version 1) from a path the server can read, or a URL."""
-    with session(url, admin_key) as client:
-        defaults = serving_defaults(defaults_file, default)
-        adapter = client.register_adapter(
+
+    def register(client: Client, defaults: ServingDefaults | None) -> AdapterInfo:
+        return client.register_adapter(
             name, source, sha256=sha256, owner=owner, shared=shared, defaults=defaults
         )
-    out.print(f"registered {render.describe(adapter['versions'][-1])}, {render.access(adapter)}")
+
+    _create("registered", register, defaults_file, default, url, admin_key)
 
 
 @app.command("upload")
@@ -124,19 +132,29 @@ def upload(
     admin_key: AdminKey = None,
 ) -> None:
     """Register an adapter (version 1) by uploading a local folder."""
-    with session(url, admin_key) as client:
-        defaults = serving_defaults(defaults_file, default)
+
+    def upload(client: Client, defaults: ServingDefaults | None) -> AdapterInfo:
         with progress(f"uploading {name}") as bar:
-            adapter = client.upload_adapter(
-                name,
-                folder,
-                sha256=sha256,
-                progress=bar,
-                owner=owner,
-                shared=shared,
-                defaults=defaults,
+            return client.upload_adapter(
+                name, folder, sha256, bar, owner=owner, shared=shared, defaults=defaults
             )
-    out.print(f"uploaded {render.describe(adapter['versions'][-1])}, {render.access(adapter)}")
+
+    _create("uploaded", upload, defaults_file, default, url, admin_key)
+
+
+def _create(
+    verb: str,
+    create: Callable[[Client, ServingDefaults | None], AdapterInfo],
+    defaults_file: Path | None,
+    default: Sequence[str] | None,
+    url: str,
+    admin_key: str | None,
+) -> None:
+    """Create version 1 of an adapter (`create` registers or uploads it) with the serving
+    defaults of the command line, and say what it became."""
+    with session(url, admin_key) as client:
+        adapter = create(client, serving_defaults(defaults_file, default))
+    out.print(f"{verb} {render.describe(adapter['versions'][-1])}, {render.access(adapter)}")
 
 
 @app.command("add-version")

@@ -27,16 +27,22 @@ HomeOpt = Annotated[
 
 def _settings(**top: Any) -> Settings:
     """Build the one Settings object: environment first, then explicit CLI flags
-    (`engine_x` / `openai_x` / `ray_x` set field x of that section)."""
+    (`engine_x` / `openai_x` / `ray_x` set field x of that section; None or False: not
+    given)."""
     base = Settings().model_dump()
     for section in ("engine", "openai", "ray"):
         keys = [k for k in top if k.startswith(f"{section}_")]
         for key in keys:
             value = top.pop(key)
-            if value is not None:
+            if _given(value):
                 base[section][key.removeprefix(f"{section}_")] = value
-    update = {k: v for k, v in top.items() if v is not None}
+    update = {k: v for k, v in top.items() if _given(v)}
     return Settings.model_validate({**base, **update})
+
+
+def _given(value: object) -> bool:
+    # A flag left off is None, or False for an on/off flag: the environment decides.
+    return value is not None and value is not False
 
 
 def _prepare_demo(home: Path, only: set[str] | None = None) -> Any:
@@ -79,26 +85,37 @@ AdaptersDir = Annotated[Path | None, typer.Option(help="Folder of adapters.")]
 ServedName = Annotated[str | None, typer.Option(help="Base name in the API.")]
 Host = Annotated[str | None, typer.Option(help="Bind address (default 127.0.0.1).")]
 Port = Annotated[int | None, typer.Option(help="Port (default 8000).")]
-Dtype = Annotated[str | None, typer.Option(help="auto|bfloat16|float16|float32.")]
-MaxLoraRank = Annotated[int | None, typer.Option(help="Largest adapter rank.")]
-MaxLoras = Annotated[int | None, typer.Option(help="Adapters per engine step.")]
-MaxModelLen = Annotated[int | None, typer.Option(help="Context length.")]
+Dtype = Annotated[str | None, typer.Option("--dtype", help="auto|bfloat16|float16|float32.")]
+MaxLoraRank = Annotated[int | None, typer.Option("--max-lora-rank", help="Largest adapter rank.")]
+MaxLoras = Annotated[int | None, typer.Option("--max-loras", help="Adapters per engine step.")]
+MaxModelLen = Annotated[int | None, typer.Option("--max-model-len", help="Context length.")]
 OpenNetwork = Annotated[
     bool, typer.Option(help="Allow serving without API keys on a non-loopback address.")
 ]
-KvCacheGib = Annotated[int | None, typer.Option(help="KV cache GiB (CPU).")]
+KvCacheGib = Annotated[int | None, typer.Option("--kv-cache-gib", help="KV cache GiB (CPU).")]
 ChatTemplate = Annotated[
-    str | None, typer.Option(help="As vllm serve: a chat template file (or text).")
+    str | None,
+    typer.Option("--chat-template", help="As vllm serve: a chat template file (or text)."),
 ]
 ToolCallParser = Annotated[
-    str | None, typer.Option(help="As vllm serve: tool-call parser (pythonic, hermes, ...).")
+    str | None,
+    typer.Option(
+        "--tool-call-parser", help="As vllm serve: tool-call parser (pythonic, hermes, ...)."
+    ),
 ]
 AutoToolChoice = Annotated[
-    bool, typer.Option(help="As vllm serve: let the model call tools (needs a parser).")
+    bool,
+    typer.Option(
+        "--enable-auto-tool-choice/--no-enable-auto-tool-choice",
+        help="As vllm serve: let the model call tools (needs a parser).",
+    ),
 ]
 StructuredBackend = Annotated[
     str | None,
-    typer.Option(help="As vllm serve's structured-outputs backend: auto|xgrammar|guidance|..."),
+    typer.Option(
+        "--structured-outputs-backend",
+        help="As vllm serve's structured-outputs backend: auto|xgrammar|guidance|...",
+    ),
 ]
 Ray = Annotated[
     bool, typer.Option("--ray", help="Serve with Ray Serve: replicas, adapter affinity.")
@@ -108,26 +125,41 @@ RayAddress = Annotated[
     typer.Option(help="With --ray: join this Ray cluster (else RAY_ADDRESS, else a local Ray)."),
 ]
 Replicas = Annotated[
-    int | None, typer.Option(min=1, help="With --ray: engine replicas, a fixed count [2].")
+    int | None,
+    typer.Option("--replicas", min=1, help="With --ray: engine replicas, a fixed count [2]."),
 ]
 MinReplicas = Annotated[
-    int | None, typer.Option(min=0, help="With --ray --max-replicas: autoscaling floor [1].")
+    int | None,
+    typer.Option("--min-replicas", min=0, help="With --ray --max-replicas: autoscaling floor [1]."),
 ]
 MaxReplicas = Annotated[
-    int | None, typer.Option(min=1, help="With --ray: autoscale replicas up to this many.")
+    int | None,
+    typer.Option("--max-replicas", min=1, help="With --ray: autoscale replicas up to this many."),
 ]
 TargetOngoing = Annotated[
-    float | None, typer.Option(help="With --max-replicas: requests per replica aimed for.")
+    float | None,
+    typer.Option(
+        "--target-ongoing-requests", help="With --max-replicas: requests per replica aimed for."
+    ),
 ]
 PerNode = Annotated[
-    int | None, typer.Option(min=1, help="With --ray: at most this many replicas per node.")
+    int | None,
+    typer.Option(
+        "--max-replicas-per-node", min=1, help="With --ray: at most this many replicas per node."
+    ),
 ]
 PerReplica = Annotated[
-    int | None, typer.Option(min=1, help="With --ray: adapter versions one replica keeps loaded.")
+    int | None,
+    typer.Option(
+        "--adapters-per-replica",
+        min=1,
+        help="With --ray: adapter versions one replica keeps loaded.",
+    ),
 ]
 
 
 def serve(
+    ctx: typer.Context,
     demo: Annotated[bool, typer.Option(help="Serve the demo model and adapters.")] = False,
     quantized: Annotated[bool, typer.Option(help="With --demo: the quantized base.")] = False,
     model: Model = None,
@@ -135,53 +167,31 @@ def serve(
     served_model_name: ServedName = None,
     host: Host = None,
     port: Port = None,
-    dtype: Dtype = None,
-    max_lora_rank: MaxLoraRank = None,
-    max_loras: MaxLoras = None,
-    max_model_len: MaxModelLen = None,
+    engine_dtype: Dtype = None,
+    engine_max_lora_rank: MaxLoraRank = None,
+    engine_max_loras: MaxLoras = None,
+    engine_max_model_len: MaxModelLen = None,
     unsafe_allow_open_network: OpenNetwork = False,
-    kv_cache_gib: KvCacheGib = None,
-    chat_template: ChatTemplate = None,
-    tool_call_parser: ToolCallParser = None,
-    enable_auto_tool_choice: AutoToolChoice = False,
-    structured_outputs_backend: StructuredBackend = None,
+    engine_kv_cache_gib: KvCacheGib = None,
+    openai_chat_template: ChatTemplate = None,
+    openai_tool_call_parser: ToolCallParser = None,
+    openai_enable_auto_tool_choice: AutoToolChoice = False,
+    openai_structured_outputs_backend: StructuredBackend = None,
     ray: Ray = False,
     ray_address: RayAddress = None,
-    replicas: Replicas = None,
-    min_replicas: MinReplicas = None,
-    max_replicas: MaxReplicas = None,
-    target_ongoing_requests: TargetOngoing = None,
-    max_replicas_per_node: PerNode = None,
-    adapters_per_replica: PerReplica = None,
+    ray_replicas: Replicas = None,
+    ray_min_replicas: MinReplicas = None,
+    ray_max_replicas: MaxReplicas = None,
+    ray_target_ongoing_requests: TargetOngoing = None,
+    ray_max_replicas_per_node: PerNode = None,
+    ray_adapters_per_replica: PerReplica = None,
     home: HomeOpt = None,
 ) -> None:
     """Run the OpenAI-compatible server (one process, or Ray Serve replicas with --ray)."""
-    settings = _settings(
-        home=home,
-        model=model,
-        adapters_dir=adapters_dir,
-        served_model_name=served_model_name,
-        host=host,
-        port=port,
-        unsafe_allow_open_network=unsafe_allow_open_network or None,
-        engine_dtype=dtype,
-        engine_max_lora_rank=max_lora_rank,
-        engine_max_loras=max_loras,
-        engine_max_model_len=max_model_len,
-        engine_kv_cache_gib=kv_cache_gib,
-        openai_chat_template=chat_template,
-        openai_tool_call_parser=tool_call_parser,
-        openai_enable_auto_tool_choice=enable_auto_tool_choice or None,
-        openai_structured_outputs_backend=structured_outputs_backend,
-        ray_address=ray_address,
-        ray_replicas=replicas,
-        ray_min_replicas=min_replicas,
-        ray_max_replicas=max_replicas,
-        ray_target_ongoing_requests=target_ongoing_requests,
-        ray_max_replicas_per_node=max_replicas_per_node,
-        ray_adapters_per_replica=adapters_per_replica,
-    )
-    _run(settings, demo=demo, quantized=quantized, ray=ray)
+    # Each settings flag is named as its field (`engine_x` is field x of `engine`): the
+    # parameters are the settings, with no table between them to keep in step.
+    flags = {k: v for k, v in ctx.params.items() if k not in ("demo", "quantized", "ray")}
+    _run(_settings(**flags), demo=demo, quantized=quantized, ray=ray)
 
 
 def _run(settings: Settings, *, demo: bool, quantized: bool, ray: bool) -> None:

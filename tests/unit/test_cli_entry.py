@@ -129,3 +129,45 @@ def test_serve_runs_uvicorn_with_the_connection_bound_and_the_real_peer(
     (config,) = started
     assert config.limit_concurrency == 77
     assert config.proxy_headers is False
+
+
+def test_serve_flags_set_their_settings_and_leave_the_rest_to_the_environment(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each `serve` flag lands in its settings field (`--dtype`: engine.dtype, `--replicas`:
+    ray.replicas, ...); a flag left off, None or an unset on/off flag, keeps the
+    environment's value."""
+    from typer.testing import CliRunner
+
+    import server.cli as cli
+    import server.cli.serve as serve
+
+    ran: list[tuple[Settings, dict[str, bool]]] = []
+    monkeypatch.setattr(serve, "_run", lambda settings, **how: ran.append((settings, how)))
+    monkeypatch.setenv("LORASWAP_ENGINE__MAX_LORAS", "5")
+    monkeypatch.setenv("LORASWAP_OPENAI__ENABLE_AUTO_TOOL_CHOICE", "true")
+    monkeypatch.setenv("LORASWAP_OPENAI__TOOL_CALL_PARSER", "pythonic")  # the flag's wins
+    flags = [
+        *("--model", str(tmp_path / "base"), "--home", str(tmp_path / "h")),
+        *("--dtype", "float32", "--max-lora-rank", "32", "--kv-cache-gib", "3"),
+        *("--tool-call-parser", "hermes", "--structured-outputs-backend", "guidance"),
+        *("--ray", "--ray-address", "auto", "--replicas", "3", "--max-replicas-per-node", "2"),
+        *("--adapters-per-replica", "6", "--unsafe-allow-open-network", "--port", "9001"),
+    ]
+    result = CliRunner().invoke(cli.app, ["serve", *flags])
+    assert result.exit_code == 0, result.output
+    ((settings, how),) = ran
+    assert how == {"demo": False, "quantized": False, "ray": True}
+    assert (settings.model, settings.home, settings.port) == (
+        tmp_path / "base",
+        tmp_path / "h",
+        9001,
+    )
+    assert settings.unsafe_allow_open_network is True
+    engine, openai, ray = settings.engine, settings.openai, settings.ray
+    assert (engine.dtype, engine.max_lora_rank, engine.kv_cache_gib) == ("float32", 32, 3)
+    assert engine.max_loras == 5  # not given: the environment's
+    assert (openai.tool_call_parser, openai.structured_outputs_backend) == ("hermes", "guidance")
+    assert openai.enable_auto_tool_choice is True  # the flag left off does not unset it
+    assert (ray.address, ray.replicas, ray.max_replicas_per_node) == ("auto", 3, 2)
+    assert ray.adapters_per_replica == 6
