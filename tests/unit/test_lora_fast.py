@@ -463,3 +463,22 @@ def test_a_batch_of_forty_distinct_adapters_matches_the_reference() -> None:
     few = plan_step([5, -1, 9, 30])
     classes = pack.classes_for(few.scattered_slots)
     assert sorted(s for c in classes for s in c.slots) == [5, 9, 30]
+
+
+def test_the_logits_lora_check_looks_at_each_adapter_once() -> None:
+    """With the layout known, a slot change checks the newcomer's slot, not all slots."""
+    w = _vllm_wrapper()
+    a, b = torch.zeros(3, 1, 4, 6), torch.zeros(3, 1, 10, 4)
+    y, x = torch.zeros(2, 10), torch.randn(2, 6)
+    w.update_metadata([0, 1], [7, 8, None], 4, 10)
+    w.add_lora_logits(y, x, a, b, 1.0)
+    assert getattr(w, "logits_calls", 0) == 0
+    b[2, 0, :, :2] = 1.0  # an lm_head adapter comes into slot 2
+    a[2, 0, :2] = 1.0
+    w.update_metadata([0, 2], [7, 8, 9], 4, 10)
+    w.add_lora_logits(y, x, a, b, 1.0)
+    assert w.logits_calls == 1
+    assert wrapper.cache_of(w).logits_by_id[id(b)] == {7: False, 8: False, 9: True}
+    w.update_metadata([0, 1], [7, 8, None], 4, 10)  # it leaves: skipped again
+    w.add_lora_logits(y, x, a, b, 1.0)
+    assert w.logits_calls == 1

@@ -7,8 +7,9 @@ adapters interleaved (batched decode): the step's adapters are stacked class by 
 block, then one ``bmm`` shrink, one ``bmm`` expand and one scatter back. Base rows cost
 nothing, and a step without adapters returns at once.
 
-Numerics follow upstream: the shrink is computed in fp32 (upstream's buffer dtype), the
-expand in the output dtype, added in place into the layer output. Pure functions over
+Numerics: shrink and expand in fp32 (upstream's shrink buffer is fp32 too; see
+server/engine/lora/pack.py for why fp32 is also the faster one here), added in place into
+the layer output in its dtype. Pure functions over
 tensors.
 """
 
@@ -37,8 +38,7 @@ def apply_lora(
     classes = pack.classes_for(plan.scattered_slots)
     if not classes:
         return
-    dtype = classes[0].a.dtype
-    xc = x if x.dtype == dtype else x.to(dtype)
+    xc = x if x.dtype == torch.float32 else x.float()
     for cls in classes:
         g = plan.grouped(cls.slots)
         if g is not None:
@@ -68,11 +68,7 @@ def _apply_class(
 ) -> None:
     sel = slice(g.first, g.first + g.count)  # member positions with rows in this step
     xg = xc.index_select(0, g.gather).view(g.count, g.per, -1)
-    # Shrink in the layer's dtype, expand in fp32: measured here at 1-2 rows per slot,
-    # oneDNN's bf16 batched GEMM reads [rank, out] weights at ~3.5 GB/s against ~10-15
-    # GB/s in fp32 (so fp32 is faster despite twice the bytes), while for the [in, rank]
-    # shrink both run at ~6 GB/s and bf16 reads half as much.
-    h = torch.bmm(xg, cls.a[sel]).float()
+    h = torch.bmm(xg, cls.a[sel])
     if scale != 1.0:
         h.mul_(scale)
     if cls.block is not None:

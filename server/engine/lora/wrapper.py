@@ -58,10 +58,11 @@ class StepCache:
         pack of the current layout; adapters: per layer, the adapters' weights copied
         out of the slots, by adapter id, kept for the adapters seen most recently (those
         in slots and as many again); logits: per lm_head LoRA tensor, whether any slot
-        holds weights, against the tensors' version counters.
+        holds weights, against the tensors' version counters; logits_by_id: per lm_head
+        LoRA tensor, whether each adapter (by id) has lm_head weights.
     """
 
-    __slots__ = ("adapters", "layout", "logits", "packs", "plan", "recent")
+    __slots__ = ("adapters", "layout", "logits", "logits_by_id", "packs", "plan", "recent")
 
     def __init__(self) -> None:
         self.plan: StepPlan | None = None
@@ -70,6 +71,7 @@ class StepCache:
         self.adapters: dict[int, dict[Hashable, AdapterLayer | None]] = {}
         self.recent: dict[int, None] = {}  # adapter ids, least recently in a slot first
         self.logits: dict[int, tuple[_LogitsKey, bool]] = {}
+        self.logits_by_id: dict[int, dict[Hashable, bool]] = {}
 
     def step_plan(self, token_lora_indices: torch.Tensor) -> StepPlan:
         if self.plan is None:
@@ -80,7 +82,7 @@ class StepCache:
         """vLLM set a new token mapping (and maybe moved adapters): re-plan, and note
         which adapter id each slot holds now. vLLM requires adapter ids to be unique
         (``LoRARequest.lora_int_id``), and ours never reuse one for other weights
-        (server/lora_pool.py), so an id names the same weights wherever it sits."""
+        (server/residency.py), so an id names the same weights wherever it sits."""
         self.plan = None
         if lora_index_to_id is None:
             return
@@ -92,14 +94,22 @@ class StepCache:
             if adapter_id is not None:
                 self.recent.pop(adapter_id, None)
                 self.recent[adapter_id] = None
-        keep = 2 * len(layout)
-        if len(self.recent) > keep:
-            gone = list(self.recent)[: len(self.recent) - keep]
+        self._forget_beyond(2 * len(layout))
+
+    def _forget_beyond(self, keep: int) -> None:
+        """Drop what was copied out of the adapters least recently in a slot, past `keep`."""
+        if len(self.recent) <= keep:
+            return
+        gone = list(self.recent)[: len(self.recent) - keep]
+        for adapter_id in gone:
+            del self.recent[adapter_id]
+        per_adapter: list[dict[Hashable, Any]] = [
+            *self.adapters.values(),
+            *self.logits_by_id.values(),
+        ]
+        for cache in per_adapter:
             for adapter_id in gone:
-                del self.recent[adapter_id]
-            for per_layer in self.adapters.values():
-                for adapter_id in gone:
-                    per_layer.pop(adapter_id, None)
+                cache.pop(adapter_id, None)
 
     def pack(
         self,
@@ -126,13 +136,34 @@ class StepCache:
         return pack
 
     def logits_weighted(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> bool:
-        """Whether any slot of these lm_head LoRA tensors holds weights."""
+        """Whether any slot of these lm_head LoRA tensors holds weights.
+
+        With the slot layout known, each adapter's slot is looked at once (keyed by its id
+        like the packs): the whole tensors are [slots, vocab, rank], ~50 MB at 32 slots for
+        the demo model, and per-customer traffic changes a slot every few steps. Without
+        it, the whole tensors, again whenever their version counters move."""
+        layout = self.layout
+        if layout is not None and len(layout) <= lora_b.shape[0]:
+            return any(
+                self._slot_weighted(lora_a, lora_b, slot, adapter_id)
+                for slot, adapter_id in enumerate(layout)
+                if adapter_id is not None
+            )
         key = (id(lora_b), lora_a._version, lora_b._version)
         cached = self.logits.get(id(lora_b))
         if cached is None or cached[0] != key:
             cached = (key, bool(lora_b.any()) and bool(lora_a.any()))
             self.logits[id(lora_b)] = cached
         return cached[1]
+
+    def _slot_weighted(
+        self, lora_a: torch.Tensor, lora_b: torch.Tensor, slot: int, adapter_id: int
+    ) -> bool:
+        per_adapter = self.logits_by_id.setdefault(id(lora_b), {})
+        found = per_adapter.get(adapter_id)
+        if found is None:
+            found = per_adapter[adapter_id] = bool(lora_b[slot].any()) and bool(lora_a[slot].any())
+        return found
 
 
 def cache_of(wrapper: object) -> StepCache:
