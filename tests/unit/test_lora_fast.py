@@ -121,33 +121,33 @@ def test_a_slice_no_adapter_uses_between_used_ones() -> None:
     assert torch.equal(got[:, 32:40], y[:, 32:40])
 
 
-def test_plan_runs_and_groups() -> None:
+def test_plan_runs_spread_and_groups() -> None:
     assert plan_step([-1, -1]).no_lora
     single = plan_step([-1, 2, 2, 2, -1])
     assert single.by_runs and single.runs == ((2, 1, 4),)
     prefill = plan_step([0] * 40 + [1] * 50 + [-1] * 5)
     assert prefill.by_runs and prefill.runs == ((0, 0, 40), (1, 40, 90))
-    # a prefill chunk among decode rows: computed on its own, the decode rows gathered
-    mixed = plan_step([0] * 40 + [1, 2, -1, 1])
-    assert mixed.runs == ((0, 0, 40),) and mixed.scattered == (
-        (1, 40, 41),
-        (2, 41, 42),
-        (1, 43, 44),
-    )
-    g = mixed.grouped((0, 1, 2))
-    assert g is not None and g.per == 2 and sorted(g.dest.tolist()) == [40, 41, 43]
-    decode = plan_step([1, 3, 1, -1, 3, 0])
-    assert not decode.by_runs
-    grouped = decode.grouped((0, 1, 2, 3))
-    assert grouped is not None
-    # slots 0..3, up to 2 rows each; slot 2 has none (padding only)
-    assert (grouped.first, grouped.count, grouped.per) == (0, 4, 2)
-    assert sorted(grouped.dest.tolist()) == [0, 1, 2, 4, 5]
-    # a class without slot 1: its rows are not in the layout; members are positions
+    # a prefill chunk, even a short one, among decode rows: computed on its own; an
+    # adapter with two decode rows apart: gathered on its own (spread); single rows grouped
+    mixed = plan_step([0] * 5 + [1, 2, -1, 1, 3])
+    assert mixed.runs == ((0, 0, 5),)
+    assert mixed.scattered == ((2, 6, 7), (3, 9, 10))
+    assert [(slot, rows.tolist()) for slot, rows in mixed.spread] == [(1, [5, 8])]
+    assert not mixed.by_runs and mixed.scattered_slots == (2, 3)
+    g = mixed.grouped((2, 3))
+    assert g is not None and (g.first, g.count, g.per) == (0, 2, 1)
+    assert sorted(g.dest.tolist()) == [6, 9]
+    decode = plan_step([1, 3, 0, -1, 2, 4])
+    grouped = decode.grouped((0, 1, 2, 3, 4))
+    assert grouped is not None and (grouped.first, grouped.count, grouped.per) == (0, 5, 1)
+    # a class without some slots: their rows are not in the layout; members are positions
     only = decode.grouped((2, 3))
     assert only is not None and sorted(only.dest.tolist()) == [1, 4]
-    assert (only.first, only.count, only.per) == (1, 1, 2)
-    assert decode.grouped((2,)) is None
+    assert (only.first, only.count) == (0, 2)
+    assert decode.grouped((5,)) is None
+    spread_only = plan_step([1, 2, 1, 2])
+    assert spread_only.scattered == () and not spread_only.no_lora
+    assert [s for s, _ in spread_only.spread] == [1, 2]
 
 
 def test_pack_trims_ranks_and_skips_untargeted_slices() -> None:

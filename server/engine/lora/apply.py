@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.lora.pack import LayerPack, SlotClass
+from server.engine.lora.pack import LayerPack, SlotAlone, SlotClass
 from server.engine.lora.plan import Grouped, StepPlan
 
 __all__ = ["apply_lora", "scatter_add"]
@@ -31,6 +31,10 @@ def apply_lora(
         return
     if plan.runs:
         _apply_runs(y, x, pack, plan, scale)
+    for slot, rows in plan.spread:
+        alone = pack.alone(slot)
+        if alone is not None:
+            _apply_spread(y, x, alone, rows, scale)
     if not plan.scattered:
         return
     # Only the adapters of this step's gathered rows are stacked: with many slots (one
@@ -61,6 +65,19 @@ def _apply_runs(
         for c0, c1, o0, o1, b in alone.expands:
             part = h if c0 == 0 and c1 == h.shape[1] else h[:, c0:c1]
             rows[:, o0:o1].add_(torch.mm(part, b))  # fp32 into the layer dtype
+
+
+def _apply_spread(
+    y: torch.Tensor, x: torch.Tensor, alone: SlotAlone, rows: torch.Tensor, scale: float
+) -> None:
+    """One adapter's rows apart from each other: gathered, one GEMM pair, scattered back."""
+    xs = x.index_select(0, rows)
+    h = torch.mm(xs if xs.dtype == torch.float32 else xs.float(), alone.a)
+    if scale != 1.0:
+        h.mul_(scale)
+    for c0, c1, o0, o1, b in alone.expands:
+        part = h if c0 == 0 and c1 == h.shape[1] else h[:, c0:c1]
+        scatter_add(y, o0, o1, rows, torch.mm(part, b))
 
 
 def _apply_class(

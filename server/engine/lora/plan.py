@@ -18,9 +18,12 @@ from server.engine.lora.kernels import Run
 
 __all__ = ["Grouped", "StepPlan", "plan_step"]
 
-# Runs at least this long (prefill chunks) are computed in place, one GEMM pair per run;
-# shorter ones (decode rows) are gathered slot by slot when there are several.
-_LONG_RUN_ROWS: Final = 32
+# Runs at least this long (prefill chunks, neighbouring requests of one adapter) are
+# computed in place, one GEMM pair per run; single rows (decode) are gathered. Gathered
+# rows are padded to the most rows any adapter of their class has: one 31-row prefill
+# chunk among 16 one-row decodes made the class's batched GEMM 5x dearer (measured under
+# per-customer load), so only single rows are gathered with others.
+_LONG_RUN_ROWS: Final = 2
 
 
 @dataclass(frozen=True)
@@ -50,10 +53,13 @@ class StepPlan:
     runs: runs of rows sharing a slot (>= 0) that are computed on their own (one GEMM
         pair on views each): a lone run (single-stream decode) and long runs (prefill
         chunks).
-    scattered: the other adapter runs (decode rows of interleaved adapters), gathered
-        slot by slot. Keeping long runs out of the gather matters under continuous
-        batching: a 50-row prefill chunk among 1-row decodes would otherwise pad every
-        slot of its class to 50 rows.
+    scattered: single rows of adapters with no other single row here (decode rows of
+        interleaved adapters), gathered with those of other adapters (one batched GEMM
+        pair per class).
+    spread: per adapter slot with several single rows apart (several requests of one
+        adapter, interleaved with others'), those rows: gathered and computed on their
+        own, which costs a few calls, where padding every other adapter of a class to
+        their number would cost a GEMM that many times larger.
     Layers group slots differently (an adapter that targets q/v only has no weights in
     the MLP; see `server.engine.lora.pack.LayerPack`), so the gathered layout is made
     per slot class, once per step, and cached here.
@@ -62,16 +68,17 @@ class StepPlan:
     rows: int
     runs: tuple[Run, ...]
     scattered: tuple[Run, ...]
+    spread: tuple[tuple[int, torch.Tensor], ...] = ()
     _grouped: dict[tuple[int, ...], Grouped | None] = field(default_factory=dict)
     _slots: tuple[int, ...] | None = None
 
     @property
     def no_lora(self) -> bool:
-        return not self.runs and not self.scattered
+        return not self.runs and not self.scattered and not self.spread
 
     @property
     def by_runs(self) -> bool:
-        return not self.scattered
+        return not self.scattered and not self.spread
 
     @property
     def scattered_slots(self) -> tuple[int, ...]:
@@ -102,7 +109,16 @@ def plan_step(slots: Sequence[int]) -> StepPlan:
     short = [r for r in runs if r[2] - r[1] < _LONG_RUN_ROWS]
     if len(short) <= 1:  # nothing worth a gather
         return StepPlan(n, tuple(runs), ())
-    return StepPlan(n, tuple(long), tuple(short))
+    rows_of: dict[int, list[int]] = {}
+    for slot, begin, stop in short:
+        rows_of.setdefault(slot, []).extend(range(begin, stop))
+    single = tuple(r for r in short if len(rows_of[r[0]]) == 1)
+    spread = tuple(
+        (slot, torch.tensor(rows, dtype=torch.long))
+        for slot, rows in rows_of.items()
+        if len(rows) > 1
+    )
+    return StepPlan(n, tuple(long), single, spread)
 
 
 def _group(runs: Sequence[Run], members: tuple[int, ...]) -> Grouped | None:
