@@ -46,7 +46,7 @@ from clients import Client, ConflictError
 from loadtests import servers
 from loadtests.cli import Scenario, delegate
 from loadtests.cpu import box_busy_cores
-from loadtests.options import add_workload_args, workload
+from loadtests.options import SweepPoint, add_workload_args, sweep_points, workload
 from loadtests.record import RecordHead, RunRecord, SystemRecord, summarize
 from loadtests.report import write_report
 from loadtests.runner import Target, Workload, print_progress, run_phase, warm_up
@@ -108,7 +108,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     # that a slow CPU box still completes requests inside the window.
     parser.set_defaults(
         duration=50.0,
-        sweep=[1, 4],
+        sweep=sweep_points("1,4"),
         sweep_duration=20.0,
         output_len=LengthDist.parse("uniform:16:64"),
     )
@@ -147,14 +147,11 @@ def wait_for_quiet(below: float, at_most_s: float) -> float | None:
 
 
 def sweep_loads(
-    load: Workload, names: Sequence[str], counts: Sequence[int], duration_s: float
+    load: Workload, names: Sequence[str], points: Sequence[SweepPoint], duration_s: float
 ) -> list[tuple[str, Workload]]:
     """The sweep points of `load`: the same requests over the first n of the registered
     `names` (fewer or more than its own active ones), without hot swaps."""
-    return [
-        (f"active={n}", replace(load, adapters=tuple(names[:n]), duration_s=duration_s, swaps=()))
-        for n in counts
-    ]
+    return [(p.label, replace(p.of(load, names), duration_s=duration_s)) for p in points]
 
 
 def measure(
@@ -217,7 +214,7 @@ class _Bench:
     work: Path  # temporary: the adapter pool and our servers' homes
     pool: dict[str, Path]  # every registered name -> its folder
     main_load: Workload
-    sweep: list[int]  # active-adapter counts of the sweep points
+    sweep: list[SweepPoint]
     knobs: servers.EngineKnobs
 
     @property
@@ -230,7 +227,10 @@ class _Bench:
 
     def served(self) -> dict[str, Path]:
         # Plain vLLM serves only the names it is started with: every one a phase uses.
-        return {n: self.pool[n] for n in self.names[: max([len(self.active), *self.sweep])]}
+        return {
+            n: self.pool[n]
+            for n in self.names[: max([len(self.active), *(p.count for p in self.sweep)])]
+        }
 
     def sweep_phases(self, load: Workload) -> list[tuple[str, Workload]]:
         return sweep_loads(load, self.names, self.sweep, self.args.sweep_duration)
@@ -264,7 +264,8 @@ def _bench(args: argparse.Namespace, assets: DemoAssets, work: Path) -> _Bench:
         work=work,
         pool=pool,
         main_load=workload(args, active, args.adapters_registered),
-        sweep=[n for n in args.sweep if n != len(active) and n <= len(pool)],
+        # A point like the main phase is kept: it measures that load without hot swaps.
+        sweep=[p for p in args.sweep if p.count <= len(pool)],
         knobs=knobs,
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from loadtests.runner import Workload
 from loadtests.workload import LengthDist, Popularity, SwapEvent
@@ -19,6 +20,46 @@ def counts(value: str) -> list[int]:
     if any(c < 1 for c in values):
         raise argparse.ArgumentTypeError("adapter counts must be >= 1")
     return values
+
+
+@dataclass(frozen=True)
+class SweepPoint:
+    """One sweep point: the load again over `count` active adapters, spread as
+    `popularity` says (None: as the main phase's)."""
+
+    count: int
+    popularity: Popularity | None = None
+
+    @property
+    def label(self) -> str:
+        """The phase name: `active=8`, or `active=128,uniform`."""
+        kind = "" if self.popularity is None else f",{self.popularity.kind}"
+        return f"active={self.count}{kind}"
+
+    def of(self, load: Workload, names: Sequence[str] | None = None) -> Workload:
+        """`load` at this point: over the first `count` of `names` (default: of its own
+        adapters), with this point's popularity, without hot swaps (a sweep point
+        measures adapters alone)."""
+        adapters = tuple(names[: self.count]) if names is not None else load.adapters[: self.count]
+        popularity = self.popularity or load.popularity
+        return replace(load, adapters=adapters, popularity=popularity, swaps=())
+
+
+def sweep_points(value: str) -> list[SweepPoint]:
+    """A comma list of `N` or `N:uniform|zipf|single`, in the order given."""
+    points: list[SweepPoint] = []
+    for item in (v.strip() for v in value.split(",")):
+        if not item:
+            continue
+        count, _, kind = item.partition(":")
+        try:
+            popularity = Popularity(kind) if kind else None  # type: ignore[arg-type]
+            points.append(SweepPoint(counts(count)[0], popularity))
+        except (ValueError, IndexError, argparse.ArgumentTypeError):
+            raise argparse.ArgumentTypeError(
+                f"expected points like 1,8,128:uniform, got {item!r}"
+            ) from None
+    return points
 
 
 def ascending_counts(value: str) -> list[int]:
@@ -108,9 +149,10 @@ def _add_sweep(g: argparse._ArgumentGroup) -> None:
     """Sweep points: the same load again over other numbers of active adapters."""
     g.add_argument(
         "--sweep",
-        type=counts,
+        type=sweep_points,
         default=[],
-        help="also measure with these numbers of active adapters, e.g. 1,2,4",
+        help="also measure with these numbers of active adapters, each spread as the main "
+        "phase or as given: e.g. 1,8,128:uniform",
     )
     g.add_argument(
         "--sweep-duration", type=float, default=15.0, help="measured seconds of each sweep point"

@@ -96,14 +96,13 @@ def run(args: argparse.Namespace, command: str) -> None:
     async def measure() -> None:
         await warm_up(target, main_load, args.warmup)
         system.phases.append(await run_phase(target, main_load, "main"))
-        for n in args.sweep:
-            if n > len(active):
-                print_progress(f"sweep: skipping {n} active, only {len(active)} known")
+        for point in args.sweep:
+            if point.count > len(active):
+                print_progress(f"sweep: skipping {point.count} active, only {len(active)} known")
                 continue
-            # Sweep points run without the swap schedule: they measure adapters alone.
-            phase_load = replace(main_load.with_active(n), duration_s=args.sweep_duration, swaps=())
+            phase_load = replace(point.of(main_load), duration_s=args.sweep_duration)
             await warm_up(target, phase_load, args.sweep_warmup)
-            system.phases.append(await run_phase(target, phase_load, f"active={n}"))
+            system.phases.append(await run_phase(target, phase_load, point.label))
 
     try:
         asyncio.run(measure())

@@ -3,6 +3,7 @@ the report and plots from a synthetic record. Fast: no vLLM, no model."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import itertools
@@ -23,6 +24,7 @@ import pytest
 
 from loadtests import servers
 from loadtests.cpu import CpuMeter, session_cpu_s
+from loadtests.options import SweepPoint, sweep_points
 from loadtests.record import (
     PhaseRecord,
     RequestRecord,
@@ -608,8 +610,28 @@ def test_sweep_points_above_and_below_the_active_adapters() -> None:
     main = _workload(
         adapters=tuple(names[:4]), swaps=(SwapEvent(at_s=1, adapter="a000", version=1),)
     )
-    points = sweep_loads(main, names, [1, 8], 5.0)
+    points = sweep_loads(main, names, [SweepPoint(1), SweepPoint(8)], 5.0)
     assert [name for name, _ in points] == ["active=1", "active=8"]
     assert [p.adapters for _, p in points] == [tuple(names[:1]), tuple(names[:8])]
     assert all(p.swaps == () and p.duration_s == 5.0 for _, p in points)
     assert all(p.seed == main.seed and p.popularity == main.popularity for _, p in points)
+
+
+def test_a_sweep_point_may_spread_its_requests_its_own_way() -> None:
+    """One compare run gives the 8-of-100 Zipf rows and the 128-of-1,000 uniform row."""
+    from loadtests.compare import sweep_loads
+
+    points = sweep_points("1,4,128:uniform")
+    assert [p.label for p in points] == ["active=1", "active=4", "active=128,uniform"]
+    names = [f"a{i:03d}" for i in range(200)]
+    main = _workload(
+        adapters=tuple(names[:4]), swaps=(SwapEvent(at_s=1, adapter="a000", version=1),)
+    )
+    loads = dict(sweep_loads(main, names, points, 5.0))
+    # the point like the main phase measures it without its hot swaps
+    assert loads["active=4"].popularity == main.popularity and loads["active=4"].swaps == ()
+    assert loads["active=128,uniform"].popularity == Popularity("uniform")
+    assert loads["active=128,uniform"].adapters == tuple(names[:128])
+    for bad in ("0", "8:often", "x"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            sweep_points(bad)
