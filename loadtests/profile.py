@@ -58,25 +58,25 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
     ),
     (
         "LoRA adapter loads (disk, vLLM LRU)",
-        ("_load_adapter", "from_local_checkpoint", "add_adapter"),
+        ("_load_adapter", "from_local_checkpoint", "from_lora_tensors", "add_adapter",
+         "WeightsMapper", "safetensors", "remove_adapter"),
     ),
     (
-        "LoRA mapping metadata",
-        ("set_active_adapters", "update_metadata", "convert_mapping", "set_adapter_mapping"),
+        "LoRA wrapper and mapping metadata",
+        ("server/engine/lora/", "punica_wrapper/", "set_active_adapters", "convert_mapping",
+         "set_adapter_mapping", "lora/layers/"),
     ),
     ("attention", ("attention", "attn")),
     (
         "base GEMMs (linear layers)",
-        (
-            "layers/linear.py",
-            "onednn",
-            "quantization/",
-            "dispatch_cpu_unquantized_gemm",
-            "cpu_gemm",
-        ),
+        ("layers/linear.py", "onednn", "quantization/", "cpu_gemm", "unquantized_gemm"),
     ),
     ("sampling and logits", ("sample", "logits_processor", "compute_logits")),
-    ("other model code", ("model_executor/models/", "layernorm", "rotary_embedding", "activation")),
+    (
+        "norms, rotary, activations, embeddings",
+        ("layernorm", "rotary_embedding", "activation", "silu", "vocab_parallel_embedding"),
+    ),
+    ("other model code", ("model_executor/models/",)),
     ("input preparation", ("_prepare_inputs", "_update_states", "prepare_", "input_batch")),
     ("scheduler and engine loop", ("v1/core/", "scheduler", "engine/core.py")),
     (
@@ -87,7 +87,7 @@ CATEGORIES: tuple[tuple[str, tuple[str, ...]], ...] = (
         "waiting (IPC, queues, sleeps)",
         ("recv", "poll", "select", "wait", "sleep", "queue.py", "zmq"),
     ),
-)
+)  # fmt: skip
 OTHER = "other"
 IDLE = "idle (no Python frame sampled)"
 
@@ -102,6 +102,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=32, help="vLLM max_num_seqs")
     parser.add_argument("--sample-rate", type=int, default=100, help="py-spy samples per second")
     parser.add_argument("--native", action="store_true", help="py-spy --native (C frames)")
+    parser.add_argument(
+        "--recount",
+        action="store_true",
+        help="run nothing: recount the raw stacks of the run in --out with the current "
+        "categories, rewrite its profile.json and profile.md",
+    )
     add_workload_args(parser)
     # The per-customer load of issue 17: 16 users, 128 of 1,000 adapters, uniform.
     parser.set_defaults(
@@ -127,12 +133,19 @@ def check(args: argparse.Namespace) -> str | None:
 
 @dataclass
 class ProcessProfile:
-    """One process of the server: its samples by category."""
+    """One process of the server: its samples by category (from py-spy's file `raw`)."""
 
     pid: int
     name: str
+    raw: str
     samples: int = 0
     by_category: dict[str, int] = field(default_factory=dict)
+
+    def read(self, folder: Path) -> None:
+        """(Re)count the samples of the raw file, with the current CATEGORIES."""
+        path = folder / self.raw
+        counts = parse_raw(path.read_text()) if path.exists() else Counter()
+        self.samples, self.by_category = sum(counts.values()), dict(counts)
 
 
 @dataclass
@@ -176,21 +189,26 @@ def _process_name(proc: psutil.Process) -> str:
         return "?"
 
 
-def profile_tree(
-    root_pid: int, seconds: float, rate: int, native: bool, out: Path, label: str
-) -> list[tuple[psutil.Process, Path, subprocess.Popen[bytes]]]:
-    """Start py-spy on the server and every descendant for `seconds` (not waited for)."""
-    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+def _spied(root_pid: int) -> list[tuple[int, str]]:
+    """The server's processes (pid, title), named while they run."""
     root = psutil.Process(root_pid)
+    return [(p.pid, _process_name(p)) for p in [root, *root.children(recursive=True)]]
+
+
+def profile_tree(
+    processes: list[tuple[int, str]], seconds: float, rate: int, native: bool, out: Path, label: str
+) -> list[tuple[ProcessProfile, subprocess.Popen[bytes]]]:
+    """Start py-spy on each process for `seconds` (not waited for)."""
+    spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     started = []
-    for proc in [root, *root.children(recursive=True)]:
-        raw = out / f"{label}-{proc.pid}.txt"
-        cmd = [spy, "record", "--pid", str(proc.pid), "--duration", str(int(seconds))]
-        cmd += ["--rate", str(rate), "--format", "raw", "--nonblocking", "--output", str(raw)]
+    for pid, name in processes:
+        raw = f"{label}-{pid}.txt"
+        cmd = [spy, "record", "--pid", str(pid), "--duration", str(int(seconds))]
+        cmd += ["--rate", str(rate), "--format", "raw", "--nonblocking", "--output", str(out / raw)]
         if native:
             cmd.append("--native")
         popen = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        started.append((proc, raw, popen))
+        started.append((ProcessProfile(pid, name, raw), popen))
     return started
 
 
@@ -219,22 +237,20 @@ def measure(
             preregister(target, pool)
         asyncio.run(warm_up(target, load, args.warmup))
         time.sleep(2.0)
-        spies = profile_tree(srv.proc.pid, args.duration, args.sample_rate, args.native, out, name)
+        spies = profile_tree(
+            _spied(srv.proc.pid), args.duration, args.sample_rate, args.native, out, name
+        )
         phase = asyncio.run(run_phase(target, load, "main", server_sid=srv.proc.pid))
-        for _, _, popen in spies:
+        for _, popen in spies:
             popen.wait(timeout=args.duration + 60)
     s = summarize(phase)
     tokens = round(s.output_tok_per_s * s.duration_s)
     result = SystemProfile(
         name, s.duration_s, tokens, s.output_tok_per_s, s.errors, args.sample_rate
     )
-    for proc, raw, _ in spies:
-        if not raw.exists():
-            continue
-        counts = parse_raw(raw.read_text())
-        result.processes.append(
-            ProcessProfile(proc.pid, _process_name(proc), sum(counts.values()), dict(counts))
-        )
+    for process, _ in spies:
+        process.read(out)
+        result.processes.append(process)
     return result
 
 
@@ -261,8 +277,32 @@ def render(results: list[SystemProfile], command: str) -> str:
     return "\n".join(lines)
 
 
+def recount(out: Path) -> None:
+    record = json.loads((out / "profile.json").read_text())
+    results = []
+    for system in record["systems"]:
+        processes = [ProcessProfile(**p) for p in system.pop("processes")]
+        for process in processes:
+            process.read(out)
+        results.append(SystemProfile(**system, processes=processes))
+    _write(out, record["command"], results)
+
+
+def _write(out: Path, command: str, results: list[SystemProfile]) -> None:
+    (out / "profile.json").write_text(
+        json.dumps({"command": command, "systems": [asdict(r) for r in results]}, indent=1)
+    )
+    report = render(results, command)
+    (out / "profile.md").write_text(report)
+    print(report)
+
+
 def run(args: argparse.Namespace, command: str) -> None:
     from server.demo import demo_assets
+
+    if args.recount:
+        recount(args.out)
+        return
 
     assets = demo_assets(args.home)
     sources = [assets.adapters_dir / n for n in assets.adapter_names]
@@ -275,14 +315,9 @@ def run(args: argparse.Namespace, command: str) -> None:
         for name in args.systems:
             print_progress(f"[{name}] profiling {args.duration:.0f} s of the load")
             results.append(measure(args, name, pool, work))
-            (out / "profile.json").write_text(
-                json.dumps({"command": command, "systems": [asdict(r) for r in results]}, indent=1)
-            )
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    report = render(results, command)
-    (out / "profile.md").write_text(report)
-    print(report)
+    _write(out, command, results)
 
 
 SCENARIO = Scenario(
