@@ -3,7 +3,7 @@
     python -m loadtests memory --home /work/cache/loraswap --out build/memory
 
 1. Each system in turn (`--systems ours,vllm`), with the same model, engine knobs (as in
-   `loadtests.compare`: bf16, 1 GiB KV cache, max_loras 4, max_cpu_loras 16, rank 16,
+   `loadtests.compare`: bf16, 1 GiB KV cache, `--max-loras`, `--max-cpu-loras`, rank 16,
    32 seqs) and the same `--adapters` adapter names (hard links to the demo adapters):
    started, left idle, driven by the same short closed-loop workload over those adapters
    (`--concurrency` users, `--duration` s after a warm-up), then idle again. The memory of
@@ -66,6 +66,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="comma list: ours, vllm (plain), vllm-fix (plain + our LoRA-op plugin)",
     )
     p.add_argument("--adapters", type=int, default=8, help="adapters both serve and use")
+    default = servers.EngineKnobs()
+    p.add_argument("--max-loras", type=int, default=default.max_loras, help="vLLM, both")
+    p.add_argument("--max-cpu-loras", type=int, default=default.max_cpu_loras, help="both")
     p.add_argument("--concurrency", type=int, default=4, help="closed-loop users")
     p.add_argument("--duration", type=float, default=30.0, help="measured seconds")
     p.add_argument("--warmup", type=float, default=5.0, help="seconds")
@@ -275,8 +278,10 @@ def _render_head(record: Mapping[str, Any]) -> list[str]:
     return [
         *report_head("Memory: loraswap vs plain vLLM", record),
         "",
-        "Same model (SmolLM2-135M-Instruct, bf16), KV cache 1 GiB, max_loras 4, "
-        f"max_cpu_loras 16, max_lora_rank 16, max_num_seqs 32, {cfg['adapters']} adapters "
+        # Records before these flags existed ran at the knobs' defaults.
+        "Same model (SmolLM2-135M-Instruct, bf16), KV cache 1 GiB, max_loras "
+        f"{cfg.get('max_loras', 4)}, max_cpu_loras {cfg.get('max_cpu_loras', 16)}, "
+        f"max_lora_rank 16, max_num_seqs 32, {cfg['adapters']} adapters "
         f"(hard links to the demo adapters); workload: {cfg['concurrency']} users, closed "
         f"loop, uniform over the {cfg['adapters']} adapters, max_tokens 16-32, "
         f"{cfg['warmup']:g} s warm-up + {cfg['duration']:g} s. Memory of the whole process "
@@ -362,7 +367,7 @@ def run(args: argparse.Namespace, command: str) -> None:
     bench = BenchRecord.start("memory", command, args)
     record = bench.body
     record["systems"] = []
-    knobs = servers.EngineKnobs()
+    knobs = servers.EngineKnobs(max_loras=args.max_loras, max_cpu_loras=args.max_cpu_loras)
     with scratch_dir("memory") as work:
         pool = servers.make_adapter_pool(work / "adapters", sources, args.adapters)
         names = list(pool)
