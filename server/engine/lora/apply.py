@@ -15,6 +15,8 @@ tensors.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import torch
 
 from server.engine.lora.pack import LayerPack, SlotAlone, SlotClass
@@ -58,13 +60,9 @@ def _apply_runs(
         if alone is None:
             continue
         whole = start == 0 and stop == plan.rows
-        h = torch.mm(xf if whole else xf[start:stop], alone.a)
-        if scale != 1.0:
-            h.mul_(scale)
         rows = y if whole else y[start:stop]
-        for c0, c1, o0, o1, b in alone.expands:
-            part = h if c0 == 0 and c1 == h.shape[1] else h[:, c0:c1]
-            rows[:, o0:o1].add_(torch.mm(part, b))  # fp32 into the layer dtype
+        for o0, o1, d in _lora_delta(xf if whole else xf[start:stop], alone, scale):
+            rows[:, o0:o1].add_(d)  # fp32 into the layer dtype
 
 
 def _apply_spread(
@@ -72,12 +70,20 @@ def _apply_spread(
 ) -> None:
     """One adapter's rows apart from each other: gathered, one GEMM pair, scattered back."""
     xs = x.index_select(0, rows)
-    h = torch.mm(xs if xs.dtype == torch.float32 else xs.float(), alone.a)
+    for o0, o1, d in _lora_delta(xs if xs.dtype == torch.float32 else xs.float(), alone, scale):
+        scatter_add(y, o0, o1, rows, d)
+
+
+def _lora_delta(
+    xf: torch.Tensor, alone: SlotAlone, scale: float
+) -> Iterator[tuple[int, int, torch.Tensor]]:
+    """``scale * xf @ A @ B`` for one adapter's rows (fp32), as (out0, out1, columns)."""
+    h = torch.mm(xf, alone.a)
     if scale != 1.0:
         h.mul_(scale)
     for c0, c1, o0, o1, b in alone.expands:
         part = h if c0 == 0 and c1 == h.shape[1] else h[:, c0:c1]
-        scatter_add(y, o0, o1, rows, torch.mm(part, b))
+        yield o0, o1, torch.mm(part, b)
 
 
 def _apply_class(

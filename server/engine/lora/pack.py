@@ -140,7 +140,6 @@ class LayerPack:
 
     layout: tuple[Hashable | None, ...]
     adapters: tuple[AdapterLayer | None, ...]
-    width: int
     _stacks: dict[tuple[int, ...], tuple[SlotClass, ...]] = field(
         default_factory=dict, compare=False
     )
@@ -222,7 +221,7 @@ def build_pack(
             cache[key] = adapter_layer(a3, b3, output_slices, slot)
         adapters.append(cache[key])
     adapters += [None] * (slots - len(layout))
-    return LayerPack(tuple(layout), tuple(adapters), sum(output_slices))
+    return LayerPack(tuple(layout), tuple(adapters))
 
 
 # --------------------------------------------------------------------------- one adapter
